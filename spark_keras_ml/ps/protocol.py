@@ -1,0 +1,242 @@
+"""Wire format shared by the parameter server (driver) and its clients (executors).
+
+This module holds framing, authentication and message encoding only: no threads and no
+listening sockets, so that server and client cannot drift apart and each piece can be tested
+on a socket pair.
+
+Frame layout (network byte order)::
+
+    magic  4s   b"SKML"
+    version B   PROTOCOL_VERSION
+    opcode  B   one of Op
+    flags   H   reserved, must be 0
+    length  Q   body length in bytes
+
+A message body is ``u32 meta length | meta JSON (UTF-8) | raw array buffers``. The meta JSON
+describes every array (``dtype`` as a little-endian numpy string, ``shape``); the buffers follow
+in order, back to back. Nothing is ever pickled: a body is JSON plus bytes that numpy reads with
+``frombuffer``.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import hmac
+import json
+import secrets
+import socket
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+MAGIC = b"SKML"
+PROTOCOL_VERSION = 1
+HEADER = struct.Struct("!4sBBHQ")
+META_LENGTH = struct.Struct("!I")
+
+#: Size of the random challenge each side sends during the handshake.
+CHALLENGE_BYTES = 32
+#: Largest body accepted before the peer is authenticated: a challenge or a digest.
+HANDSHAKE_MAX_BODY = 64
+#: Largest meta JSON accepted in any message.
+MAX_META_BYTES = 1 << 20
+#: Dtypes allowed on the wire; anything else is refused rather than interpreted.
+ALLOWED_DTYPES = frozenset({"<f2", "<f4", "<f8", "<i4", "<i8", "|u1", "|b1"})
+
+
+class Op(enum.IntEnum):
+    """Opcodes. The direction is part of the meaning: C = client, S = server."""
+
+    CHALLENGE = 1  # either side -> peer: random bytes to sign
+    RESPONSE = 2  # answer to CHALLENGE: HMAC-SHA256(secret, challenge)
+    WELCOME = 3  # S -> C: the client's response was correct
+    HELLO = 10  # C -> S: who the worker is (partition, attempts, rows)
+    WEIGHTS = 11  # S -> C: current weights and version (+ schedule on the first one)
+    PUSH = 12  # C -> S: a delta for one step, with rows and logs
+    PULL = 13  # C -> S: ask for the current weights
+    BYE = 14  # C -> S: the worker finished cleanly
+    ERROR = 15  # either side: a fatal error message; the connection ends
+
+
+class ProtocolError(Exception):
+    """The peer sent something this protocol does not allow; the connection must be dropped."""
+
+
+class AuthenticationError(ProtocolError):
+    """The peer does not know the per-fit secret."""
+
+
+class RemoteError(Exception):
+    """The other side reported an error in an ERROR frame (for example a failed sync round)."""
+
+
+@dataclass
+class Message:
+    """One decoded message: a JSON-native ``meta`` dict and a list of arrays."""
+
+    op: Op
+    meta: dict[str, Any] = field(default_factory=dict)
+    arrays: list[np.ndarray] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------
+# Exact-length reads and frames
+
+
+def recv_exactly(sock: socket.socket, n: int) -> bytearray:
+    """Read exactly ``n`` bytes; the end of the stream inside them is an error, never short data."""
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = sock.recv_into(view[got:], n - got)
+        if k == 0:
+            raise ProtocolError(f"connection closed after {got} of {n} expected bytes")
+        got += k
+    return buf
+
+
+def send_frame(sock: socket.socket, op: Op, parts: Sequence[bytes | memoryview] = ()) -> None:
+    """Send one frame whose body is the concatenation of ``parts`` (sent without joining)."""
+    length = sum(memoryview(p).nbytes for p in parts)
+    sock.sendall(HEADER.pack(MAGIC, PROTOCOL_VERSION, int(op), 0, length))
+    for part in parts:
+        sock.sendall(part)
+
+
+def recv_frame(sock: socket.socket, max_body: int) -> tuple[Op, bytearray]:
+    """Read one frame, refusing a bad header or a body larger than ``max_body`` before allocating."""
+    magic, version, op, flags, length = HEADER.unpack(recv_exactly(sock, HEADER.size))
+    if magic != MAGIC:
+        raise ProtocolError(f"bad magic {bytes(magic)!r}: the peer does not speak this protocol")
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(
+            f"protocol version {version} is not supported (this side speaks {PROTOCOL_VERSION}); "
+            "install the same spark_keras_ml version on the driver and the executors"
+        )
+    try:
+        opcode = Op(op)
+    except ValueError:
+        raise ProtocolError(f"unknown opcode {op}") from None
+    if flags != 0:
+        raise ProtocolError(f"unsupported frame flags {flags:#x}")
+    if length > max_body:
+        raise ProtocolError(f"frame body of {length} bytes exceeds the limit of {max_body} bytes")
+    return opcode, recv_exactly(sock, length)
+
+
+# ---------------------------------------------------------------------------------------------
+# Message bodies
+
+
+def encode_message(
+    meta: dict[str, Any], arrays: Sequence[np.ndarray] = ()
+) -> list[bytes | memoryview]:
+    """Body parts for ``meta`` and ``arrays``; arrays go as zero-copy little-endian buffers."""
+    wire = [np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<")) for a in arrays]
+    full = dict(meta)
+    full["arrays"] = [{"dtype": a.dtype.str, "shape": list(a.shape)} for a in wire]
+    meta_bytes = json.dumps(full, separators=(",", ":"), allow_nan=False).encode()
+    parts: list[bytes | memoryview] = [META_LENGTH.pack(len(meta_bytes)), meta_bytes]
+    parts.extend(memoryview(a).cast("B") for a in wire if a.nbytes)
+    return parts
+
+
+def decode_message(op: Op, body: bytearray) -> Message:
+    """Parse a body made by :func:`encode_message`; every length is checked against the body."""
+    if len(body) < META_LENGTH.size:
+        raise ProtocolError(f"{op.name} body of {len(body)} bytes is too short for its meta length")
+    (meta_len,) = META_LENGTH.unpack_from(body)
+    end = META_LENGTH.size + meta_len
+    if meta_len > MAX_META_BYTES or end > len(body):
+        raise ProtocolError(f"{op.name} meta length {meta_len} does not fit the body")
+    try:
+        meta = json.loads(bytes(body[META_LENGTH.size : end]).decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ProtocolError(f"{op.name} meta is not JSON: {exc}") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("arrays", []), list):
+        raise ProtocolError(f"{op.name} meta must be a JSON object with an 'arrays' list")
+    arrays: list[np.ndarray] = []
+    offset = end
+    view = memoryview(body)
+    for spec in meta.pop("arrays", []):
+        dtype, shape = _array_spec(op, spec)
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if offset + nbytes > len(body):
+            raise ProtocolError(f"{op.name} arrays need more bytes than the body holds")
+        arrays.append(np.frombuffer(view[offset : offset + nbytes], dtype=dtype).reshape(shape))
+        offset += nbytes
+    if offset != len(body):
+        raise ProtocolError(f"{op.name} body has {len(body) - offset} trailing bytes")
+    return Message(op, meta, arrays)
+
+
+def _array_spec(op: Op, spec: Any) -> tuple[np.dtype[Any], tuple[int, ...]]:
+    if not isinstance(spec, dict) or spec.get("dtype") not in ALLOWED_DTYPES:
+        raise ProtocolError(f"{op.name} has an array of unsupported dtype: {spec!r}")
+    shape = spec.get("shape")
+    if not isinstance(shape, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+    ):
+        raise ProtocolError(f"{op.name} has an array with a bad shape: {shape!r}")
+    return np.dtype(spec["dtype"]), tuple(shape)
+
+
+def send_message(
+    sock: socket.socket, op: Op, meta: dict[str, Any] | None = None, arrays: Sequence[np.ndarray] = ()
+) -> None:
+    send_frame(sock, op, encode_message(meta or {}, arrays))
+
+
+def recv_message(sock: socket.socket, max_body: int) -> Message:
+    """Read one message; an ERROR frame from the peer becomes :class:`RemoteError`."""
+    op, body = recv_frame(sock, max_body)
+    message = decode_message(op, body)
+    if message.op is Op.ERROR:
+        raise RemoteError(str(message.meta.get("message", "the peer reported an error")))
+    return message
+
+
+def message_bytes_limit(arrays: Sequence[np.ndarray]) -> int:
+    """The largest body a message carrying arrays shaped like ``arrays`` may need."""
+    payload = sum(int(a.nbytes) for a in arrays)
+    return payload + META_LENGTH.size + MAX_META_BYTES
+
+
+# ---------------------------------------------------------------------------------------------
+# Authentication: each side proves it knows the secret before any payload is read.
+
+
+def new_secret() -> bytes:
+    """A fresh random per-fit secret."""
+    return secrets.token_bytes(32)
+
+
+def _digest(secret: bytes, challenge: bytes | bytearray) -> bytes:
+    return hmac.new(secret, bytes(challenge), hashlib.sha256).digest()
+
+
+def deliver_challenge(sock: socket.socket, secret: bytes) -> None:
+    """Challenge the peer and check its answer; raise :class:`AuthenticationError` if wrong."""
+    challenge = secrets.token_bytes(CHALLENGE_BYTES)
+    send_frame(sock, Op.CHALLENGE, [challenge])
+    op, answer = recv_frame(sock, HANDSHAKE_MAX_BODY)
+    if op is not Op.RESPONSE or not hmac.compare_digest(bytes(answer), _digest(secret, challenge)):
+        send_message(sock, Op.ERROR, {"message": "authentication failed"})
+        raise AuthenticationError("the peer failed the HMAC challenge")
+    send_frame(sock, Op.WELCOME)
+
+
+def answer_challenge(sock: socket.socket, secret: bytes) -> None:
+    """Answer the peer's challenge; raise :class:`AuthenticationError` if it refuses us."""
+    op, challenge = recv_frame(sock, HANDSHAKE_MAX_BODY)
+    if op is not Op.CHALLENGE or len(challenge) != CHALLENGE_BYTES:
+        raise ProtocolError(f"expected a {CHALLENGE_BYTES}-byte CHALLENGE, received {op.name}")
+    send_frame(sock, Op.RESPONSE, [_digest(secret, challenge)])
+    op, _ = recv_frame(sock, HANDSHAKE_MAX_BODY)
+    if op is not Op.WELCOME:
+        raise AuthenticationError("the peer rejected our answer: the secrets differ")

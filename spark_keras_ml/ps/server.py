@@ -1,0 +1,273 @@
+"""The parameter server. Runs on the driver, inside ``KerasEstimator.fit``.
+
+One listening socket bound to the driver host on port 0, one accept thread, and one handler
+thread per worker connection. Every connection must pass the mutual HMAC challenge before any
+payload is read; a peer that breaks the protocol is dropped and the others keep being served.
+Use it as a context manager so that no thread, socket or port outlives the fit::
+
+    with ParameterServer(weights, num_workers=2, secret=new_secret()) as server:
+        ...  # run the Spark job; workers connect to server.address
+        final = server.final_weights()
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+import socket
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from spark_keras_ml.ps import protocol
+from spark_keras_ml.ps.protocol import Message, Op, ProtocolError, RemoteError
+from spark_keras_ml.ps.updates import SyncRule, TrainingAborted, steps_per_epoch
+from spark_keras_ml.summary import EpochAggregator
+
+logger = logging.getLogger(__name__)
+
+#: How often the accept loop looks at the stop flag: the bound on how long ``stop()`` waits for it.
+_ACCEPT_POLL_SECONDS = 0.1
+#: How long ``stop()`` waits for each thread before giving up on it.
+_JOIN_SECONDS = 2.0
+
+EpochCallback = Callable[[int, dict[str, float]], None]
+
+
+class ParameterServer:
+    """Holds the weights of one fit and applies the workers' deltas (driver side).
+
+    Parameters
+    ----------
+    weights:
+        The initial weights (``model.get_weights()``); they fix the shapes and dtypes every push
+        must match.
+    num_workers:
+        How many partitions train; they are numbered ``0 .. num_workers - 1``.
+    secret:
+        The per-fit key of the HMAC handshake.
+    frequency, batch_size, epochs:
+        The schedule, sent to each worker with its first weights.
+    host:
+        The address to bind; the driver host, never all interfaces by default.
+    timeout:
+        Seconds allowed for any one socket operation or wait, including a whole sync round.
+    on_epoch:
+        Called with ``(epoch, logs)`` once every worker has finished an epoch.
+    """
+
+    def __init__(
+        self,
+        weights: Sequence[np.ndarray],
+        *,
+        num_workers: int,
+        secret: bytes,
+        frequency: str = "epoch",
+        batch_size: int = 32,
+        epochs: int = 1,
+        host: str = "127.0.0.1",
+        timeout: float = 600.0,
+        on_epoch: EpochCallback | None = None,
+    ) -> None:
+        self._rule = SyncRule(weights, num_workers)
+        self._secret = secret
+        self._schedule = {"frequency": frequency, "batch_size": batch_size, "epochs": epochs}
+        self._host = host
+        self._timeout = timeout
+        self._max_body = protocol.message_bytes_limit(weights)
+        self._shapes = [(tuple(w.shape), w.dtype.str) for w in weights]
+        self._epochs = EpochAggregator(num_workers, on_epoch)
+        self._listener: socket.socket | None = None
+        self._accept_thread: threading.Thread | None = None
+        self._handlers: dict[threading.Thread, socket.socket] = {}
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._finished: set[int] = set()
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    def start(self) -> ParameterServer:
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            listener.bind((self._host, 0))
+            listener.listen(64)
+        except OSError:
+            listener.close()
+            raise
+        self._listener = listener
+        self._accept_thread = threading.Thread(
+            target=self._accept_loop, name=f"skml-ps-accept-{self.port}", daemon=True
+        )
+        self._accept_thread.start()
+        logger.debug("parameter server listening on %s:%d", *self.address)
+        return self
+
+    def stop(self) -> None:
+        """Stop accepting, drop every connection and join every thread. Safe to call twice."""
+        self._stopping.set()
+        self._rule.abort("the parameter server was stopped")
+        if self._accept_thread is not None:
+            self._accept_thread.join(_JOIN_SECONDS)
+        if self._listener is not None:
+            self._listener.close()
+        with self._lock:
+            handlers = list(self._handlers.items())
+        for _, conn in handlers:
+            _shutdown(conn)
+        for thread, _ in handlers:
+            thread.join(_JOIN_SECONDS)
+
+    def __enter__(self) -> ParameterServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def address(self) -> tuple[str, int]:
+        if self._listener is None:
+            raise RuntimeError("the parameter server is not started")
+        host, port = self._listener.getsockname()[:2]
+        return host, port
+
+    @property
+    def port(self) -> int:
+        return self.address[1]
+
+    def threads(self) -> list[threading.Thread]:
+        """Every thread this server started that is still alive (for leak checks)."""
+        with self._lock:
+            threads = list(self._handlers)
+        if self._accept_thread is not None:
+            threads.append(self._accept_thread)
+        return [t for t in threads if t.is_alive()]
+
+    # --- results ------------------------------------------------------------------------------
+
+    def final_weights(self) -> list[np.ndarray]:
+        return self._rule.weights()[1]
+
+    @property
+    def version(self) -> int:
+        return self._rule.version
+
+    @property
+    def history(self) -> dict[str, list[float]]:
+        return self._epochs.history
+
+    @property
+    def failure(self) -> str | None:
+        """Why training was aborted, if it was (a worker error, a timeout, a lost worker)."""
+        return self._rule.abort_reason
+
+    # --- connections --------------------------------------------------------------------------
+
+    def _accept_loop(self) -> None:
+        listener = self._listener
+        if listener is None:
+            return
+        while not self._stopping.is_set():
+            ready, _, _ = select.select([listener], [], [], _ACCEPT_POLL_SECONDS)
+            if not ready or self._stopping.is_set():
+                continue
+            try:
+                conn, peer = listener.accept()
+            except OSError:
+                continue
+            conn.settimeout(self._timeout)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            thread = threading.Thread(
+                target=self._serve, args=(conn, peer), name=f"skml-ps-conn-{peer[1]}", daemon=True
+            )
+            with self._lock:
+                self._handlers[thread] = conn
+            thread.start()
+
+    def _serve(self, conn: socket.socket, peer: Any) -> None:
+        partition: int | None = None
+        try:
+            protocol.deliver_challenge(conn, self._secret)
+            protocol.answer_challenge(conn, self._secret)
+            while not self._stopping.is_set():
+                message = protocol.recv_message(conn, self._max_body)
+                if message.op is Op.BYE:
+                    if partition is not None:
+                        self._finished.add(partition)
+                    return
+                partition = self._handle(conn, message, partition)
+        except TrainingAborted as exc:
+            _send_error(conn, str(exc))
+        except RemoteError as exc:
+            self._rule.abort(f"the worker for partition {partition} failed: {exc}")
+        except (ProtocolError, OSError) as exc:
+            if not self._stopping.is_set():
+                logger.warning("dropped parameter-server peer %s: %s", peer, exc)
+                if partition is not None and partition not in self._finished:
+                    self._rule.abort(f"lost the worker for partition {partition}: {exc}")
+        finally:
+            conn.close()
+            with self._lock:
+                self._handlers.pop(threading.current_thread(), None)
+
+    def _handle(self, conn: socket.socket, message: Message, partition: int | None) -> int | None:
+        meta = message.meta
+        if message.op is Op.HELLO:
+            partition = _int_field(meta, "partition")
+            rows = _int_field(meta, "rows")
+            rows_by_partition = self._rule.register(partition, rows, self._timeout)
+            version, weights = self._rule.weights()
+            steps = steps_per_epoch(
+                rows_by_partition, self._schedule["frequency"], self._schedule["batch_size"]
+            )
+            reply = {"version": version, "steps_per_epoch": steps, **self._schedule}
+            protocol.send_message(conn, Op.WEIGHTS, reply, weights)
+            return partition
+        if partition is None:
+            raise ProtocolError(f"{message.op.name} before HELLO")
+        if message.op is Op.PUSH:
+            self._check_delta(message.arrays)
+            rows = _int_field(meta, "rows")
+            version, weights = self._rule.push(partition, message.arrays, rows, self._timeout)
+            if "logs" in meta:
+                self._epochs.add(_int_field(meta, "epoch"), partition, rows_of(meta), meta["logs"])
+            protocol.send_message(conn, Op.WEIGHTS, {"version": version}, weights)
+            return partition
+        if message.op is Op.PULL:
+            version, weights = self._rule.weights()
+            protocol.send_message(conn, Op.WEIGHTS, {"version": version}, weights)
+            return partition
+        raise ProtocolError(f"unexpected {message.op.name} from a worker")
+
+    def _check_delta(self, arrays: list[np.ndarray]) -> None:
+        got = [(tuple(a.shape), a.dtype.str) for a in arrays]
+        if got != self._shapes:
+            raise ProtocolError(f"delta does not match the model: expected {self._shapes}, got {got}")
+
+
+def rows_of(meta: dict[str, Any]) -> int:
+    """Rows behind an epoch's logs: the worker's rows for the epoch, not just the last step."""
+    return _int_field(meta, "epoch_rows")
+
+
+def _int_field(meta: dict[str, Any], name: str) -> int:
+    value = meta.get(name)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ProtocolError(f"field {name!r} must be a non-negative integer, received {value!r}")
+    return value
+
+
+def _send_error(conn: socket.socket, message: str) -> None:
+    try:
+        protocol.send_message(conn, Op.ERROR, {"message": message})
+    except OSError:
+        pass
+
+
+def _shutdown(conn: socket.socket) -> None:
+    # shutdown() wakes a thread blocked in recv() on this socket; close() alone would not.
+    try:
+        conn.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
