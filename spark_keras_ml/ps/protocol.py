@@ -24,6 +24,7 @@ import enum
 import hashlib
 import hmac
 import json
+import math
 import secrets
 import socket
 import struct
@@ -137,7 +138,8 @@ def encode_message(
     meta: dict[str, Any], arrays: Sequence[np.ndarray] = ()
 ) -> list[bytes | memoryview]:
     """Body parts for ``meta`` and ``arrays``; arrays go as zero-copy little-endian buffers."""
-    wire = [np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<")) for a in arrays]
+    # asarray(order="C"), not ascontiguousarray: the latter turns a 0-d array into shape (1,).
+    wire = [np.asarray(a, dtype=a.dtype.newbyteorder("<"), order="C") for a in arrays]
     full = dict(meta)
     full["arrays"] = [{"dtype": a.dtype.str, "shape": list(a.shape)} for a in wire]
     meta_bytes = json.dumps(full, separators=(",", ":"), allow_nan=False).encode()
@@ -156,7 +158,7 @@ def decode_message(op: Op, body: bytearray) -> Message:
         raise ProtocolError(f"{op.name} meta length {meta_len} does not fit the body")
     try:
         meta = json.loads(bytes(body[META_LENGTH.size : end]).decode())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # bad UTF-8/JSON, huge int literal, deep nesting
         raise ProtocolError(f"{op.name} meta is not JSON: {exc}") from None
     if not isinstance(meta, dict) or not isinstance(meta.get("arrays", []), list):
         raise ProtocolError(f"{op.name} meta must be a JSON object with an 'arrays' list")
@@ -165,10 +167,14 @@ def decode_message(op: Op, body: bytearray) -> Message:
     view = memoryview(body)
     for spec in meta.pop("arrays", []):
         dtype, shape = _array_spec(op, spec)
-        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        nbytes = math.prod(shape) * dtype.itemsize  # exact: np.prod(int64) wraps on huge dims
         if offset + nbytes > len(body):
             raise ProtocolError(f"{op.name} arrays need more bytes than the body holds")
-        arrays.append(np.frombuffer(view[offset : offset + nbytes], dtype=dtype).reshape(shape))
+        try:
+            array = np.frombuffer(view[offset : offset + nbytes], dtype=dtype).reshape(shape)
+        except (ValueError, OverflowError):  # a zero-size shape with an absurd dimension
+            raise ProtocolError(f"{op.name} has an array with a bad shape: {shape!r}") from None
+        arrays.append(array)
         offset += nbytes
     if offset != len(body):
         raise ProtocolError(f"{op.name} body has {len(body) - offset} trailing bytes")
@@ -176,7 +182,8 @@ def decode_message(op: Op, body: bytearray) -> Message:
 
 
 def _array_spec(op: Op, spec: Any) -> tuple[np.dtype[Any], tuple[int, ...]]:
-    if not isinstance(spec, dict) or spec.get("dtype") not in ALLOWED_DTYPES:
+    dtype = spec.get("dtype") if isinstance(spec, dict) else None
+    if not isinstance(dtype, str) or dtype not in ALLOWED_DTYPES:  # a list is unhashable
         raise ProtocolError(f"{op.name} has an array of unsupported dtype: {spec!r}")
     shape = spec.get("shape")
     if not isinstance(shape, list) or not all(

@@ -1,0 +1,42 @@
+"""Plain-value configurations that the driver builds and ships to the executors.
+
+Only strings, numbers, bytes, lists and dicts: a task closure must never capture an estimator,
+a SparkSession or a live Keras object (Params are copied shallowly and CrossValidator fits copies
+in threads, so a shared object would be shared state).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training task needs (built by ``KerasEstimator.fit``)."""
+
+    host: str
+    port: int
+    secret: bytes = field(repr=False)
+    model_bytes: bytes = field(repr=False)
+    compile_config: dict[str, Any]
+    mode: str
+    frequency: str
+    epochs: int
+    batch_size: int
+    timeout: float
+    seed: int
+    task_cpus: int
+    #: Shape one label row must take to match the model's output, e.g. ``[1]`` or ``[]``.
+    label_shape: list[int]
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    """Everything an inference task needs (built by ``KerasTransformer.transform``)."""
+
+    model_id: str
+    model_bytes: bytes = field(repr=False)
+    kind: str
+    batch_size: int
+    task_cpus: int

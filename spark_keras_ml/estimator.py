@@ -1,0 +1,261 @@
+"""KerasEstimator: driver-side orchestration of one distributed fit.
+
+Who owns what:
+
+- ``params.py`` declares every Param and validates them (one table, one error format);
+- ``columns.py`` checks and converts the input columns in the JVM;
+- ``model_info.py`` resolves the compile config, the output kind and the label shape;
+- ``cluster.py`` counts task slots and picks the address the server binds;
+- ``ps/server.py`` runs the parameter server for the length of the fit;
+- ``worker.py`` (executors) trains each partition; nothing here imports it except by reference
+  for ``mapInPandas``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any
+
+import keras
+from pyspark import keyword_only
+from pyspark.ml import Estimator
+from pyspark.sql import DataFrame
+
+from spark_keras_ml import cluster
+from spark_keras_ml.columns import features_as_array, label_as_float
+from spark_keras_ml.config import TrainConfig
+from spark_keras_ml.data import FEATURES, LABEL, TRAIN_RESULT_SCHEMA
+from spark_keras_ml.model_info import label_shape, output_kind, resolve_compile_config
+from spark_keras_ml.params import HasOutputParams, HasTrainingParams, normalize_mode, validate
+from spark_keras_ml.persistence import KerasReadable, KerasWritable
+from spark_keras_ml.ps.protocol import new_secret
+from spark_keras_ml.ps.server import ParameterServer
+from spark_keras_ml.serialization import model_from_bytes, model_to_bytes
+from spark_keras_ml.summary import format_epoch
+from spark_keras_ml.transformer import KerasTransformer
+from spark_keras_ml.worker import train_partition
+
+logger = logging.getLogger(__name__)
+
+_IMPLEMENTED_MODES = ("sync",)
+
+
+class KerasEstimator(
+    Estimator, HasTrainingParams, HasOutputParams, KerasReadable, KerasWritable
+):
+    """Trains a Keras 3 model on a Spark DataFrame with a parameter server on the driver.
+
+    The model may be compiled (its optimizer, loss and metrics are used) or not (then ``loss`` is
+    required); ``optimizer``, ``learningRate``, ``loss`` and ``metrics`` override the compiled
+    ones. ``fit`` returns a :class:`~spark_keras_ml.KerasTransformer` holding the trained model.
+
+    Defaults: ``mode="sync"``, ``frequency="epoch"``, ``epochs=1``, ``batchSize=32``,
+    ``numWorkers=None`` (every task slot), ``timeout=600`` seconds.
+
+    Examples
+    --------
+    >>> import keras
+    >>> from pyspark.ml.linalg import Vectors
+    >>> df = spark.createDataFrame(
+    ...     [(Vectors.dense([0.0, 1.0]), 1.0), (Vectors.dense([1.0, 0.0]), 0.0)] * 8,
+    ...     ["features", "label"])
+    >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(2, activation="softmax")])
+    >>> est = KerasEstimator(model=model, loss="sparse_categorical_crossentropy",
+    ...                      optimizer="adam", epochs=2, numWorkers=2)
+    >>> fitted = est.fit(df)
+    >>> sorted(fitted.transform(df).columns)
+    ['features', 'label', 'prediction', 'probability', 'rawPrediction']
+    """
+
+    @keyword_only
+    def __init__(
+        self,
+        *,
+        model: keras.Model | None = None,
+        featuresCol: str = "features",
+        labelCol: str = "label",
+        mode: str = "sync",
+        frequency: str = "epoch",
+        epochs: int = 1,
+        batchSize: int = 32,
+        numWorkers: int | None = None,
+        optimizer: Any = None,
+        learningRate: float | None = None,
+        loss: Any = None,
+        metrics: list[Any] | None = None,
+        timeout: float = 600.0,
+        seed: int | None = None,
+        predictionCol: str = "prediction",
+        probabilityCol: str = "probability",
+        rawPredictionCol: str = "rawPrediction",
+        outputKind: str = "auto",
+    ) -> None:
+        super().__init__()
+        self._model_bytes: bytes | None = None
+        self.setParams(**self._input_kwargs)
+
+    @keyword_only
+    def setParams(
+        self,
+        *,
+        model: keras.Model | None = None,
+        featuresCol: str = "features",
+        labelCol: str = "label",
+        mode: str = "sync",
+        frequency: str = "epoch",
+        epochs: int = 1,
+        batchSize: int = 32,
+        numWorkers: int | None = None,
+        optimizer: Any = None,
+        learningRate: float | None = None,
+        loss: Any = None,
+        metrics: list[Any] | None = None,
+        timeout: float = 600.0,
+        seed: int | None = None,
+        predictionCol: str = "prediction",
+        probabilityCol: str = "probability",
+        rawPredictionCol: str = "rawPrediction",
+        outputKind: str = "auto",
+    ) -> KerasEstimator:
+        """Set Params by keyword, exactly as the constructor does (no checking until ``fit``)."""
+        kwargs = dict(self._input_kwargs)
+        if "model" in kwargs:
+            self.setKerasModel(kwargs.pop("model"))
+        return self._set(**kwargs)
+
+    def setKerasModel(self, model: keras.Model | None) -> KerasEstimator:
+        """Keep ``model`` as ``.keras`` bytes: Params and copies never share a live model."""
+        if model is not None and not isinstance(model, keras.Model):
+            raise TypeError(f"Expected `model` to be a keras.Model. Received: {type(model).__name__}")
+        self._model_bytes = None if model is None else model_to_bytes(model)
+        return self
+
+    def getKerasModel(self) -> keras.Model:
+        """A fresh copy of the (untrained) model this estimator starts from."""
+        return model_from_bytes(self._require_model(), compile=True)
+
+    def _require_model(self) -> bytes:
+        if self._model_bytes is None:
+            raise ValueError(
+                "Expected a Keras model to train. Pass one as KerasEstimator(model=...) or "
+                "call setKerasModel(model). Received: model=None"
+            )
+        return self._model_bytes
+
+    def _fit(self, dataset: DataFrame) -> KerasTransformer:
+        validate(self)
+        mode = normalize_mode(self.getMode())
+        if mode not in _IMPLEMENTED_MODES:
+            raise NotImplementedError(f"mode={mode!r} is not available yet; use mode='sync'")
+        model_bytes = self._require_model()
+        spark = dataset.sparkSession
+
+        # Read every Param into plain values first: the task closure must capture only these,
+        # never `self` (CrossValidator fits copies of this estimator in parallel threads).
+        epochs, batch_size = self.getEpochs(), self.getBatchSize()
+        frequency, timeout = self.getFrequency(), self.getTimeout()
+        features = features_as_array(dataset, self.getFeaturesCol())
+        label = label_as_float(dataset, self.getLabelCol())
+
+        model = model_from_bytes(model_bytes, compile=True)
+        compile_config = resolve_compile_config(
+            model,
+            optimizer=self.getOptimizer(),
+            learning_rate=self.getLearningRate(),
+            loss=self.getLoss(),
+            metrics=self.getMetrics(),
+        )
+        loss = compile_config["loss"]
+        kind = output_kind(model, loss) if self.getOutputKind() == "auto" else self.getOutputKind()
+        label_row = label_shape(model, loss)
+        if label_row not in ([], [1]):
+            raise ValueError(
+                f"Expected a model whose loss takes one number per row (a class index or a "
+                f"target). Use loss='sparse_categorical_crossentropy' for class indices. "
+                f"Received: loss={loss!r} expecting labels of shape {label_row}"
+            )
+
+        num_workers = self._check_workers(spark)
+        if dataset.isEmpty():
+            raise ValueError(
+                "Expected a DataFrame with at least one row to fit on. Received: an empty "
+                "DataFrame"
+            )
+        data = dataset.select(features.alias(FEATURES), label.alias(LABEL)).repartition(num_workers)
+
+        def on_epoch(epoch: int, logs: dict[str, float]) -> None:
+            logger.info(format_epoch(epoch, epochs, logs))
+
+        secret = new_secret()
+        server = ParameterServer(
+            model.get_weights(),
+            num_workers=num_workers,
+            secret=secret,
+            frequency=frequency,
+            batch_size=batch_size,
+            epochs=epochs,
+            host=cluster.driver_host(spark),
+            timeout=timeout,
+            on_epoch=on_epoch,
+        )
+        with server:
+            host, port = server.address
+            config = TrainConfig(
+                host=host,
+                port=port,
+                secret=secret,
+                model_bytes=model_bytes,
+                compile_config=compile_config,
+                mode=mode,
+                frequency=frequency,
+                epochs=epochs,
+                batch_size=batch_size,
+                timeout=timeout,
+                seed=self.getSeed(),
+                task_cpus=cluster.task_cpus(spark),
+                label_shape=label_row,
+            )
+            logger.info(
+                "Training on %d workers (mode=%s, frequency=%s, epochs=%d, batchSize=%d)",
+                num_workers, mode, frequency, epochs, batch_size,
+            )
+            job = data.mapInPandas(
+                functools.partial(train_partition, config), TRAIN_RESULT_SCHEMA, barrier=True
+            )
+            try:
+                results = job.collect()
+            except Exception as exc:
+                if server.failure is not None:
+                    raise RuntimeError(f"Distributed training failed: {server.failure}") from exc
+                raise
+            weights = server.final_weights()
+            history = server.history
+
+        model.set_weights(weights)
+        logger.info(
+            "Trained %d rows per epoch in %.1f s (slowest worker)",
+            sum(r["rows"] for r in results), max(r["seconds"] for r in results),
+        )
+        return KerasTransformer(
+            model=model,
+            history=history,
+            featuresCol=self.getFeaturesCol(),
+            predictionCol=self.getPredictionCol(),
+            probabilityCol=self.getProbabilityCol(),
+            rawPredictionCol=self.getRawPredictionCol(),
+            outputKind=kind,
+        )
+
+    def _check_workers(self, spark: Any) -> int:
+        wanted = self.getNumWorkers()
+        slots = cluster.task_slots(spark, wanted or 0)
+        if wanted is None:
+            return slots
+        if wanted > slots:
+            raise ValueError(
+                f"Expected `numWorkers` to be at most the cluster's {slots} task slots: a sync "
+                "fit runs every worker at once in a barrier stage. Lower numWorkers or add "
+                f"executors/cores. Received: numWorkers={wanted}"
+            )
+        return wanted

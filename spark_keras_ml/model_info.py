@@ -1,0 +1,105 @@
+"""Driver-side questions about a Keras model: how to compile it, what its output means, and what
+shape a label row must take. Answered once per fit, as plain values that ship to the workers.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import keras
+
+from spark_keras_ml.params import param_error
+
+_CLASSIFIER_ACTIVATIONS = ("softmax", "sigmoid")
+
+
+def resolve_compile_config(
+    model: keras.Model,
+    *,
+    optimizer: Any,
+    learning_rate: float | None,
+    loss: Any,
+    metrics: Any,
+) -> dict[str, Any]:
+    """The compile config the workers use: the compiled model's, overridden by the Params.
+
+    Every part is built once here so that a bad name fails on the driver, before any job starts.
+    """
+    config = copy.deepcopy(model.get_compile_config()) if model.compiled else {}
+    if optimizer is not None:
+        config["optimizer"] = _serialize_optimizer(optimizer)
+    config.setdefault("optimizer", "rmsprop")
+    if learning_rate is not None:
+        config["optimizer"] = _serialize_optimizer(config["optimizer"])
+        config["optimizer"]["config"]["learning_rate"] = float(learning_rate)
+    if loss is not None:
+        config["loss"] = loss
+    if config.get("loss") is None:
+        raise param_error(
+            "loss",
+            "a loss name or config dict when the model is not compiled with a loss",
+            loss,
+            "Compile the model, or pass loss='sparse_categorical_crossentropy' (or 'mse', ...).",
+        )
+    if metrics is not None:
+        config["metrics"] = list(metrics)
+    _check_compiles(model, config)
+    return config
+
+
+def _serialize_optimizer(optimizer: Any) -> dict[str, Any]:
+    try:
+        return keras.optimizers.serialize(keras.optimizers.get(optimizer))
+    except (ValueError, TypeError) as exc:
+        raise param_error(
+            "optimizer", "a Keras optimizer name such as 'adam' or a config dict", optimizer
+        ) from exc
+
+
+def _check_compiles(model: keras.Model, config: dict[str, Any]) -> None:
+    probe = keras.models.clone_model(model)
+    try:
+        probe.compile_from_config(config)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(
+            "Expected the optimizer, loss and metrics to build a Keras model. Check their names. "
+            f"Received: optimizer={config.get('optimizer')!r}, loss={config.get('loss')!r}, "
+            f"metrics={config.get('metrics')!r} ({exc})"
+        ) from exc
+
+
+def output_shape(model: keras.Model) -> tuple[int | None, ...]:
+    if len(model.outputs) != 1:
+        raise ValueError(
+            "Expected a model with one output tensor. Wrap a multi-output model so that it "
+            f"returns one tensor. Received: a model with {len(model.outputs)} outputs"
+        )
+    return tuple(model.outputs[0].shape)
+
+
+def output_kind(model: keras.Model, loss: Any) -> str:
+    """'classifier', 'regressor' or 'raw', from the output layer's activation and the loss."""
+    shape = output_shape(model)
+    activation = getattr(getattr(model.layers[-1], "activation", None), "__name__", "")
+    loss_name = str(loss.get("class_name", "") if isinstance(loss, dict) else loss or "").lower()
+    crossentropy = "crossentropy" in loss_name or loss is None
+    if len(shape) == 2 and activation in _CLASSIFIER_ACTIVATIONS and crossentropy:
+        if activation == "softmax" and (shape[1] or 0) >= 2:
+            return "classifier"
+        if activation == "sigmoid" and shape[1] == 1:
+            return "classifier"
+    if shape[1:] in ((), (1,)):
+        return "regressor"
+    return "raw"
+
+
+def label_shape(model: keras.Model, loss: Any) -> list[int]:
+    """Shape of one label row: a class index for sparse losses, else the output's own shape."""
+    shape = output_shape(model)[1:]
+    loss_name = str(loss.get("class_name", "") if isinstance(loss, dict) else loss).lower()
+    if "sparse" in loss_name.replace("_", ""):
+        return []
+    if any(d is None for d in shape):
+        raise ValueError(f"Expected a model output with a fixed shape. Received: {shape}")
+    return [int(d) for d in shape]  # type: ignore[arg-type]

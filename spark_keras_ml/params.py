@@ -1,0 +1,261 @@
+"""Every Param of the package, declared once, with its default, and one validation table.
+
+Param values are JSON-native (strings, numbers, lists, dicts, None) so that ``ParamGridBuilder``,
+``copy()`` and Spark's metadata writer all work on them. Constructors only record values; all
+checking happens in :func:`validate`, called at the start of ``fit``/``transform``, so that
+``setParams`` behaves exactly like the constructor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from pyspark.ml.param import Param, Params, TypeConverters
+from pyspark.ml.param.shared import (
+    HasFeaturesCol,
+    HasLabelCol,
+    HasPredictionCol,
+    HasProbabilityCol,
+    HasRawPredictionCol,
+    HasSeed,
+)
+
+MODES = ("sync", "async", "hogwild")
+MODE_ALIASES = {"synchronous": "sync", "asynchronous": "async"}
+FREQUENCIES = ("epoch", "batch")
+OUTPUT_KINDS = ("auto", "classifier", "regressor", "raw")
+
+
+def _json_native(value: Any) -> Any:
+    """Accept only JSON-native values: a Param must survive metadata JSON and shallow copies."""
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    if isinstance(value, list | tuple):
+        return [_json_native(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _json_native(v) for k, v in value.items()}
+    raise TypeError(
+        f"Expected a JSON-native value (str, number, list, dict or None); to pass a Keras object, "
+        f"pass its name or its config dict (keras.optimizers.serialize(...)). "
+        f"Received: {value!r} of type {type(value).__name__}"
+    )
+
+
+class HasTrainingParams(HasFeaturesCol, HasLabelCol, HasSeed):
+    """Params read by ``KerasEstimator.fit`` (driver) and shipped to the workers as plain values."""
+
+    mode: Param[str] = Param(
+        Params._dummy(),
+        "mode",
+        "How workers combine their updates: 'sync' (bulk-synchronous rounds), 'async' (applied "
+        "under a lock as they arrive) or 'hogwild' (applied without a lock). 'synchronous' and "
+        "'asynchronous' are accepted as aliases.",
+        typeConverter=TypeConverters.toString,
+    )
+    frequency: Param[str] = Param(
+        Params._dummy(),
+        "frequency",
+        "How often a worker exchanges weights with the server: once per 'epoch' or once per "
+        "mini-'batch'.",
+        typeConverter=TypeConverters.toString,
+    )
+    epochs: Param[int] = Param(
+        Params._dummy(), "epochs", "Number of passes over the data.", TypeConverters.toInt
+    )
+    batchSize: Param[int] = Param(
+        Params._dummy(),
+        "batchSize",
+        "Rows per training mini-batch on each worker.",
+        typeConverter=TypeConverters.toInt,
+    )
+    numWorkers: Param[int] = Param(
+        Params._dummy(),
+        "numWorkers",
+        "Number of training tasks (the data is repartitioned to this many partitions). None "
+        "uses every task slot of the cluster.",
+        typeConverter=TypeConverters.toInt,
+    )
+    optimizer: Param[Any] = Param(
+        Params._dummy(),
+        "optimizer",
+        "Optimizer name ('adam') or Keras optimizer config dict; None keeps the compiled model's.",
+        typeConverter=_json_native,
+    )
+    learningRate: Param[float] = Param(
+        Params._dummy(),
+        "learningRate",
+        "Learning rate set on the optimizer; None keeps the optimizer's own.",
+        typeConverter=TypeConverters.toFloat,
+    )
+    loss: Param[Any] = Param(
+        Params._dummy(),
+        "loss",
+        "Loss name or Keras loss config dict; required when the model is not compiled.",
+        typeConverter=_json_native,
+    )
+    metrics: Param[Any] = Param(
+        Params._dummy(),
+        "metrics",
+        "List of metric names (or config dicts); None keeps the compiled model's.",
+        typeConverter=_json_native,
+    )
+    timeout: Param[float] = Param(
+        Params._dummy(),
+        "timeout",
+        "Seconds allowed for any one exchange with the parameter server, including the wait "
+        "for the slowest worker in a sync round.",
+        typeConverter=TypeConverters.toFloat,
+    )
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._setDefault(
+            mode="sync",
+            frequency="epoch",
+            epochs=1,
+            batchSize=32,
+            numWorkers=None,
+            optimizer=None,
+            learningRate=None,
+            loss=None,
+            metrics=None,
+            timeout=600.0,
+        )
+
+    def getMode(self) -> str:
+        return self.getOrDefault(self.mode)
+
+    def getFrequency(self) -> str:
+        return self.getOrDefault(self.frequency)
+
+    def getEpochs(self) -> int:
+        return self.getOrDefault(self.epochs)
+
+    def getBatchSize(self) -> int:
+        return self.getOrDefault(self.batchSize)
+
+    def getNumWorkers(self) -> int | None:
+        return self.getOrDefault(self.numWorkers)
+
+    def getOptimizer(self) -> Any:
+        return self.getOrDefault(self.optimizer)
+
+    def getLearningRate(self) -> float | None:
+        return self.getOrDefault(self.learningRate)
+
+    def getLoss(self) -> Any:
+        return self.getOrDefault(self.loss)
+
+    def getMetrics(self) -> Any:
+        return self.getOrDefault(self.metrics)
+
+    def getTimeout(self) -> float:
+        return self.getOrDefault(self.timeout)
+
+
+class HasOutputParams(HasFeaturesCol, HasPredictionCol, HasProbabilityCol, HasRawPredictionCol):
+    """Params of the output columns, shared by the estimator and the transformer it returns."""
+
+    outputKind: Param[str] = Param(
+        Params._dummy(),
+        "outputKind",
+        "What the model's output means: 'classifier' (prediction, probability, rawPrediction), "
+        "'regressor' (prediction), 'raw' (the output array in predictionCol) or 'auto' (decided "
+        "from the output layer and the loss).",
+        typeConverter=TypeConverters.toString,
+    )
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._setDefault(outputKind="auto")
+
+    def getOutputKind(self) -> str:
+        return self.getOrDefault(self.outputKind)
+
+
+class HasInferenceParams(HasOutputParams):
+    """Params of ``KerasTransformer.transform``."""
+
+    inferenceBatchSize: Param[int] = Param(
+        Params._dummy(),
+        "inferenceBatchSize",
+        "Rows per predict call on the executors.",
+        typeConverter=TypeConverters.toInt,
+    )
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._setDefault(inferenceBatchSize=1024)
+
+    def getInferenceBatchSize(self) -> int:
+        return self.getOrDefault(self.inferenceBatchSize)
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation: one table, one message format.
+
+
+@dataclass(frozen=True)
+class Rule:
+    check: Callable[[Any], bool]
+    expected: str
+    hint: str = ""
+
+
+def _positive_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def _positive_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and v > 0
+
+
+def _name_or_config(v: Any) -> bool:
+    return v is None or (isinstance(v, str) and v != "") or isinstance(v, dict)
+
+
+RULES: dict[str, Rule] = {
+    "mode": Rule(
+        lambda v: v in MODES or v in MODE_ALIASES,
+        "one of 'sync', 'async', 'hogwild' (or 'synchronous', 'asynchronous')",
+    ),
+    "frequency": Rule(lambda v: v in FREQUENCIES, "one of 'epoch', 'batch'"),
+    "epochs": Rule(_positive_int, "an integer >= 1"),
+    "batchSize": Rule(_positive_int, "an integer >= 1"),
+    "inferenceBatchSize": Rule(_positive_int, "an integer >= 1"),
+    "numWorkers": Rule(
+        lambda v: v is None or _positive_int(v),
+        "an integer >= 1, or None for every task slot",
+    ),
+    "optimizer": Rule(_name_or_config, "an optimizer name such as 'adam', a config dict, or None"),
+    "learningRate": Rule(lambda v: v is None or _positive_number(v), "a number > 0, or None"),
+    "loss": Rule(_name_or_config, "a loss name such as 'mse', a config dict, or None"),
+    "metrics": Rule(
+        lambda v: v is None or (isinstance(v, list) and all(_name_or_config(m) for m in v)),
+        "a list of metric names or config dicts, or None",
+    ),
+    "timeout": Rule(_positive_number, "a number of seconds > 0"),
+    "outputKind": Rule(lambda v: v in OUTPUT_KINDS, "one of 'auto', 'classifier', 'regressor', 'raw'"),
+}
+
+
+def param_error(name: str, expected: str, received: Any, hint: str = "") -> ValueError:
+    """The one error format: what was expected, what to do, what was received."""
+    todo = f" {hint}" if hint else ""
+    return ValueError(f"Expected `{name}` to be {expected}.{todo} Received: {name}={received!r}")
+
+
+def validate(instance: Params) -> None:
+    """Check every Param of ``instance`` that the table knows; raise the first violation."""
+    for name, rule in RULES.items():
+        if not instance.hasParam(name):
+            continue
+        value = instance.getOrDefault(name)
+        if not rule.check(value):
+            raise param_error(name, rule.expected, value, rule.hint)
+
+
+def normalize_mode(mode: str) -> str:
+    return MODE_ALIASES.get(mode, mode)

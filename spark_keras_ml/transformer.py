@@ -1,0 +1,177 @@
+"""KerasTransformer: driver-side set-up of distributed, batched inference.
+
+Only the feature column goes through Python, in an Arrow-backed pandas iterator UDF
+(``worker.predict_batches``); every other column stays in the JVM. The UDF returns a struct that
+is unpacked here into Spark ML's usual columns, with Vectors rebuilt by ``array_to_vector``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import keras
+import pandas as pd
+from pyspark import keyword_only
+from pyspark.ml import Model
+from pyspark.ml.functions import array_to_vector
+from pyspark.sql import Column, DataFrame
+from pyspark.sql import functions as F
+
+from spark_keras_ml import cluster
+from spark_keras_ml.columns import features_as_array
+from spark_keras_ml.config import PredictConfig
+from spark_keras_ml.data import OUTPUT_SCHEMAS
+from spark_keras_ml.model_info import output_kind
+from spark_keras_ml.params import HasInferenceParams, validate
+from spark_keras_ml.persistence import KerasReadable, KerasWritable
+from spark_keras_ml.serialization import (
+    compile_config_of,
+    model_from_bytes,
+    model_id,
+    model_to_bytes,
+)
+from spark_keras_ml.worker import predict_batches
+
+_OUTPUT = "__skml_output"
+
+
+class KerasTransformer(Model, HasInferenceParams, KerasReadable, KerasWritable):
+    """A trained Keras model as a Spark ML Model: distributed, batched ``transform``.
+
+    What ``transform`` adds depends on ``outputKind`` (``"auto"`` decides from the model):
+
+    - ``classifier`` (softmax, or one sigmoid unit, trained with a crossentropy loss):
+      ``prediction`` (double class index), ``probability`` and ``rawPrediction`` (Vectors;
+      raw scores are log-probabilities, or ``[-logit, logit]`` for one sigmoid unit);
+    - ``regressor`` (one output value): ``prediction`` (double);
+    - ``raw`` (any other output): ``prediction`` as ``array<double>``, flattened.
+
+    Examples
+    --------
+    >>> import keras
+    >>> from pyspark.ml.linalg import Vectors
+    >>> model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    >>> scorer = KerasTransformer(model=model, outputKind="regressor")
+    >>> df = spark.createDataFrame([(Vectors.dense([1.0, 2.0]),)], ["features"])
+    >>> scorer.transform(df).columns
+    ['features', 'prediction']
+    """
+
+    @keyword_only
+    def __init__(
+        self,
+        *,
+        model: keras.Model | None = None,
+        history: dict[str, list[float]] | None = None,
+        featuresCol: str = "features",
+        predictionCol: str = "prediction",
+        probabilityCol: str = "probability",
+        rawPredictionCol: str = "rawPrediction",
+        outputKind: str = "auto",
+        inferenceBatchSize: int = 1024,
+    ) -> None:
+        super().__init__()
+        self._model_bytes: bytes | None = None
+        self._history: dict[str, list[float]] = {}
+        self._kind_cache: tuple[str, str] | None = None
+        kwargs = dict(self._input_kwargs)
+        model = kwargs.pop("model", None)
+        if model is not None:
+            self._model_bytes = model_to_bytes(model)
+        self._history = {k: list(v) for k, v in (kwargs.pop("history", None) or {}).items()}
+        self._set(**kwargs)
+
+    @keyword_only
+    def setParams(
+        self,
+        *,
+        featuresCol: str = "features",
+        predictionCol: str = "prediction",
+        probabilityCol: str = "probability",
+        rawPredictionCol: str = "rawPrediction",
+        outputKind: str = "auto",
+        inferenceBatchSize: int = 1024,
+    ) -> KerasTransformer:
+        return self._set(**self._input_kwargs)
+
+    @property
+    def history(self) -> dict[str, list[float]]:
+        """Per-epoch training metrics averaged over workers, shaped like ``History.history``."""
+        return {k: list(v) for k, v in self._history.items()}
+
+    def getKerasModel(self) -> keras.Model:
+        """A fresh ``keras.Model`` with the trained weights."""
+        if self._model_bytes is None:
+            raise ValueError("Expected a KerasTransformer holding a model. Received: no model")
+        return model_from_bytes(self._model_bytes, compile=True)
+
+    def _extra_metadata(self) -> dict[str, Any]:
+        return {"history": self._history}
+
+    def _restore_extra(self, metadata: dict[str, Any]) -> None:
+        self._history = {k: list(v) for k, v in metadata.get("history", {}).items()}
+
+    def _resolved_kind(self, model_bytes: bytes, key: str) -> str:
+        kind = self.getOutputKind()
+        if kind != "auto":
+            return kind
+        if self._kind_cache is None or self._kind_cache[0] != key:
+            model = model_from_bytes(model_bytes)
+            loss = (compile_config_of(model_bytes) or {}).get("loss")
+            self._kind_cache = (key, output_kind(model, loss))
+        return self._kind_cache[1]
+
+    def _transform(self, dataset: DataFrame) -> DataFrame:
+        validate(self)
+        if self._model_bytes is None:
+            raise ValueError(
+                "Expected a KerasTransformer holding a model: create it with "
+                "KerasTransformer(model=...) or by KerasEstimator.fit. Received: no model"
+            )
+        key = model_id(self._model_bytes)
+        kind = self._resolved_kind(self._model_bytes, key)
+        features = features_as_array(dataset, self.getFeaturesCol())
+        config = PredictConfig(
+            model_id=key,
+            model_bytes=self._model_bytes,
+            kind=kind,
+            batch_size=self.getInferenceBatchSize(),
+            task_cpus=cluster.task_cpus(dataset.sparkSession),
+        )
+
+        # Captures only `config` (plain values), never `self`.
+        def predict(batches: Iterator[pd.Series]) -> Iterator[pd.DataFrame]:
+            return predict_batches(config, batches)
+
+        udf = F.pandas_udf(predict, returnType=OUTPUT_SCHEMAS[kind])  # type: ignore[call-overload]
+        outputs = self._output_columns(kind)
+        clash = [c for c in outputs if c in dataset.columns]
+        if clash:
+            raise ValueError(
+                f"Expected output columns that are not in the DataFrame yet. Rename them with "
+                f"setPredictionCol/setProbabilityCol/setRawPredictionCol, or drop the old ones. "
+                f"Received: {clash} already present"
+            )
+        scored = dataset.withColumn(_OUTPUT, udf(features))
+        return scored.withColumns(outputs).drop(_OUTPUT)
+
+    def _output_columns(self, kind: str) -> dict[str, Column]:
+        out = F.col(_OUTPUT)
+        columns = {self.getPredictionCol(): out["prediction"]}
+        if kind == "classifier":
+            columns[self.getProbabilityCol()] = array_to_vector(out["probability"])
+            columns[self.getRawPredictionCol()] = array_to_vector(out["rawPrediction"])
+        return {name: col for name, col in columns.items() if name}
+
+    def setPredictionCol(self, value: str) -> KerasTransformer:
+        return self._set(predictionCol=value)
+
+    def setProbabilityCol(self, value: str) -> KerasTransformer:
+        return self._set(probabilityCol=value)
+
+    def setRawPredictionCol(self, value: str) -> KerasTransformer:
+        return self._set(rawPredictionCol=value)
+
+    def setFeaturesCol(self, value: str) -> KerasTransformer:
+        return self._set(featuresCol=value)

@@ -1,0 +1,183 @@
+"""Executor entry points: :func:`train_partition` (one training task) and :func:`predict_batches`
+(the body of the inference UDF).
+
+Keras is imported inside the functions, after :func:`configure_threads`, because TensorFlow sizes
+its thread pools once, at import: with 2 cores and 2 tasks, each task must keep to its share.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from spark_keras_ml.config import PredictConfig, TrainConfig
+from spark_keras_ml.data import OUTPUT_COLUMNS, column_to_numpy, partition_to_numpy
+from spark_keras_ml.ps.client import ParameterClient
+from spark_keras_ml.serialization import model_from_bytes
+
+if TYPE_CHECKING:
+    import keras
+
+logger = logging.getLogger(__name__)
+
+
+def configure_threads(cpus: int) -> None:
+    """Give TensorFlow ``cpus`` threads per pool, before it is first imported in this process."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if "tensorflow" in sys.modules or os.environ.get("KERAS_BACKEND", "tensorflow") != "tensorflow":
+        return
+    import tensorflow as tf
+
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(cpus)
+        tf.config.threading.set_inter_op_parallelism_threads(cpus)
+    except RuntimeError:  # already initialised by an earlier task in this reused worker
+        pass
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+
+
+def train_partition(config: TrainConfig, batches: Iterable[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+    """Train on one partition against the parameter server; yield one summary row.
+
+    Used as ``df.mapInPandas(functools.partial(train_partition, config), TRAIN_RESULT_SCHEMA)``.
+    """
+    from pyspark import TaskContext
+
+    started = time.perf_counter()
+    context = TaskContext.get()
+    if context is None:
+        raise RuntimeError("train_partition must run inside a Spark task")
+    partition = context.partitionId()
+    configure_threads(config.task_cpus)
+    x, y = partition_to_numpy(batches, config.label_shape)
+    model = build_training_model(config)
+    identity = {
+        "partition": partition,
+        "stage": context.stageId(),
+        "attempt": context.attemptNumber(),
+        "rows": len(x),
+    }
+    with ParameterClient(
+        config.host, config.port, config.secret, like=model.get_weights(), timeout=config.timeout
+    ) as client:
+        schedule, weights = client.hello(**identity)
+        _train_loop(config, model, client, x, y, weights, schedule["steps_per_epoch"], partition)
+    yield pd.DataFrame(
+        {"partition": [partition], "rows": [len(x)], "seconds": [time.perf_counter() - started]}
+    )
+
+
+def build_training_model(config: TrainConfig) -> keras.Model:
+    """A fresh model per task: its optimizer state then lives exactly as long as the fit."""
+    model = model_from_bytes(config.model_bytes, compile=False)
+    model.compile_from_config(config.compile_config)
+    return model
+
+
+def _train_loop(
+    config: TrainConfig,
+    model: keras.Model,
+    client: ParameterClient,
+    x: np.ndarray,
+    y: np.ndarray,
+    weights: list[np.ndarray],
+    steps: int,
+    partition: int,
+) -> None:
+    rows = len(x)
+    rng = np.random.default_rng([config.seed & 0xFFFFFFFF, partition])
+    for epoch in range(config.epochs):
+        order = rng.permutation(rows)
+        if config.frequency == "epoch":
+            logs = _fit_epoch(model, x[order], y[order], weights, config.batch_size)
+            delta = _delta(model, weights)
+            meta = {"step": epoch, "rows": rows, "epoch": epoch, "epoch_rows": rows, "logs": logs}
+            _, weights = client.push(delta, **meta)
+            continue
+        # train_on_batch resets the metrics on every call: keep the epoch's row-weighted sums.
+        sums: dict[str, float] = {}
+        for step in range(steps):
+            index = order[step * config.batch_size : (step + 1) * config.batch_size]
+            model.set_weights(weights)
+            if len(index):
+                logs = model.train_on_batch(x[index], y[index], return_dict=True)
+                for key, value in logs.items():
+                    sums[key] = sums.get(key, 0.0) + float(value) * len(index)
+            meta: dict[str, Any] = {"step": epoch * steps + step, "rows": len(index)}
+            if step == steps - 1:
+                epoch_logs = {k: v / rows for k, v in sums.items()} if rows else {}
+                meta.update(epoch=epoch, epoch_rows=rows, logs=epoch_logs)
+            _, weights = client.push(_delta(model, weights), **meta)
+    model.set_weights(weights)
+
+
+def _fit_epoch(
+    model: keras.Model, x: np.ndarray, y: np.ndarray, weights: list[np.ndarray], batch_size: int
+) -> dict[str, float]:
+    model.set_weights(weights)
+    if len(x) == 0:
+        return {}
+    history = model.fit(x, y, batch_size=batch_size, epochs=1, shuffle=False, verbose=0)
+    return {k: float(v[-1]) for k, v in history.history.items()}
+
+
+def _delta(model: keras.Model, before: list[np.ndarray]) -> list[np.ndarray]:
+    return [after - old for after, old in zip(model.get_weights(), before, strict=True)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Inference
+
+
+class _ModelCache:
+    """A small locked LRU of models per Python worker, keyed by an id made on the driver.
+
+    Spark reuses Python workers between tasks (``spark.python.worker.reuse``, on by default), so
+    the second task of a transform skips rebuilding the model.
+    """
+
+    def __init__(self, capacity: int = 4) -> None:
+        self._capacity = capacity
+        self._lock = threading.Lock()
+        self._models: OrderedDict[str, keras.Model] = OrderedDict()
+
+    def get(self, key: str, data: bytes) -> keras.Model:
+        with self._lock:
+            if key in self._models:
+                self._models.move_to_end(key)
+                return self._models[key]
+            model = model_from_bytes(data, compile=False)
+            self._models[key] = model
+            while len(self._models) > self._capacity:
+                self._models.popitem(last=False)
+            return model
+
+
+_MODELS = _ModelCache()
+
+
+def predict_batches(config: PredictConfig, batches: Iterable[pd.Series]) -> Iterator[pd.DataFrame]:
+    """Predict each Arrow batch of the feature column; yield the kind's output columns."""
+    configure_threads(config.task_cpus)
+    model = _MODELS.get(config.model_id, config.model_bytes)
+    to_columns = OUTPUT_COLUMNS[config.kind]
+    for series in batches:
+        x = column_to_numpy(series, "features")
+        chunks = [
+            np.asarray(model.predict_on_batch(x[i : i + config.batch_size]))
+            for i in range(0, len(x), config.batch_size)
+        ]
+        outputs = np.concatenate(chunks) if chunks else np.zeros((0, 1), dtype=np.float32)
+        yield to_columns(outputs)
