@@ -217,8 +217,9 @@ class KerasEstimator(
                 label_shape=label_row,
             )
             logger.info(
-                "Training on %d workers (mode=%s, frequency=%s, epochs=%d, batchSize=%d)",
-                num_workers, mode, frequency, epochs, batch_size,
+                "Training on %d workers (mode=%s, frequency=%s, epochs=%d, batchSize=%d); "
+                "parameter server at %s:%d",
+                num_workers, mode, frequency, epochs, batch_size, host, port,
             )
             job = data.mapInPandas(
                 functools.partial(train_partition, config), TRAIN_RESULT_SCHEMA, barrier=True

@@ -328,7 +328,7 @@ def test_decode_accepts_a_zero_size_array_with_large_dimensions() -> None:
 
 
 def test_decode_error_names_the_opcode() -> None:
-    with pytest.raises(ProtocolError, match="^HELLO meta is not JSON"):
+    with pytest.raises(ProtocolError, match=r"^HELLO meta is not JSON"):
         protocol.decode_message(Op.HELLO, raw_body(b"nope"))
 
 
@@ -408,10 +408,10 @@ def test_pickle_bytes_in_a_uint8_array_stay_bytes(tmp_path: Path) -> None:
 def test_error_frame_becomes_remote_error() -> None:
     with socket_pair() as (a, b):
         protocol.send_message(a, Op.ERROR, {"message": "sync round 3 timed out"})
-        with pytest.raises(RemoteError, match="^sync round 3 timed out$"):
+        with pytest.raises(RemoteError, match=r"^sync round 3 timed out$"):
             protocol.recv_message(b, 4096)
         protocol.send_message(a, Op.ERROR)
-        with pytest.raises(RemoteError, match="^the peer reported an error$"):
+        with pytest.raises(RemoteError, match=r"^the peer reported an error$"):
             protocol.recv_message(b, 4096)
         # The stream stays in sync after an ERROR frame.
         protocol.send_message(a, Op.PULL, {"x": 1})
@@ -520,7 +520,12 @@ def test_handshake_refuses_a_large_body_before_reading_it() -> None:
 
 @pytest.mark.parametrize(
     ("op", "challenge"),
-    [(Op.CHALLENGE, b"x" * 31), (Op.CHALLENGE, b"x" * 33), (Op.WELCOME, b""), (Op.HELLO, b"x" * 32)],
+    [
+        (Op.CHALLENGE, b"x" * 31),
+        (Op.CHALLENGE, b"x" * 33),
+        (Op.WELCOME, b""),
+        (Op.HELLO, b"x" * 32),
+    ],
 )
 def test_answer_challenge_refuses_a_malformed_challenge(op: Op, challenge: bytes) -> None:
     with socket_pair() as (s, c):

@@ -312,9 +312,7 @@ def test_epoch_logs_are_aggregated_by_epoch_rows() -> None:
     assert calls[0][1] == pytest.approx(
         {"rows": 100.0, "loss": expected_history["loss"][0], "accuracy": 0.775}
     )
-    assert calls[1][1] == pytest.approx(
-        {"rows": 50.0, "loss": 1.0, "accuracy": 0.5, "lr": 0.01}
-    )
+    assert calls[1][1] == pytest.approx({"rows": 50.0, "loss": 1.0, "accuracy": 0.5, "lr": 0.01})
     assert all(c[2].startswith("skml-ps-conn-") for c in calls)
 
 
@@ -484,7 +482,7 @@ def test_silent_worker_is_named_when_the_round_fails() -> None:
     def sleeper() -> None:
         with client_for(server) as client:
             client.hello(partition=1, rows=1)
-            time.sleep(2.5)
+            time.sleep(1.6)
 
     with ParameterServer(initial_weights(), num_workers=3, secret=SECRET, timeout=1.0) as server:
         results = run_workers(

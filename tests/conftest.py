@@ -1,0 +1,82 @@
+"""Shared fixtures: one SparkSession per test process, real Keras models, small data."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+# Workers must run this interpreter (with pyarrow and the package); TensorFlow stays quiet.
+os.environ["PYSPARK_PYTHON"] = sys.executable
+os.environ["PYSPARK_DRIVER_PYTHON"] = sys.executable
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def build_spark(master: str):  # type: ignore[no-untyped-def]
+    from pyspark.sql import SparkSession
+
+    builder = (
+        SparkSession.builder.master(master)
+        .appName("spark_keras_ml tests")
+        .config("spark.ui.enabled", "false")
+        .config("spark.ui.showConsoleProgress", "false")
+        .config("spark.sql.shuffle.partitions", "4")
+        .config("spark.default.parallelism", "2")
+        .config("spark.driver.memory", "1g")
+    )
+    if master.startswith("local-cluster"):
+        # Executors are separate JVMs started from the Spark distribution inside pyspark.
+        import pyspark
+
+        builder = builder.config("spark.executor.memory", "900m").config(
+            "spark.home", os.path.dirname(pyspark.__file__)
+        )
+    spark = builder.getOrCreate()
+    spark.sparkContext.setLogLevel("ERROR")
+    return spark
+
+
+@pytest.fixture(scope="session")
+def spark() -> Iterator[object]:
+    session = build_spark(os.environ.get("SKML_TEST_MASTER", "local[2]"))
+    yield session
+    session.stop()
+
+
+@pytest.fixture(scope="session")
+def digits(spark):  # type: ignore[no-untyped-def]
+    """scikit-learn digits as (features: Vector, label: double), split 80/20 with a fixed seed."""
+    from pyspark.ml.linalg import Vectors
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    rows = [(Vectors.dense(f / 16.0), float(t)) for f, t in zip(x, y)]
+    df = spark.createDataFrame(rows, ["features", "label"])
+    train, test = df.randomSplit([0.8, 0.2], seed=11)
+    return train.cache(), test.cache()
+
+
+def digits_model(compiled: bool = True):  # type: ignore[no-untyped-def]
+    import keras
+
+    keras.utils.set_random_seed(1)
+    model = keras.Sequential(
+        [
+            keras.Input((64,)),
+            keras.layers.Dense(64, activation="relu"),
+            keras.layers.Dense(10, activation="softmax"),
+        ]
+    )
+    if compiled:
+        model.compile(
+            optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"]
+        )
+    return model
+
+
+@pytest.fixture()
+def rng() -> np.random.Generator:
+    return np.random.default_rng(0)

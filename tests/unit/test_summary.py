@@ -1,0 +1,175 @@
+"""Epoch history: row-weighted means of the workers' end-of-epoch logs."""
+
+from __future__ import annotations
+
+import math
+import threading
+from typing import Any
+
+import pytest
+
+from spark_keras_ml.summary import EpochAggregator, format_epoch, weighted_mean
+
+pytestmark = pytest.mark.timeout(30)
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, dict[str, float]]] = []
+
+    def __call__(self, epoch: int, logs: dict[str, float]) -> None:
+        self.calls.append((epoch, logs))
+
+
+# ---------------------------------------------------------------------------------------------
+# weighted_mean
+
+
+def test_weighted_mean_weights_by_rows() -> None:
+    total, means = weighted_mean([(10, {"loss": 1.0, "acc": 0.0}), (30, {"loss": 3.0, "acc": 1.0})])
+    assert total == 40
+    assert means == pytest.approx({"loss": (10 * 1.0 + 30 * 3.0) / 40, "acc": 0.75})
+    assert means["loss"] != pytest.approx((1.0 + 3.0) / 2)  # not the plain mean
+
+
+def test_weighted_mean_ignores_workers_without_rows() -> None:
+    total, means = weighted_mean(
+        [(0, {"loss": 1e9, "acc": -5.0}), (4, {"loss": 2.0, "acc": 0.5}), (4, {"loss": 4.0})]
+    )
+    assert total == 8
+    assert means == pytest.approx({"loss": 3.0, "acc": 0.5})
+    assert list(means) == ["loss", "acc"]
+
+
+def test_weighted_mean_key_only_from_a_zero_row_worker_is_nan() -> None:
+    total, means = weighted_mean([(0, {"only_here": 7.0}), (5, {"loss": 1.0})])
+    assert total == 5
+    assert means["loss"] == 1.0
+    assert math.isnan(means["only_here"])
+
+
+def test_weighted_mean_with_no_rows_at_all() -> None:
+    total, means = weighted_mean([(0, {"loss": 1.0}), (0, {"loss": 2.0})])
+    assert total == 0
+    assert list(means) == ["loss"]
+    assert math.isnan(means["loss"])
+    assert weighted_mean([]) == (0, {})
+
+
+def test_weighted_mean_keeps_first_seen_key_order() -> None:
+    _, means = weighted_mean([(1, {"b": 1.0, "a": 2.0}), (1, {"c": 3.0, "a": 4.0})])
+    assert list(means) == ["b", "a", "c"]
+    assert means == {"b": 1.0, "a": 3.0, "c": 3.0}
+
+
+# ---------------------------------------------------------------------------------------------
+# EpochAggregator
+
+
+def test_epoch_published_once_when_every_worker_reported() -> None:
+    recorder = Recorder()
+    agg = EpochAggregator(3, recorder)
+    agg.add(0, 0, 10, {"loss": 1.0, "accuracy": 0.5})
+    agg.add(0, 2, 30, {"loss": 2.0, "accuracy": 1.0})
+    assert recorder.calls == []
+    assert agg.history == {}
+    assert agg.rows == []
+    agg.add(0, 1, 0, {"loss": 1e9, "accuracy": 1e9})  # no rows: counted as a report only
+    assert len(recorder.calls) == 1
+    epoch, logs = recorder.calls[0]
+    assert epoch == 0
+    assert logs == pytest.approx({"rows": 40.0, "loss": 1.75, "accuracy": 0.875})
+    assert list(logs) == ["rows", "loss", "accuracy"]
+    assert agg.history == {"loss": [1.75], "accuracy": [0.875]}
+    assert agg.rows == [40]
+
+
+def test_history_is_shaped_like_keras_history() -> None:
+    agg = EpochAggregator(2)  # no callback
+    per_epoch = [
+        ((1, {"loss": 4.0, "val_loss": 5.0}), (3, {"loss": 0.0, "val_loss": 1.0})),
+        ((2, {"loss": 1.0, "val_loss": 2.0}), (2, {"loss": 3.0, "val_loss": 2.0})),
+        ((5, {"loss": 0.5, "val_loss": 0.25}), (0, {"loss": 99.0, "val_loss": 99.0})),
+    ]
+    for epoch, reports in enumerate(per_epoch):
+        for partition, (rows, logs) in enumerate(reports):
+            agg.add(epoch, partition, rows, logs)
+    assert agg.history == {"loss": [1.0, 2.0, 0.5], "val_loss": [2.0, 2.0, 0.25]}
+    assert all(isinstance(v, float) for values in agg.history.values() for v in values)
+    assert agg.rows == [4, 4, 5]
+
+
+def test_epochs_complete_independently() -> None:
+    recorder = Recorder()
+    agg = EpochAggregator(2, recorder)
+    agg.add(0, 0, 1, {"loss": 1.0})
+    agg.add(1, 0, 1, {"loss": 10.0})  # worker 0 is ahead
+    agg.add(0, 1, 1, {"loss": 3.0})
+    assert [e for e, _ in recorder.calls] == [0]
+    agg.add(1, 1, 3, {"loss": 2.0})
+    assert [e for e, _ in recorder.calls] == [0, 1]
+    assert agg.history == {"loss": [2.0, 4.0]}
+    assert agg.rows == [2, 4]
+
+
+def test_a_partition_reporting_twice_counts_once() -> None:
+    recorder = Recorder()
+    agg = EpochAggregator(2, recorder)
+    agg.add(0, 0, 1, {"loss": 100.0})
+    agg.add(0, 0, 1, {"loss": 1.0})  # a retried task replaces its earlier report
+    assert recorder.calls == []
+    agg.add(0, 1, 1, {"loss": 3.0})
+    assert recorder.calls == [(0, {"rows": 2.0, "loss": 2.0})]
+
+
+def test_non_numeric_values_are_dropped_and_ints_become_floats() -> None:
+    recorder = Recorder()
+    agg = EpochAggregator(1, recorder)
+    logs: dict[Any, Any] = {"loss": 2, "name": "x", "nested": {"a": 1}, "none": None, 7: 1.5}
+    agg.add(0, 0, 3, logs)
+    assert recorder.calls == [(0, {"rows": 3.0, "loss": 2.0, "7": 1.5})]
+    assert isinstance(agg.history["loss"][0], float)
+    assert agg.history == {"loss": [2.0], "7": [1.5]}
+
+
+@pytest.mark.parametrize("logs", [None, [("loss", 1.0)], "loss=1.0", 1.0])
+def test_logs_must_be_a_dict(logs: Any) -> None:
+    agg = EpochAggregator(1)
+    with pytest.raises(ValueError, match="epoch logs must be a dict"):
+        agg.add(0, 0, 1, logs)
+    assert agg.history == {}
+
+
+def test_on_epoch_called_once_under_concurrency() -> None:
+    workers, epochs = 8, 5
+    recorder = Recorder()
+    agg = EpochAggregator(workers, recorder)
+    barrier = threading.Barrier(workers)
+    errors: list[BaseException] = []
+
+    def report(partition: int) -> None:
+        try:
+            for epoch in range(epochs):
+                barrier.wait(timeout=10)
+                agg.add(epoch, partition, partition + 1, {"loss": float(partition + epoch)})
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=report, args=(p,)) for p in range(workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert not errors
+    assert sorted(e for e, _ in recorder.calls) == list(range(epochs))
+    rows = sum(p + 1 for p in range(workers))  # 36
+    for epoch, logs in recorder.calls:
+        expected = sum((p + 1) * (p + epoch) for p in range(workers)) / rows
+        assert logs == pytest.approx({"rows": float(rows), "loss": expected})
+    assert agg.rows == [rows] * epochs
+    assert len(agg.history["loss"]) == epochs
+
+
+def test_format_epoch() -> None:
+    line = format_epoch(0, 3, {"rows": 40.0, "loss": 1.75, "accuracy": 0.875})
+    assert line == "Epoch 1/3 - rows: 40 - loss: 1.7500 - accuracy: 0.8750"
