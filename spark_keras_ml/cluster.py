@@ -59,6 +59,6 @@ def _local_slots(master_url: str, cpus: int) -> int | None:
 def _jvm_slots(spark: SparkSession) -> int:
     """Slots of the registered executors, from the scheduler (classic Spark only)."""
     sc = spark.sparkContext
-    jsc = sc._jsc.sc()  # noqa: SLF001 - no public API exposes the barrier slot count
+    jsc = sc._jsc.sc()
     profile = jsc.resourceProfileManager().defaultResourceProfile()
     return int(jsc.maxNumConcurrentTasks(profile))

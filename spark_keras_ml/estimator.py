@@ -41,9 +41,7 @@ logger = logging.getLogger(__name__)
 _IMPLEMENTED_MODES = ("sync",)
 
 
-class KerasEstimator(
-    Estimator, HasTrainingParams, HasOutputParams, KerasReadable, KerasWritable
-):
+class KerasEstimator(Estimator, HasTrainingParams, HasOutputParams, KerasReadable, KerasWritable):
     """Trains a Keras 3 model on a Spark DataFrame with a parameter server on the driver.
 
     The model may be compiled (its optimizer, loss and metrics are used) or not (then ``loss`` is
@@ -127,7 +125,9 @@ class KerasEstimator(
     def setKerasModel(self, model: keras.Model | None) -> KerasEstimator:
         """Keep ``model`` as ``.keras`` bytes: Params and copies never share a live model."""
         if model is not None and not isinstance(model, keras.Model):
-            raise TypeError(f"Expected `model` to be a keras.Model. Received: {type(model).__name__}")
+            raise TypeError(
+                f"Expected `model` to be a keras.Model. Received: {type(model).__name__}"
+            )
         self._model_bytes = None if model is None else model_to_bytes(model)
         return self
 
@@ -179,8 +179,7 @@ class KerasEstimator(
         num_workers = self._check_workers(spark)
         if dataset.isEmpty():
             raise ValueError(
-                "Expected a DataFrame with at least one row to fit on. Received: an empty "
-                "DataFrame"
+                "Expected a DataFrame with at least one row to fit on. Received: an empty DataFrame"
             )
         data = dataset.select(features.alias(FEATURES), label.alias(LABEL)).repartition(num_workers)
 
@@ -219,7 +218,13 @@ class KerasEstimator(
             logger.info(
                 "Training on %d workers (mode=%s, frequency=%s, epochs=%d, batchSize=%d); "
                 "parameter server at %s:%d",
-                num_workers, mode, frequency, epochs, batch_size, host, port,
+                num_workers,
+                mode,
+                frequency,
+                epochs,
+                batch_size,
+                host,
+                port,
             )
             job = data.mapInPandas(
                 functools.partial(train_partition, config), TRAIN_RESULT_SCHEMA, barrier=True
@@ -236,7 +241,8 @@ class KerasEstimator(
         model.set_weights(weights)
         logger.info(
             "Trained %d rows per epoch in %.1f s (slowest worker)",
-            sum(r["rows"] for r in results), max(r["seconds"] for r in results),
+            sum(r["rows"] for r in results),
+            max(r["seconds"] for r in results),
         )
         return KerasTransformer(
             model=model,

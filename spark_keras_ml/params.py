@@ -237,7 +237,9 @@ RULES: dict[str, Rule] = {
         "a list of metric names or config dicts, or None",
     ),
     "timeout": Rule(_positive_number, "a number of seconds > 0"),
-    "outputKind": Rule(lambda v: v in OUTPUT_KINDS, "one of 'auto', 'classifier', 'regressor', 'raw'"),
+    "outputKind": Rule(
+        lambda v: v in OUTPUT_KINDS, "one of 'auto', 'classifier', 'regressor', 'raw'"
+    ),
 }
 
 

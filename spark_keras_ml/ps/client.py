@@ -54,7 +54,9 @@ class ParameterClient:
     def __enter__(self) -> ParameterClient:
         return self.connect()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any
+    ) -> None:
         self.close(None if exc is None else f"{type(exc).__name__}: {exc}")
 
     def hello(self, **identity: int) -> tuple[dict[str, Any], list[np.ndarray]]:

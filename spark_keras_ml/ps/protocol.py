@@ -110,7 +110,7 @@ def send_frame(sock: socket.socket, op: Op, parts: Sequence[bytes | memoryview] 
 
 
 def recv_frame(sock: socket.socket, max_body: int) -> tuple[Op, bytearray]:
-    """Read one frame, refusing a bad header or a body larger than ``max_body`` before allocating."""
+    """Read one frame; a bad header or a body over ``max_body`` is refused before allocating."""
     magic, version, op, flags, length = HEADER.unpack(recv_exactly(sock, HEADER.size))
     if magic != MAGIC:
         raise ProtocolError(f"bad magic {bytes(magic)!r}: the peer does not speak this protocol")
@@ -194,7 +194,10 @@ def _array_spec(op: Op, spec: Any) -> tuple[np.dtype[Any], tuple[int, ...]]:
 
 
 def send_message(
-    sock: socket.socket, op: Op, meta: dict[str, Any] | None = None, arrays: Sequence[np.ndarray] = ()
+    sock: socket.socket,
+    op: Op,
+    meta: dict[str, Any] | None = None,
+    arrays: Sequence[np.ndarray] = (),
 ) -> None:
     send_frame(sock, op, encode_message(meta or {}, arrays))
 

@@ -243,7 +243,9 @@ class ParameterServer:
     def _check_delta(self, arrays: list[np.ndarray]) -> None:
         got = [(tuple(a.shape), a.dtype.str) for a in arrays]
         if got != self._shapes:
-            raise ProtocolError(f"delta does not match the model: expected {self._shapes}, got {got}")
+            raise ProtocolError(
+                f"delta does not match the model: expected {self._shapes}, got {got}"
+            )
 
 
 def rows_of(meta: dict[str, Any]) -> int:

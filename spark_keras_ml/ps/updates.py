@@ -84,7 +84,9 @@ class SyncRule:
             if self._abort_reason is not None:
                 raise TrainingAborted(self._abort_reason)
             if partition in self._pushed:
-                raise TrainingAborted(f"partition {partition} pushed twice in round {self._version}")
+                raise TrainingAborted(
+                    f"partition {partition} pushed twice in round {self._version}"
+                )
             if rows > 0:
                 for acc, d in zip(self._acc, delta, strict=True):
                     acc += rows * d.astype(np.float64, copy=False)

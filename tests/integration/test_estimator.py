@@ -21,7 +21,6 @@ from spark_keras_ml import KerasEstimator, KerasTransformer
 from tests.conftest import digits_model
 
 
-
 def accuracy_of(df) -> float:  # type: ignore[no-untyped-def]
     return MulticlassClassificationEvaluator(metricName="accuracy").evaluate(df)
 
@@ -131,8 +130,14 @@ def test_uneven_partitions_do_not_deadlock_batch_rounds(spark) -> None:  # type:
 
     model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(2, activation="softmax")])
     est = KerasEstimator(
-        model=model, loss="sparse_categorical_crossentropy", optimizer="sgd",
-        frequency="batch", batchSize=8, epochs=2, numWorkers=2, timeout=60,
+        model=model,
+        loss="sparse_categorical_crossentropy",
+        optimizer="sgd",
+        frequency="batch",
+        batchSize=8,
+        epochs=2,
+        numWorkers=2,
+        timeout=60,
     )
     fitted = est.fit(df)
     assert len(fitted.history["loss"]) == 2
@@ -149,8 +154,15 @@ def test_regressor_on_linear_data(spark) -> None:  # type: ignore[no-untyped-def
     )
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
     est = KerasEstimator(
-        model=model, featuresCol="x", labelCol="target", loss="mse", optimizer="adam",
-        learningRate=0.05, epochs=30, batchSize=16, numWorkers=2,
+        model=model,
+        featuresCol="x",
+        labelCol="target",
+        loss="mse",
+        optimizer="adam",
+        learningRate=0.05,
+        epochs=30,
+        batchSize=16,
+        numWorkers=2,
     )
     fitted = est.fit(df)
     out = fitted.transform(df)
@@ -186,7 +198,9 @@ def test_raw_output_goes_to_an_array_column(spark) -> None:  # type: ignore[no-u
     import keras
 
     model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(3)])
-    df = spark.createDataFrame([(Vectors.dense([1.0, 2.0]),), (Vectors.dense([0.0, 1.0]),)], ["features"])
+    df = spark.createDataFrame(
+        [(Vectors.dense([1.0, 2.0]),), (Vectors.dense([0.0, 1.0]),)], ["features"]
+    )
     out = KerasTransformer(model=model).transform(df)
     assert out.schema["prediction"].dataType == ArrayType(DoubleType(), True) or isinstance(
         out.schema["prediction"].dataType, ArrayType

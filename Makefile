@@ -1,0 +1,48 @@
+# Every target that runs code creates .venv and installs the package on first use, so each one is
+# a single command on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PYTEST := $(PY) -m pytest -p no:cacheprovider
+
+.PHONY: venv demo test test-unit test-integration test-cluster lint format typecheck clean
+
+$(STAMP): pyproject.toml setup.cfg
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[test,demo]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+## The main job: fit → evaluate → save → load on an embedded local Spark.
+demo: $(STAMP)
+	$(PY) -m spark_keras_ml.demo
+
+## Everything: unit, integration (local[2]) and cluster (local-cluster) tests, plus lint.
+test: lint test-unit test-integration test-cluster
+
+test-unit: $(STAMP)
+	$(PYTEST) tests/unit
+
+test-integration: $(STAMP)
+	$(PYTEST) tests/integration
+
+# Separate executor JVMs need their own SparkSession, hence their own pytest process.
+test-cluster: $(STAMP)
+	SKML_TEST_MASTER="local-cluster[2,1,1024]" $(PYTEST) -m cluster tests/cluster
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check spark_keras_ml tests
+	$(VENV)/bin/ruff format --check spark_keras_ml tests
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format spark_keras_ml tests
+	$(VENV)/bin/ruff check --fix spark_keras_ml tests
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy
+
+clean:
+	rm -rf $(VENV) build *.egg-info spark-warehouse metastore_db derby.log
