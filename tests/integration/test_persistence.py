@@ -1,0 +1,108 @@
+"""Save and load: estimator, transformer, and both inside Pipeline / PipelineModel."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from pyspark.ml import Pipeline, PipelineModel
+from pyspark.ml.feature import StandardScaler
+
+from spark_keras_ml import KerasEstimator, KerasTransformer
+from tests.conftest import digits_model
+
+pytestmark = pytest.mark.usefixtures("spark")
+
+
+def probabilities(df) -> np.ndarray:  # type: ignore[no-untyped-def]
+    rows = df.orderBy("label", "features_id").select("probability").collect()
+    return np.stack([r["probability"].toArray() for r in rows])
+
+
+@pytest.fixture(scope="module")
+def keyed(digits):  # type: ignore[no-untyped-def]
+    from pyspark.sql import functions as F
+
+    train, test = digits
+    key = F.hash(F.col("features").cast("string")).alias("features_id")
+    return train, test.select("*", key)
+
+
+def test_estimator_round_trip_keeps_uid_params_and_model(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    est = KerasEstimator(
+        model=digits_model(),
+        mode="synchronous",
+        epochs=7,
+        batchSize=16,
+        numWorkers=2,
+        optimizer={"class_name": "SGD", "config": {"learning_rate": 0.1}},
+        metrics=["accuracy"],
+    )
+    path = str(tmp_path / "estimator")
+    est.save(path)
+    loaded = KerasEstimator.load(path)
+    assert loaded.uid == est.uid
+    for name in ("mode", "epochs", "batchSize", "numWorkers", "optimizer", "metrics"):
+        assert loaded.getOrDefault(name) == est.getOrDefault(name), name
+    for a, b in zip(loaded.getKerasModel().get_weights(), est.getKerasModel().get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_pipeline_fit_save_load_gives_identical_predictions(keyed, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    train, test = keyed
+    pipeline = Pipeline(
+        stages=[
+            StandardScaler(inputCol="features", outputCol="scaled"),
+            KerasEstimator(
+                model=digits_model(), featuresCol="scaled", epochs=3, numWorkers=2, seed=1
+            ),
+        ]
+    )
+    fitted = pipeline.fit(train)
+    path = str(tmp_path / "pipeline-model")
+    fitted.save(path)
+    assert sorted(os.listdir(path)) == ["metadata", "stages"]
+    loaded = PipelineModel.load(path)
+    keras_stage = loaded.stages[-1]
+    assert isinstance(keras_stage, KerasTransformer)
+    assert keras_stage.history == fitted.stages[-1].history
+    assert keras_stage.getFeaturesCol() == "scaled"
+    np.testing.assert_array_equal(
+        probabilities(loaded.transform(test)), probabilities(fitted.transform(test))
+    )
+
+
+def test_unfitted_pipeline_with_estimator_round_trips(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    pipeline = Pipeline(stages=[KerasEstimator(model=digits_model(), epochs=2)])
+    path = str(tmp_path / "pipeline")
+    pipeline.save(path)
+    stage = Pipeline.load(path).getStages()[0]
+    assert isinstance(stage, KerasEstimator)
+    assert stage.getEpochs() == 2
+
+
+def test_transformer_overwrite_and_refusal(keyed, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    scorer = KerasTransformer(model=digits_model(), inferenceBatchSize=7)
+    path = str(tmp_path / "scorer")
+    scorer.save(path)
+    with pytest.raises(Exception, match="already exists"):
+        scorer.save(path)
+    scorer.write().overwrite().save(path)
+    loaded = KerasTransformer.load(path)
+    assert loaded.getInferenceBatchSize() == 7
+    _, test = keyed
+    np.testing.assert_array_equal(
+        probabilities(loaded.transform(test)), probabilities(scorer.transform(test))
+    )
+
+
+def test_saved_artifacts_hold_no_pickle(keyed, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "scorer"
+    KerasTransformer(model=digits_model()).save(str(path))
+    for file in path.rglob("*"):
+        if file.is_file():
+            data = file.read_bytes()
+            # Protocol 2+ pickles start with 0x80 and a protocol byte; cloudpickle frames too.
+            assert not data.startswith(b"\x80"), file
+            assert b"cloudpickle" not in data and b"__reduce__" not in data, file

@@ -1,0 +1,63 @@
+"""The validation table, walked by one parametrized test; constructor/setParams equivalence."""
+
+from __future__ import annotations
+
+import pytest
+
+from spark_keras_ml import KerasEstimator, KerasTransformer
+from spark_keras_ml.params import RULES, normalize_mode, validate
+
+BAD_VALUES = {
+    "mode": "fast",
+    "frequency": "minute",
+    "epochs": 0,
+    "batchSize": 0,
+    "inferenceBatchSize": -1,
+    "numWorkers": 0,
+    "optimizer": "",
+    "learningRate": 0.0,
+    "loss": "",
+    "metrics": [3],
+    "timeout": -5.0,
+    "outputKind": "ranking",
+}
+
+
+def test_every_rule_has_a_bad_value_here() -> None:
+    assert set(BAD_VALUES) == set(RULES)
+
+
+@pytest.mark.parametrize("name", sorted(RULES))
+def test_each_rule_rejects_its_bad_value_in_one_format(name: str) -> None:
+    stage = KerasTransformer() if name in ("inferenceBatchSize",) else KerasEstimator()
+    stage._set(**{name: BAD_VALUES[name]})
+    with pytest.raises(ValueError) as info:
+        validate(stage)
+    message = str(info.value)
+    assert message.startswith(f"Expected `{name}` to be ")
+    assert message.endswith(f"Received: {name}={BAD_VALUES[name]!r}")
+
+
+def test_defaults_are_valid() -> None:
+    validate(KerasEstimator())
+    validate(KerasTransformer())
+
+
+def test_constructor_and_set_params_record_the_same_values() -> None:
+    values = {"mode": "async", "epochs": 3, "optimizer": {"class_name": "Adam", "config": {}}}
+    a = KerasEstimator(**values)
+    b = KerasEstimator().setParams(**values)
+    for name in values:
+        assert a.getOrDefault(name) == b.getOrDefault(name)
+
+
+def test_copy_shares_no_param_state() -> None:
+    est = KerasEstimator(epochs=2)
+    copy = est.copy({est.epochs: 9})
+    assert est.getEpochs() == 2 and copy.getEpochs() == 9
+
+
+def test_mode_aliases() -> None:
+    assert normalize_mode("synchronous") == "sync"
+    assert normalize_mode("asynchronous") == "async"
+    assert normalize_mode("hogwild") == "hogwild"

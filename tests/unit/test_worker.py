@@ -1,0 +1,123 @@
+"""Executor code without Spark: the training loop against a real server, and batched predict."""
+
+from __future__ import annotations
+
+import threading
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+
+from spark_keras_ml.config import PredictConfig, TrainConfig
+from spark_keras_ml.ps.client import ParameterClient
+from spark_keras_ml.ps.protocol import new_secret
+from spark_keras_ml.ps.server import ParameterServer
+from spark_keras_ml.serialization import model_id, model_to_bytes
+from spark_keras_ml.worker import _train_loop, build_training_model, predict_batches
+
+
+def tiny_model() -> keras.Model:
+    keras.utils.set_random_seed(0)
+    return keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, activation="softmax")])
+
+
+def make_config(frequency: str, host: str, port: int, secret: bytes, data: bytes) -> TrainConfig:
+    return TrainConfig(
+        host=host,
+        port=port,
+        secret=secret,
+        model_bytes=data,
+        compile_config={
+            "optimizer": "sgd",
+            "loss": "sparse_categorical_crossentropy",
+            "metrics": ["accuracy"],
+        },
+        mode="sync",
+        frequency=frequency,
+        epochs=3,
+        batch_size=8,
+        timeout=30.0,
+        seed=0,
+        task_cpus=1,
+        label_shape=[],
+    )
+
+
+@pytest.mark.parametrize("frequency", ["epoch", "batch"])
+def test_workers_end_on_the_server_weights_with_one_history_entry_per_epoch(frequency: str) -> None:
+    model = tiny_model()
+    data = model_to_bytes(model)
+    rng = np.random.default_rng(0)
+    # Uneven partitions: 5 and 30 rows (1 and 4 batches of 8).
+    parts = [
+        (rng.normal(size=(n, 4)).astype("float32"), rng.integers(0, 3, n).astype("float32"))
+        for n in (5, 30)
+    ]
+    secret = new_secret()
+    finals: dict[int, list[np.ndarray]] = {}
+    errors: list[BaseException] = []
+    with ParameterServer(
+        model.get_weights(),
+        num_workers=2,
+        secret=secret,
+        frequency=frequency,
+        batch_size=8,
+        epochs=3,
+        timeout=30.0,
+    ) as server:
+        config = make_config(frequency, *server.address, secret, data)
+
+        def work(partition: int) -> None:
+            try:
+                worker_model = build_training_model(config)
+                x, y = parts[partition]
+                with ParameterClient(
+                    *server.address, secret, worker_model.get_weights(), timeout=30.0
+                ) as client:
+                    schedule, weights = client.hello(partition=partition, rows=len(x))
+                    _train_loop(
+                        config,
+                        worker_model,
+                        client,
+                        x,
+                        y,
+                        weights,
+                        schedule["steps_per_epoch"],
+                        partition,
+                    )
+                finals[partition] = worker_model.get_weights()
+            except BaseException as exc:  # surfaced below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work, args=(p,)) for p in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not errors, errors
+        expected_rounds = 3 if frequency == "epoch" else 3 * 4
+        assert server.version == expected_rounds
+        final = server.final_weights()
+        history = server.history
+    for partition in (0, 1):
+        for a, b in zip(finals[partition], final):
+            np.testing.assert_array_equal(a, b)
+    assert not all(np.array_equal(a, b) for a, b in zip(final, model.get_weights()))
+    assert len(history["loss"]) == 3 and len(history["accuracy"]) == 3
+
+
+def test_predict_batches_matches_keras_predict_and_caches_the_model() -> None:
+    model = tiny_model()
+    data = model_to_bytes(model)
+    config = PredictConfig(model_id(data), data, "classifier", batch_size=3, task_cpus=1)
+    x = np.random.default_rng(1).normal(size=(10, 4)).astype("float32")
+    series = [pd.Series(list(x[:7])), pd.Series(list(x[7:]))]
+    frames = list(predict_batches(config, iter(series)))
+    assert [len(f) for f in frames] == [7, 3]
+    probs = np.stack(pd.concat(frames)["probability"].to_list())
+    np.testing.assert_allclose(probs, model.predict(x, verbose=0), rtol=1e-5, atol=1e-7)
+    from spark_keras_ml.worker import _MODELS
+
+    first = _MODELS.get(config.model_id, data)
+    assert _MODELS.get(config.model_id, data) is first
