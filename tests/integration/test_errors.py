@@ -54,7 +54,7 @@ def test_bad_params_fail_fast_with_a_clear_message(small, params, fragments) -> 
 
 
 def test_empty_dataframe_is_refused(small) -> None:  # type: ignore[no-untyped-def]
-    with pytest.raises(ValueError, match="at least one row.*Received: an empty DataFrame"):
+    with pytest.raises(ValueError, match=r"at least one row.*Received: an empty DataFrame"):
         estimator().fit(small.limit(0))
 
 
@@ -64,7 +64,7 @@ def test_estimator_without_a_model_is_refused(small) -> None:  # type: ignore[no
 
 
 def test_non_keras_model_is_refused() -> None:
-    with pytest.raises(TypeError, match="keras.Model. Received: str"):
+    with pytest.raises(TypeError, match=r"keras\.Model\. Received: str"):
         KerasEstimator(model="my_model.keras")  # type: ignore[arg-type]
 
 
@@ -83,5 +83,5 @@ def test_transform_refuses_an_existing_output_column(small) -> None:  # type: ig
 
 def test_transform_refuses_a_missing_features_column(small) -> None:  # type: ignore[no-untyped-def]
     scorer = KerasTransformer(model=digits_model(), featuresCol="pixels")
-    with pytest.raises(ValueError, match="`featuresCol`.*featuresCol='pixels'"):
+    with pytest.raises(ValueError, match=r"`featuresCol`.*featuresCol='pixels'"):
         scorer.transform(small)

@@ -41,6 +41,15 @@ def test_weighted_mean_ignores_workers_without_rows() -> None:
     assert list(means) == ["loss", "acc"]
 
 
+def test_non_finite_logs_of_zero_row_workers_do_not_poison_the_mean() -> None:
+    # A worker without data may well report NaN (0 / 0) or inf: it has no weight, not weight 0.
+    total, means = weighted_mean(
+        [(0, {"loss": math.nan, "acc": math.inf}), (2, {"loss": 1.0, "acc": 0.5})]
+    )
+    assert total == 2
+    assert means == {"loss": 1.0, "acc": 0.5}
+
+
 def test_weighted_mean_key_only_from_a_zero_row_worker_is_nan() -> None:
     total, means = weighted_mean([(0, {"only_here": 7.0}), (5, {"loss": 1.0})])
     assert total == 5
