@@ -27,7 +27,13 @@ from spark_keras_ml.columns import features_as_array, label_as_float
 from spark_keras_ml.config import TrainConfig
 from spark_keras_ml.data import FEATURES, LABEL, TRAIN_RESULT_SCHEMA
 from spark_keras_ml.model_info import label_shape, output_kind, resolve_compile_config
-from spark_keras_ml.params import HasOutputParams, HasTrainingParams, normalize_mode, validate
+from spark_keras_ml.params import (
+    HasOutputParams,
+    HasTrainingParams,
+    normalize_mode,
+    param_error,
+    validate,
+)
 from spark_keras_ml.persistence import KerasReadable, KerasWritable
 from spark_keras_ml.ps.protocol import new_secret
 from spark_keras_ml.ps.server import ParameterServer
@@ -147,7 +153,12 @@ class KerasEstimator(Estimator, HasTrainingParams, HasOutputParams, KerasReadabl
         validate(self)
         mode = normalize_mode(self.getMode())
         if mode not in _IMPLEMENTED_MODES:
-            raise NotImplementedError(f"mode={mode!r} is not available yet; use mode='sync'")
+            raise param_error(
+                "mode",
+                "'sync' in this version ('async' and 'hogwild' are planned)",
+                self.getMode(),
+                "Use mode='sync'.",
+            )
         model_bytes = self._require_model()
         spark = dataset.sparkSession
 
