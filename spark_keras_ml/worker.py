@@ -32,7 +32,6 @@ logger = logging.getLogger(__name__)
 
 def configure_threads(cpus: int) -> None:
     """Give TensorFlow ``cpus`` threads per pool, before it is first imported in this process."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if "tensorflow" in sys.modules or os.environ.get("KERAS_BACKEND", "tensorflow") != "tensorflow":
         return
     import tensorflow as tf

@@ -9,10 +9,9 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-# Workers must run this interpreter (with pyarrow and the package); TensorFlow stays quiet.
+# Workers must run this interpreter (with pyarrow and the package).
 os.environ["PYSPARK_PYTHON"] = sys.executable
 os.environ["PYSPARK_DRIVER_PYTHON"] = sys.executable
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 def build_spark(master: str):  # type: ignore[no-untyped-def]

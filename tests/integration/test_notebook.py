@@ -1,0 +1,57 @@
+"""notebooks/quickstart.ipynb runs top to bottom in a fresh kernel on this interpreter."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import nbformat
+from jupyter_client.kernelspec import KernelSpecManager
+from jupyter_client.manager import KernelManager
+from nbclient import NotebookClient
+
+NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
+QUICKSTART = NOTEBOOKS / "quickstart.ipynb"
+ACCURACY_CELL = "evaluate"  # the id of the cell that prints the holdout accuracy
+
+
+def this_interpreter_kernel(kernels_dir: Path) -> KernelManager:
+    """A KernelManager for a "python3" kernel that runs ``sys.executable``.
+
+    The kernelspec lives in a private directory, so neither a missing kernelspec (fresh venv) nor
+    a user-level "python3" kernelspec pointing at another Python can change what runs.
+    """
+    spec_dir = kernels_dir / "python3"
+    spec_dir.mkdir(parents=True)
+    spec = {
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "Python 3 (test interpreter)",
+        "language": "python",
+    }
+    (spec_dir / "kernel.json").write_text(json.dumps(spec))
+    specs = KernelSpecManager(kernel_dirs=[str(kernels_dir)], ensure_native_kernel=False)
+    return KernelManager(kernel_name="python3", kernel_spec_manager=specs)
+
+
+def stream_text(cell: nbformat.NotebookNode) -> str:
+    return "".join(out.get("text", "") for out in cell.outputs if out.output_type == "stream")
+
+
+def test_quickstart_notebook_runs(tmp_path: Path) -> None:
+    nb = nbformat.read(QUICKSTART, as_version=4)
+    km = this_interpreter_kernel(tmp_path / "kernels")
+    client = NotebookClient(
+        nb,
+        km=km,
+        kernel_name="python3",
+        timeout=240,
+        resources={"metadata": {"path": str(NOTEBOOKS)}},
+    )
+    client.execute()  # a failing cell raises CellExecutionError with its traceback
+
+    (cell,) = [c for c in nb.cells if c.get("id") == ACCURACY_CELL]
+    match = re.search(r"holdout accuracy: (\d\.\d{4})", stream_text(cell))
+    assert match, cell.outputs
+    assert float(match.group(1)) > 0.9
