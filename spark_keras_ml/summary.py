@@ -33,7 +33,12 @@ class EpochAggregator:
     def add(self, epoch: int, partition: int, rows: int, logs: Any) -> None:
         if not isinstance(logs, dict):
             raise ValueError(f"epoch logs must be a dict of numbers, received {logs!r}")
-        clean = {str(k): float(v) for k, v in logs.items() if isinstance(v, int | float)}
+        # A diverged metric travels as JSON null (the wire carries no NaN); keep it as NaN.
+        clean = {
+            str(k): math.nan if v is None else float(v)
+            for k, v in logs.items()
+            if v is None or isinstance(v, int | float)
+        }
         with self._lock:
             reports = self._pending.setdefault(epoch, {})
             reports[partition] = (rows, clean)

@@ -8,6 +8,7 @@ its thread pools once, at import: with 2 cores and 2 tasks, each task must keep 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 import threading
@@ -102,7 +103,13 @@ def _train_loop(
         if config.frequency == "epoch":
             logs = _fit_epoch(model, x[order], y[order], weights, config.batch_size)
             delta = _delta(model, weights)
-            meta = {"step": epoch, "rows": rows, "epoch": epoch, "epoch_rows": rows, "logs": logs}
+            meta = {
+                "step": epoch,
+                "rows": rows,
+                "epoch": epoch,
+                "epoch_rows": rows,
+                "logs": _json_logs(logs),
+            }
             _, weights = client.push(delta, **meta)
             continue
         # train_on_batch resets the metrics on every call: keep the epoch's row-weighted sums.
@@ -117,7 +124,7 @@ def _train_loop(
             meta: dict[str, Any] = {"step": epoch * steps + step, "rows": len(index)}
             if step == steps - 1:
                 epoch_logs = {k: v / rows for k, v in sums.items()} if rows else {}
-                meta.update(epoch=epoch, epoch_rows=rows, logs=epoch_logs)
+                meta.update(epoch=epoch, epoch_rows=rows, logs=_json_logs(epoch_logs))
             _, weights = client.push(_delta(model, weights), **meta)
     model.set_weights(weights)
 
@@ -130,6 +137,11 @@ def _fit_epoch(
         return {}
     history = model.fit(x, y, batch_size=batch_size, epochs=1, shuffle=False, verbose=0)
     return {k: float(v[-1]) for k, v in history.history.items()}
+
+
+def _json_logs(logs: dict[str, float]) -> dict[str, float | None]:
+    """Logs as JSON-safe values: a non-finite metric (a diverged loss) becomes null."""
+    return {k: (v if math.isfinite(v) else None) for k, v in logs.items()}
 
 
 def _delta(model: keras.Model, before: list[np.ndarray]) -> list[np.ndarray]:

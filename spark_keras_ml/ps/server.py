@@ -201,11 +201,23 @@ class ParameterServer:
             _send_error(conn, str(exc))
         except RemoteError as exc:
             self._rule.abort(f"the worker for partition {partition} failed: {exc}")
+        except TimeoutError:
+            if partition is not None and not self._stopping.is_set():
+                self._rule.abort(
+                    f"partition {partition} sent nothing for {self._timeout:g} s: its worker is "
+                    "stuck or dead (raise `timeout` if its epochs are just slow)"
+                )
         except (ProtocolError, OSError) as exc:
             if not self._stopping.is_set():
                 logger.warning("dropped parameter-server peer %s: %s", peer, exc)
                 if partition is not None and partition not in self._finished:
                     self._rule.abort(f"lost the worker for partition {partition}: {exc}")
+        except Exception as exc:
+            # Anything unforeseen must still end the fit at once: a dead handler that aborts
+            # nothing would leave every other worker waiting out the whole timeout.
+            logger.exception("parameter-server handler for partition %s failed", partition)
+            self._rule.abort(f"the server failed while serving partition {partition}: {exc!r}")
+            _send_error(conn, f"server error: {exc!r}")
         finally:
             conn.close()
             with self._lock:

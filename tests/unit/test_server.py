@@ -571,18 +571,23 @@ def test_stop_releases_threads_and_port_even_with_connected_clients() -> None:
     server.start()
     port = server.port
     idle = client_for(server).connect()  # authenticated, then silent
+    # Connected (handshake done) here, so that stop() cannot interrupt the handshake.
+    blocked = client_for(server).connect()
     waiting: dict[str, Any] = {}
 
     def register() -> None:
-        with client_for(server) as client:
-            try:
-                client.hello(partition=0, rows=1)  # blocks: partition 1 never registers
-            except Exception as exc:
-                waiting["error"] = exc
+        try:
+            blocked.hello(partition=0, rows=1)  # blocks: partition 1 never registers
+        except Exception as exc:
+            waiting["error"] = exc
+        finally:
+            blocked.close()
 
     registrant = threading.Thread(target=register, name="test-registrant", daemon=True)
     registrant.start()
-    wait_until(lambda: len(server.threads()) == 3)  # accept + two handlers
+    # White-box: wait until the handler is really parked in the registration wait.
+    wait_until(lambda: 0 in server._rule._registered)
+    assert len(server.threads()) == 3  # accept + two handlers
     assert all(t.name.startswith("skml-ps-") for t in server.threads())
 
     start = time.monotonic()
@@ -630,3 +635,25 @@ def test_stop_without_start_is_harmless() -> None:
     server.stop()
     server.stop()
     assert server.threads() == []
+
+
+def test_unexpected_handler_error_aborts_the_fit_at_once() -> None:
+    # `logs` must be a dict: a list makes the epoch aggregator raise inside the handler.
+    def pusher(p: int) -> None:
+        with client_for(server) as client:
+            client.hello(partition=p, rows=1)
+            client.push(initial_weights(), rows=1)
+
+    def bad_logs() -> None:
+        with client_for(server) as client:
+            client.hello(partition=1, rows=1)
+            client.push(initial_weights(), rows=1, epoch=0, epoch_rows=1, logs=[1, 2])
+
+    with ParameterServer(initial_weights(), num_workers=2, secret=SECRET, timeout=10.0) as server:
+        start = time.monotonic()
+        results = run_workers(outcome(lambda: pusher(0)), outcome(bad_logs))
+        elapsed = time.monotonic() - start
+        failure = server.failure
+    assert failure is not None and "serving partition 1" in failure
+    assert results[1][0] == "error" and isinstance(results[1][1], RemoteError)
+    assert elapsed < 5.0, "an unexpected error must end the fit, not wait out the timeout"

@@ -131,14 +131,19 @@ def test_a_partition_reporting_twice_counts_once() -> None:
     assert recorder.calls == [(0, {"rows": 2.0, "loss": 2.0})]
 
 
-def test_non_numeric_values_are_dropped_and_ints_become_floats() -> None:
+def test_non_numeric_values_are_dropped_nulls_become_nan_and_ints_floats() -> None:
     recorder = Recorder()
     agg = EpochAggregator(1, recorder)
     logs: dict[Any, Any] = {"loss": 2, "name": "x", "nested": {"a": 1}, "none": None, 7: 1.5}
     agg.add(0, 0, 3, logs)
-    assert recorder.calls == [(0, {"rows": 3.0, "loss": 2.0, "7": 1.5})]
+    ((epoch, published),) = recorder.calls
+    assert epoch == 0
+    assert sorted(published) == ["7", "loss", "none", "rows"]
+    assert published["loss"] == 2.0 and published["7"] == 1.5 and published["rows"] == 3.0
+    assert math.isnan(published["none"])  # a diverged metric arrives as null
     assert isinstance(agg.history["loss"][0], float)
-    assert agg.history == {"loss": [2.0], "7": [1.5]}
+    assert agg.history["loss"] == [2.0] and agg.history["7"] == [1.5]
+    assert math.isnan(agg.history["none"][0])
 
 
 @pytest.mark.parametrize("logs", [None, [("loss", 1.0)], "loss=1.0", 1.0])
