@@ -6,13 +6,22 @@ Vectors arrive in pandas as dicts, so they are turned into ``array<float>`` with
 
 from __future__ import annotations
 
+import logging
+
 from pyspark.ml.functions import vector_to_array
 from pyspark.ml.linalg import VectorUDT
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
-from pyspark.sql.types import ArrayType, DataType, NumericType
+from pyspark.sql.types import ArrayType, DataType, NumericType, StructType, UserDefinedType
 
 from spark_keras_ml.params import param_error
+
+logger = logging.getLogger(__name__)
+
+#: Spark 4.3 feeds pandas UDFs columnar batches straight from a vectorized scan, and that path
+#: cannot convert user-defined types: any pandas UDF over a Parquet table holding a Vector column
+#: fails with UNSUPPORTED_DATATYPE, whatever the UDF reads.
+COLUMNAR_UDF_INPUT = "spark.sql.execution.arrow.pythonUDF.columnarInput.enabled"
 
 
 def require_column(df: DataFrame, name: str, param: str) -> DataType:
@@ -54,3 +63,32 @@ def label_as_float(df: DataFrame, name: str, param: str = "labelCol") -> Column:
         "target). Index string labels with pyspark.ml.feature.StringIndexer. "
         f"Received: {name} of type {dtype.simpleString()}"
     )
+
+
+def avoid_columnar_udt_input(df: DataFrame) -> None:
+    """Turn off Spark's columnar pandas-UDF input when ``df`` carries a Vector (or other UDT)."""
+    if not any(_has_udt(f.dataType) for f in df.schema.fields):
+        return
+    conf = df.sparkSession.conf
+    try:
+        # No default argument: it would be returned instead of Spark's own default when unset.
+        enabled = str(conf.get(COLUMNAR_UDF_INPUT)).lower() == "true"
+    except Exception:  # a Spark without this setting has no such path
+        return
+    if enabled:
+        logger.warning(
+            "Setting %s=false for this session: Spark's columnar input to pandas UDFs cannot "
+            "carry Vector columns read from Parquet.",
+            COLUMNAR_UDF_INPUT,
+        )
+        conf.set(COLUMNAR_UDF_INPUT, "false")
+
+
+def _has_udt(dtype: DataType) -> bool:
+    if isinstance(dtype, UserDefinedType):
+        return True
+    if isinstance(dtype, StructType):
+        return any(_has_udt(f.dataType) for f in dtype.fields)
+    if isinstance(dtype, ArrayType):
+        return _has_udt(dtype.elementType)
+    return False

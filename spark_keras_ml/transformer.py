@@ -19,7 +19,7 @@ from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
 from spark_keras_ml import cluster
-from spark_keras_ml.columns import features_as_array
+from spark_keras_ml.columns import avoid_columnar_udt_input, features_as_array
 from spark_keras_ml.config import PredictConfig
 from spark_keras_ml.data import OUTPUT_SCHEMAS
 from spark_keras_ml.model_info import output_kind
@@ -153,6 +153,7 @@ class KerasTransformer(Model, HasInferenceParams, KerasReadable, KerasWritable):
                 f"setPredictionCol/setProbabilityCol/setRawPredictionCol, or drop the old ones. "
                 f"Received: {clash} already present"
             )
+        avoid_columnar_udt_input(dataset)
         scored = dataset.withColumn(_OUTPUT, udf(features))
         return scored.withColumns(outputs).drop(_OUTPUT)
 

@@ -208,3 +208,16 @@ def test_raw_output_goes_to_an_array_column(spark) -> None:  # type: ignore[no-u
     got = np.array([r["prediction"] for r in out.orderBy("features").collect()])
     x = np.array([[0.0, 1.0], [1.0, 2.0]], dtype="float32")
     np.testing.assert_allclose(got, model.predict(x, verbose=0), rtol=1e-5)
+
+
+def test_fit_and_transform_on_a_dataframe_read_from_parquet(digits, spark, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # Parquet scans take another path than in-memory data (vectors come back as structs).
+    train, test = digits
+    train.write.parquet(str(tmp_path / "train"))
+    test.write.parquet(str(tmp_path / "test"))
+    train_pq = spark.read.parquet(str(tmp_path / "train"))
+    test_pq = spark.read.parquet(str(tmp_path / "test"))
+    fitted = KerasEstimator(model=digits_model(), epochs=10, numWorkers=2, seed=4).fit(train_pq)
+    out = fitted.transform(test_pq)
+    assert out.count() == test.count()
+    assert accuracy_of(out) >= 0.88
