@@ -20,8 +20,8 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m spark_keras_ml.demo
 
-## Everything: unit, integration (local[2]) and cluster (local-cluster) tests, plus lint.
-test: lint test-unit test-integration test-cluster
+## Everything: lint, types, unit, integration (local[2]) and cluster (local-cluster) tests.
+test: lint typecheck test-unit test-integration test-cluster
 
 test-unit: $(STAMP)
 	$(PYTEST) tests/unit

@@ -72,6 +72,8 @@ class KerasEstimator(Estimator, HasTrainingParams, HasOutputParams, KerasReadabl
     ['features', 'label', 'prediction', 'probability', 'rawPrediction']
     """
 
+    _input_kwargs: dict[str, Any]
+
     @keyword_only
     def __init__(
         self,

@@ -48,7 +48,7 @@ class KerasWritable(MLWritable):
 class KerasReadable(MLReadable[T], Generic[T]):
     @classmethod
     def read(cls) -> KerasStageReader[T]:
-        return KerasStageReader(cls)
+        return KerasStageReader(cls)  # type: ignore[arg-type]
 
     def _restore_extra(self, metadata: dict[str, Any]) -> None:
         """Restore what ``_extra_metadata`` saved."""

@@ -58,6 +58,8 @@ class KerasTransformer(Model, HasInferenceParams, KerasReadable, KerasWritable):
     ['features', 'prediction']
     """
 
+    _input_kwargs: dict[str, Any]
+
     @keyword_only
     def __init__(
         self,

@@ -103,14 +103,14 @@ def _train_loop(
         if config.frequency == "epoch":
             logs = _fit_epoch(model, x[order], y[order], weights, config.batch_size)
             delta = _delta(model, weights)
-            meta = {
+            epoch_meta = {
                 "step": epoch,
                 "rows": rows,
                 "epoch": epoch,
                 "epoch_rows": rows,
                 "logs": _json_logs(logs),
             }
-            _, weights = client.push(delta, **meta)
+            _, weights = client.push(delta, **epoch_meta)
             continue
         # train_on_batch resets the metrics on every call: keep the epoch's row-weighted sums.
         sums: dict[str, float] = {}

@@ -144,7 +144,7 @@ def encode_message(
     full["arrays"] = [{"dtype": a.dtype.str, "shape": list(a.shape)} for a in wire]
     meta_bytes = json.dumps(full, separators=(",", ":"), allow_nan=False).encode()
     parts: list[bytes | memoryview] = [META_LENGTH.pack(len(meta_bytes)), meta_bytes]
-    parts.extend(memoryview(a).cast("B") for a in wire if a.nbytes)
+    parts.extend(a.data.cast("B") for a in wire if a.nbytes)
     return parts
 
 

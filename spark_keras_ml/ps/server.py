@@ -73,7 +73,9 @@ class ParameterServer:
     ) -> None:
         self._rule = SyncRule(weights, num_workers)
         self._secret = secret
-        self._schedule = {"frequency": frequency, "batch_size": batch_size, "epochs": epochs}
+        self._frequency = frequency
+        self._batch_size = batch_size
+        self._epochs_total = epochs
         self._host = host
         self._timeout = timeout
         self._max_body = protocol.message_bytes_limit(weights)
@@ -230,10 +232,14 @@ class ParameterServer:
             rows = _int_field(meta, "rows")
             rows_by_partition = self._rule.register(partition, rows, self._timeout)
             version, weights = self._rule.weights()
-            steps = steps_per_epoch(
-                rows_by_partition, self._schedule["frequency"], self._schedule["batch_size"]
-            )
-            reply = {"version": version, "steps_per_epoch": steps, **self._schedule}
+            steps = steps_per_epoch(rows_by_partition, self._frequency, self._batch_size)
+            reply = {
+                "version": version,
+                "steps_per_epoch": steps,
+                "frequency": self._frequency,
+                "batch_size": self._batch_size,
+                "epochs": self._epochs_total,
+            }
             protocol.send_message(conn, Op.WEIGHTS, reply, weights)
             return partition
         if partition is None:
