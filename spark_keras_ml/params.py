@@ -220,25 +220,50 @@ RULES: dict[str, Rule] = {
     "mode": Rule(
         lambda v: v in MODES or v in MODE_ALIASES,
         "one of 'sync', 'async', 'hogwild' (or 'synchronous', 'asynchronous')",
+        "Pick the update rule; 'sync' is the safe default.",
     ),
-    "frequency": Rule(lambda v: v in FREQUENCIES, "one of 'epoch', 'batch'"),
-    "epochs": Rule(_positive_int, "an integer >= 1"),
-    "batchSize": Rule(_positive_int, "an integer >= 1"),
-    "inferenceBatchSize": Rule(_positive_int, "an integer >= 1"),
+    "frequency": Rule(
+        lambda v: v in FREQUENCIES,
+        "one of 'epoch', 'batch'",
+        "Say how often workers exchange weights with the server.",
+    ),
+    "epochs": Rule(_positive_int, "an integer >= 1", "Set the number of passes over the data."),
+    "batchSize": Rule(_positive_int, "an integer >= 1", "Set the rows per training step."),
+    "inferenceBatchSize": Rule(_positive_int, "an integer >= 1", "Set the rows per predict call."),
     "numWorkers": Rule(
         lambda v: v is None or _positive_int(v),
         "an integer >= 1, or None for every task slot",
+        "Set how many tasks train in parallel.",
     ),
-    "optimizer": Rule(_name_or_config, "an optimizer name such as 'adam', a config dict, or None"),
-    "learningRate": Rule(lambda v: v is None or _positive_number(v), "a number > 0, or None"),
-    "loss": Rule(_name_or_config, "a loss name such as 'mse', a config dict, or None"),
+    "optimizer": Rule(
+        _name_or_config,
+        "an optimizer name such as 'adam', a config dict, or None",
+        "Pass keras.optimizers.serialize(optimizer) for a configured optimizer.",
+    ),
+    "learningRate": Rule(
+        lambda v: v is None or _positive_number(v),
+        "a number > 0, or None",
+        "Leave it None to keep the optimizer's own rate.",
+    ),
+    "loss": Rule(
+        _name_or_config,
+        "a loss name such as 'mse', a config dict, or None",
+        "Pass keras.losses.serialize(loss) for a configured loss.",
+    ),
     "metrics": Rule(
         lambda v: v is None or (isinstance(v, list) and all(_name_or_config(m) for m in v)),
         "a list of metric names or config dicts, or None",
+        "Wrap a single metric in a list, e.g. ['accuracy'].",
     ),
-    "timeout": Rule(_positive_number, "a number of seconds > 0"),
+    "timeout": Rule(
+        _positive_number,
+        "a number of seconds > 0",
+        "Allow at least the time of one epoch on the slowest worker.",
+    ),
     "outputKind": Rule(
-        lambda v: v in OUTPUT_KINDS, "one of 'auto', 'classifier', 'regressor', 'raw'"
+        lambda v: v in OUTPUT_KINDS,
+        "one of 'auto', 'classifier', 'regressor', 'raw'",
+        "Use 'auto' to decide from the model's output layer and loss.",
     ),
 }
 

@@ -34,7 +34,8 @@ def test_each_rule_rejects_its_bad_value_in_one_format(name: str) -> None:
     with pytest.raises(ValueError) as info:
         validate(stage)
     message = str(info.value)
-    assert message.startswith(f"Expected `{name}` to be ")
+    assert message.startswith(f"Expected `{name}` to be {RULES[name].expected}.")
+    assert RULES[name].hint and RULES[name].hint in message  # what to do
     assert message.endswith(f"Received: {name}={BAD_VALUES[name]!r}")
 
 
