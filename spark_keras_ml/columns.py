@@ -76,7 +76,7 @@ def avoid_columnar_udt_input(df: DataFrame) -> None:
     except Exception:  # a Spark without this setting has no such path
         return
     if enabled:
-        logger.warning(
+        logger.info(
             "Setting %s=false for this session: Spark's columnar input to pandas UDFs cannot "
             "carry Vector columns read from Parquet.",
             COLUMNAR_UDF_INPUT,
