@@ -1,10 +1,31 @@
 """Distributed Keras 3 training and inference as Spark ML Pipeline stages.
 
 >>> from spark_keras_ml import KerasEstimator, KerasTransformer
+
+The public classes are imported on first use: executors unpickle functions from the submodules,
+and importing Keras (hence TensorFlow) there must wait until the task has sized TensorFlow's
+thread pools.
 """
 
-from spark_keras_ml.estimator import KerasEstimator
-from spark_keras_ml.transformer import KerasTransformer
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from spark_keras_ml.estimator import KerasEstimator
+    from spark_keras_ml.transformer import KerasTransformer
 
 __all__ = ["KerasEstimator", "KerasTransformer"]
 __version__ = "0.1.0"
+
+_PUBLIC = {
+    "KerasEstimator": "spark_keras_ml.estimator",
+    "KerasTransformer": "spark_keras_ml.transformer",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _PUBLIC:
+        return getattr(importlib.import_module(_PUBLIC[name]), name)
+    raise AttributeError(f"module 'spark_keras_ml' has no attribute {name!r}")

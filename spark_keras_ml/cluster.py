@@ -27,6 +27,39 @@ def driver_host(spark: SparkSession) -> str:
     return spark.conf.get("spark.driver.host", "127.0.0.1") or "127.0.0.1"
 
 
+#: Spark conf naming the address the parameter server binds (e.g. "0.0.0.0"); by default it
+#: binds the driver host only.
+BIND_ADDRESS_CONF = "spark.keras.ps.bindAddress"
+#: Spark conf that lets a fit open the (unencrypted) parameter server on a cluster whose own
+#: traffic is authenticated or encrypted.
+ALLOW_UNENCRYPTED_CONF = "spark.keras.ps.allowUnencrypted"
+
+
+def bind_address(spark: SparkSession) -> str:
+    return spark.conf.get(BIND_ADDRESS_CONF, None) or driver_host(spark)
+
+
+def check_transport_security(spark: SparkSession) -> None:
+    """Refuse a plaintext server where Spark itself authenticates or encrypts, unless allowed.
+
+    The parameter server authenticates every peer with the per-fit secret but does not encrypt
+    the weights it sends.
+    """
+    secured = [
+        key
+        for key in ("spark.authenticate", "spark.ssl.enabled", "spark.network.crypto.enabled")
+        if (spark.conf.get(key, "false") or "false").lower() == "true"
+    ]
+    allowed = (spark.conf.get(ALLOW_UNENCRYPTED_CONF, "false") or "false").lower() == "true"
+    if secured and not allowed:
+        raise RuntimeError(
+            f"Expected a cluster without {' / '.join(secured)} or an explicit opt-out: the "
+            "parameter server authenticates workers but sends weights unencrypted. Set "
+            f"{ALLOW_UNENCRYPTED_CONF}=true to accept that. Received: "
+            + ", ".join(f"{k}=true" for k in secured)
+        )
+
+
 def task_slots(spark: SparkSession, wanted: int = 0) -> int:
     """The most tasks that can run at once (the limit for a barrier stage).
 

@@ -29,6 +29,8 @@ class TrainConfig:
     task_cpus: int
     #: Shape one label row must take to match the model's output, e.g. ``[1]`` or ``[]``.
     label_shape: list[int]
+    #: How deltas travel: "float32", "float16" or "bfloat16".
+    delta_precision: str = "float32"
 
 
 @dataclass(frozen=True)

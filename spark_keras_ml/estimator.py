@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import functools
 import logging
+import uuid
 from typing import Any
 
 import keras
 from pyspark import keyword_only
 from pyspark.ml import Estimator
-from pyspark.sql import DataFrame
+from pyspark.sql import DataFrame, Row
 
 from spark_keras_ml import cluster
 from spark_keras_ml.columns import features_as_array, label_as_float
@@ -31,7 +32,6 @@ from spark_keras_ml.params import (
     HasOutputParams,
     HasTrainingParams,
     normalize_mode,
-    param_error,
     validate,
 )
 from spark_keras_ml.persistence import KerasReadable, KerasWritable
@@ -44,8 +44,6 @@ from spark_keras_ml.worker import train_partition
 
 logger = logging.getLogger(__name__)
 
-_IMPLEMENTED_MODES = ("sync",)
-
 
 class KerasEstimator(Estimator, HasTrainingParams, HasOutputParams, KerasReadable, KerasWritable):
     """Trains a Keras 3 model on a Spark DataFrame with a parameter server on the driver.
@@ -55,7 +53,13 @@ class KerasEstimator(Estimator, HasTrainingParams, HasOutputParams, KerasReadabl
     ones. ``fit`` returns a :class:`~spark_keras_ml.KerasTransformer` holding the trained model.
 
     Defaults: ``mode="sync"``, ``frequency="epoch"``, ``epochs=1``, ``batchSize=32``,
-    ``numWorkers=None`` (every task slot), ``timeout=600`` seconds.
+    ``numWorkers=None`` (every task slot), ``timeout=600`` seconds, ``maxStaleness=None``,
+    ``syncRetries=0``, ``maxBadUpdates=3``, ``deltaPrecision="float32"``.
+
+    Modes: ``sync`` runs every worker at once in a barrier stage and applies the row-weighted
+    mean of their deltas each round; ``async`` applies each delta under a lock as it arrives;
+    ``hogwild`` adds deltas in place without a lock (racy by design). A push is never applied
+    twice: a retried task resumes after the last step the server applied for its partition.
 
     Examples
     --------
@@ -91,6 +95,10 @@ class KerasEstimator(Estimator, HasTrainingParams, HasOutputParams, KerasReadabl
         loss: Any = None,
         metrics: list[Any] | None = None,
         timeout: float = 600.0,
+        maxStaleness: int | None = None,
+        syncRetries: int = 0,
+        maxBadUpdates: int = 3,
+        deltaPrecision: str = "float32",
         seed: int | None = None,
         predictionCol: str = "prediction",
         probabilityCol: str = "probability",
@@ -118,6 +126,10 @@ class KerasEstimator(Estimator, HasTrainingParams, HasOutputParams, KerasReadabl
         loss: Any = None,
         metrics: list[Any] | None = None,
         timeout: float = 600.0,
+        maxStaleness: int | None = None,
+        syncRetries: int = 0,
+        maxBadUpdates: int = 3,
+        deltaPrecision: str = "float32",
         seed: int | None = None,
         predictionCol: str = "prediction",
         probabilityCol: str = "probability",
@@ -153,24 +165,15 @@ class KerasEstimator(Estimator, HasTrainingParams, HasOutputParams, KerasReadabl
 
     def _fit(self, dataset: DataFrame) -> KerasTransformer:
         validate(self)
-        mode = normalize_mode(self.getMode())
-        if mode not in _IMPLEMENTED_MODES:
-            raise param_error(
-                "mode",
-                "'sync' in this version ('async' and 'hogwild' are planned)",
-                self.getMode(),
-                "Use mode='sync'.",
-            )
         model_bytes = self._require_model()
         spark = dataset.sparkSession
+        cluster.check_transport_security(spark)
 
         # Read every Param into plain values first: the task closure must capture only these,
         # never `self` (CrossValidator fits copies of this estimator in parallel threads).
-        epochs, batch_size = self.getEpochs(), self.getBatchSize()
-        frequency, timeout = self.getFrequency(), self.getTimeout()
+        mode = normalize_mode(self.getMode())
         features = features_as_array(dataset, self.getFeaturesCol())
         label = label_as_float(dataset, self.getLabelCol())
-
         model = model_from_bytes(model_bytes, compile=True)
         compile_config = resolve_compile_config(
             model,
@@ -188,74 +191,83 @@ class KerasEstimator(Estimator, HasTrainingParams, HasOutputParams, KerasReadabl
                 f"target). Use loss='sparse_categorical_crossentropy' for class indices. "
                 f"Received: loss={loss!r} expecting labels of shape {label_row}"
             )
-
-        num_workers = self._check_workers(spark)
+        num_workers = self._check_workers(spark, mode)
         if dataset.isEmpty():
             raise ValueError(
                 "Expected a DataFrame with at least one row to fit on. Received: an empty DataFrame"
             )
         data = dataset.select(features.alias(FEATURES), label.alias(LABEL)).repartition(num_workers)
 
+        epochs = self.getEpochs()
+
         def on_epoch(epoch: int, logs: dict[str, float]) -> None:
             logger.info(format_epoch(epoch, epochs, logs))
 
         secret = new_secret()
+        tag = f"spark_keras_ml-fit-{uuid.uuid4().hex}"
         server = ParameterServer(
             model.get_weights(),
             num_workers=num_workers,
             secret=secret,
-            frequency=frequency,
-            batch_size=batch_size,
+            mode=mode,
+            frequency=self.getFrequency(),
+            batch_size=self.getBatchSize(),
             epochs=epochs,
-            host=cluster.driver_host(spark),
-            timeout=timeout,
+            host=cluster.bind_address(spark),
+            timeout=self.getTimeout(),
+            max_staleness=self.getMaxStaleness(),
+            allow_rejoin=self.getSyncRetries() > 0,
+            max_bad_updates=self.getMaxBadUpdates(),
             on_epoch=on_epoch,
+            on_abort=functools.partial(_cancel_job, spark, tag),
         )
         with server:
-            host, port = server.address
             config = TrainConfig(
-                host=host,
-                port=port,
+                host=cluster.driver_host(spark),
+                port=server.port,
                 secret=secret,
                 model_bytes=model_bytes,
                 compile_config=compile_config,
                 mode=mode,
-                frequency=frequency,
+                frequency=self.getFrequency(),
                 epochs=epochs,
-                batch_size=batch_size,
-                timeout=timeout,
+                batch_size=self.getBatchSize(),
+                timeout=self.getTimeout(),
                 seed=self.getSeed(),
                 task_cpus=cluster.task_cpus(spark),
                 label_shape=label_row,
+                delta_precision=self.getDeltaPrecision(),
             )
             logger.info(
                 "Training on %d workers (mode=%s, frequency=%s, epochs=%d, batchSize=%d); "
                 "parameter server at %s:%d",
                 num_workers,
                 mode,
-                frequency,
+                config.frequency,
                 epochs,
-                batch_size,
-                host,
-                port,
+                config.batch_size,
+                config.host,
+                config.port,
             )
             job = data.mapInPandas(
-                functools.partial(train_partition, config), TRAIN_RESULT_SCHEMA, barrier=True
+                functools.partial(train_partition, config),
+                TRAIN_RESULT_SCHEMA,
+                barrier=mode == "sync",
             )
-            try:
-                results = job.collect()
-            except Exception as exc:
-                if server.failure is not None:
-                    raise RuntimeError(f"Distributed training failed: {server.failure}") from exc
-                raise
+            results = self._run_job(spark, job, server, tag, mode)
             weights = server.final_weights()
             history = server.history
+            counts = server.counts
 
         model.set_weights(weights)
         logger.info(
-            "Trained %d rows per epoch in %.1f s (slowest worker)",
+            "Trained %d rows per epoch in %.1f s (slowest worker); pushes applied %d, "
+            "duplicates skipped %d, non-finite rejected %d",
             sum(r["rows"] for r in results),
             max(r["seconds"] for r in results),
+            counts["applied"],
+            counts["duplicates"],
+            counts["rejected"],
         )
         return KerasTransformer(
             model=model,
@@ -267,8 +279,47 @@ class KerasEstimator(Estimator, HasTrainingParams, HasOutputParams, KerasReadabl
             outputKind=kind,
         )
 
-    def _check_workers(self, spark: Any) -> int:
+    def _run_job(
+        self, spark: Any, job: DataFrame, server: ParameterServer, tag: str, mode: str
+    ) -> list[Row]:
+        """Collect the training job; rerun a failed sync job when syncRetries allows it.
+
+        The job carries ``tag`` so that a server abort or an interrupt of the driver (Ctrl-C)
+        cancels it instead of leaving tasks running.
+        """
+        retries = self.getSyncRetries() if mode == "sync" else 0
+        spark.addTag(tag)
+        try:
+            attempt = 0
+            while True:
+                try:
+                    return job.collect()
+                except Exception as exc:
+                    if server.failure is not None:
+                        raise RuntimeError(
+                            f"Distributed training failed: {server.failure}"
+                        ) from exc
+                    if attempt >= retries:
+                        raise
+                    attempt += 1
+                    logger.warning(
+                        "Training job failed (%s); rerunning it from round %d (retry %d of %d)",
+                        str(exc).splitlines()[0][:300],
+                        server.version,
+                        attempt,
+                        retries,
+                    )
+        except BaseException:
+            spark.interruptTag(tag)
+            raise
+        finally:
+            spark.removeTag(tag)
+
+    def _check_workers(self, spark: Any, mode: str) -> int:
+        """numWorkers, or every task slot; a sync fit must fit in the slots all at once."""
         wanted = self.getNumWorkers()
+        if wanted is not None and mode != "sync":
+            return wanted  # ordinary stage: extra tasks queue for a free slot
         slots = cluster.task_slots(spark, wanted or 0)
         if wanted is None:
             return slots
@@ -279,3 +330,9 @@ class KerasEstimator(Estimator, HasTrainingParams, HasOutputParams, KerasReadabl
                 f"executors/cores. Received: numWorkers={wanted}"
             )
         return wanted
+
+
+def _cancel_job(spark: Any, tag: str, reason: str) -> None:
+    """Runs on a server thread when training aborts: stop the job now, not after every task."""
+    logger.info("Cancelling the training job: %s", reason)
+    spark.interruptTag(tag)

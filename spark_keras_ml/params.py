@@ -22,6 +22,8 @@ from pyspark.ml.param.shared import (
     HasSeed,
 )
 
+from spark_keras_ml.ps.protocol import DELTA_PRECISIONS
+
 MODES = ("sync", "async", "hogwild")
 MODE_ALIASES = {"synchronous": "sync", "asynchronous": "async"}
 FREQUENCIES = ("epoch", "batch")
@@ -109,9 +111,41 @@ class HasTrainingParams(HasFeaturesCol, HasLabelCol, HasSeed):
         typeConverter=TypeConverters.toFloat,
     )
 
+    maxStaleness: Param[int] = Param(
+        Params._dummy(),
+        "maxStaleness",
+        "Async only: how many steps a worker may run ahead of the slowest running worker "
+        "(stale synchronous parallel). None leaves staleness unbounded.",
+        typeConverter=TypeConverters.toInt,
+    )
+    syncRetries: Param[int] = Param(
+        Params._dummy(),
+        "syncRetries",
+        "Sync only: how many times a failed training job is rerun, resuming from the last "
+        "committed round. 0 makes a lost worker fail the fit at once.",
+        typeConverter=TypeConverters.toInt,
+    )
+    maxBadUpdates: Param[int] = Param(
+        Params._dummy(),
+        "maxBadUpdates",
+        "How many deltas holding NaN or inf are rejected before the fit fails as diverged.",
+        typeConverter=TypeConverters.toInt,
+    )
+    deltaPrecision: Param[str] = Param(
+        Params._dummy(),
+        "deltaPrecision",
+        "Precision of the deltas workers send: 'float32', or 'float16' / 'bfloat16' to halve "
+        "the traffic at the cost of rounding.",
+        typeConverter=TypeConverters.toString,
+    )
+
     def __init__(self) -> None:
         super().__init__()
         self._setDefault(
+            maxStaleness=None,
+            syncRetries=0,
+            maxBadUpdates=3,
+            deltaPrecision="float32",
             mode="sync",
             frequency="epoch",
             epochs=1,
@@ -153,6 +187,18 @@ class HasTrainingParams(HasFeaturesCol, HasLabelCol, HasSeed):
 
     def getTimeout(self) -> float:
         return self.getOrDefault(self.timeout)
+
+    def getMaxStaleness(self) -> int | None:
+        return self.getOrDefault(self.maxStaleness)
+
+    def getSyncRetries(self) -> int:
+        return self.getOrDefault(self.syncRetries)
+
+    def getMaxBadUpdates(self) -> int:
+        return self.getOrDefault(self.maxBadUpdates)
+
+    def getDeltaPrecision(self) -> str:
+        return self.getOrDefault(self.deltaPrecision)
 
 
 class HasOutputParams(HasFeaturesCol, HasPredictionCol, HasProbabilityCol, HasRawPredictionCol):
@@ -208,6 +254,10 @@ def _positive_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 1
 
 
+def _non_negative_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
 def _positive_number(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool) and v > 0
 
@@ -259,6 +309,22 @@ RULES: dict[str, Rule] = {
         _positive_number,
         "a number of seconds > 0",
         "Allow at least the time of one epoch on the slowest worker.",
+    ),
+    "maxStaleness": Rule(
+        lambda v: v is None or _non_negative_int(v),
+        "an integer >= 0, or None for unbounded",
+        "It only applies to mode='async'.",
+    ),
+    "syncRetries": Rule(
+        _non_negative_int, "an integer >= 0", "Use 0 to fail at once when a sync worker is lost."
+    ),
+    "maxBadUpdates": Rule(
+        _non_negative_int, "an integer >= 0", "Use 0 to fail on the first NaN or inf delta."
+    ),
+    "deltaPrecision": Rule(
+        lambda v: v in DELTA_PRECISIONS,
+        "one of 'float32', 'float16', 'bfloat16'",
+        "Use 'float32' for exact deltas.",
     ),
     "outputKind": Rule(
         lambda v: v in OUTPUT_KINDS,

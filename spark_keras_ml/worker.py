@@ -23,6 +23,7 @@ import pandas as pd
 from spark_keras_ml.config import PredictConfig, TrainConfig
 from spark_keras_ml.data import OUTPUT_COLUMNS, column_to_numpy, partition_to_numpy
 from spark_keras_ml.ps.client import ParameterClient
+from spark_keras_ml.ps.protocol import compress_delta
 from spark_keras_ml.serialization import model_from_bytes
 
 if TYPE_CHECKING:
@@ -65,18 +66,30 @@ def train_partition(config: TrainConfig, batches: Iterable[pd.DataFrame]) -> Ite
     model = build_training_model(config)
     identity = {
         "partition": partition,
+        # Unique and increasing within the application: a retry always outranks its predecessor.
+        "attempt": context.taskAttemptId(),
+        "attempt_number": context.attemptNumber(),
         "stage": context.stageId(),
-        "attempt": context.attemptNumber(),
         "rows": len(x),
     }
     with ParameterClient(
         config.host, config.port, config.secret, like=model.get_weights(), timeout=config.timeout
     ) as client:
         schedule, weights = client.hello(**identity)
-        _train_loop(config, model, client, x, y, weights, schedule["steps_per_epoch"], partition)
+        steps = schedule["steps_per_epoch"] or own_steps(len(x), config)
+        _train_loop(
+            config, model, client, (x, y), weights, steps, schedule["resume_step"], partition
+        )
     yield pd.DataFrame(
         {"partition": [partition], "rows": [len(x)], "seconds": [time.perf_counter() - started]}
     )
+
+
+def own_steps(rows: int, config: TrainConfig) -> int:
+    """Steps per epoch of a worker that does not wait for others (async, hogwild)."""
+    if config.frequency == "epoch":
+        return 1
+    return max(1, math.ceil(rows / config.batch_size))
 
 
 def build_training_model(config: TrainConfig) -> keras.Model:
@@ -90,42 +103,54 @@ def _train_loop(
     config: TrainConfig,
     model: keras.Model,
     client: ParameterClient,
-    x: np.ndarray,
-    y: np.ndarray,
+    data: tuple[np.ndarray, np.ndarray],
     weights: list[np.ndarray],
     steps: int,
+    resume_step: int,
     partition: int,
 ) -> None:
+    """Run the schedule from ``resume_step`` (0, or where an earlier attempt left off).
+
+    Step ``s`` is batch ``s % steps`` of epoch ``s // steps``; the shuffles come from a generator
+    seeded by (seed, partition), so a retried attempt sees the same batches as the first one.
+    """
+    x, y = data
     rows = len(x)
     rng = np.random.default_rng([config.seed & 0xFFFFFFFF, partition])
+
+    def push(delta: list[np.ndarray], **meta: Any) -> list[np.ndarray]:
+        wire = compress_delta(delta, config.delta_precision)
+        _, new_weights = client.push(wire, precision=config.delta_precision, **meta)
+        return new_weights
+
     for epoch in range(config.epochs):
         order = rng.permutation(rows)
+        if (epoch + 1) * steps <= resume_step:
+            continue
         if config.frequency == "epoch":
             logs = _fit_epoch(model, x[order], y[order], weights, config.batch_size)
-            delta = _delta(model, weights)
-            epoch_meta = {
-                "step": epoch,
-                "rows": rows,
-                "epoch": epoch,
-                "epoch_rows": rows,
-                "logs": _json_logs(logs),
-            }
-            _, weights = client.push(delta, **epoch_meta)
+            end = {"epoch": epoch, "epoch_rows": rows, "logs": _json_logs(logs)}
+            weights = push(_delta(model, weights), step=epoch, rows=rows, **end)
             continue
         # train_on_batch resets the metrics on every call: keep the epoch's row-weighted sums.
         sums: dict[str, float] = {}
-        for step in range(steps):
-            index = order[step * config.batch_size : (step + 1) * config.batch_size]
+        trained = 0
+        for batch in range(steps):
+            step = epoch * steps + batch
+            if step < resume_step:
+                continue
+            index = order[batch * config.batch_size : (batch + 1) * config.batch_size]
             model.set_weights(weights)
             if len(index):
                 logs = model.train_on_batch(x[index], y[index], return_dict=True)
                 for key, value in logs.items():
                     sums[key] = sums.get(key, 0.0) + float(value) * len(index)
-            meta: dict[str, Any] = {"step": epoch * steps + step, "rows": len(index)}
-            if step == steps - 1:
-                epoch_logs = {k: v / rows for k, v in sums.items()} if rows else {}
-                meta.update(epoch=epoch, epoch_rows=rows, logs=_json_logs(epoch_logs))
-            _, weights = client.push(_delta(model, weights), **meta)
+                trained += len(index)
+            meta: dict[str, Any] = {}
+            if batch == steps - 1:
+                epoch_logs = {k: v / trained for k, v in sums.items()} if trained else {}
+                meta = {"epoch": epoch, "epoch_rows": rows, "logs": _json_logs(epoch_logs)}
+            weights = push(_delta(model, weights), step=step, rows=len(index), **meta)
     model.set_weights(weights)
 
 

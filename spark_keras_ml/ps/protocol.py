@@ -46,7 +46,9 @@ HANDSHAKE_MAX_BODY = 64
 #: Largest meta JSON accepted in any message.
 MAX_META_BYTES = 1 << 20
 #: Dtypes allowed on the wire; anything else is refused rather than interpreted.
-ALLOWED_DTYPES = frozenset({"<f2", "<f4", "<f8", "<i4", "<i8", "|u1", "|b1"})
+ALLOWED_DTYPES = frozenset({"<f2", "<f4", "<f8", "<i4", "<i8", "<u2", "|u1", "|b1"})
+#: How a delta may travel: as is, as IEEE half floats, or as bfloat16 bit patterns in uint16.
+DELTA_PRECISIONS = ("float32", "float16", "bfloat16")
 
 
 class Op(enum.IntEnum):
@@ -215,6 +217,37 @@ def message_bytes_limit(arrays: Sequence[np.ndarray]) -> int:
     """The largest body a message carrying arrays shaped like ``arrays`` may need."""
     payload = sum(int(a.nbytes) for a in arrays)
     return payload + META_LENGTH.size + MAX_META_BYTES
+
+
+def compress_delta(delta: Sequence[np.ndarray], precision: str) -> list[np.ndarray]:
+    """``delta`` in ``precision`` for the wire (float16, or bfloat16 as its upper 16 bits)."""
+    if precision == "float32":
+        return [np.asarray(d, dtype=np.float32) for d in delta]
+    if precision == "float16":
+        # Values beyond float16's range become inf, which the server rejects as non-finite.
+        with np.errstate(over="ignore"):
+            return [np.asarray(d, dtype=np.float16) for d in delta]
+    if precision == "bfloat16":
+        out = []
+        for d in delta:
+            bits = np.ascontiguousarray(d, dtype=np.float32).view(np.uint32)
+            # Round to nearest even on the 16 bits that are dropped.
+            rounding = ((bits >> 16) & 1) + np.uint32(0x7FFF)
+            out.append(((bits + rounding) >> 16).astype(np.uint16))
+        return out
+    raise ValueError(f"Expected a delta precision in {DELTA_PRECISIONS}. Received: {precision!r}")
+
+
+def decompress_delta(arrays: Sequence[np.ndarray], precision: str) -> list[np.ndarray]:
+    """float32 arrays from :func:`compress_delta` output; a dtype that does not fit is an error."""
+    wanted = {"float32": "<f4", "float16": "<f2", "bfloat16": "<u2"}.get(precision)
+    if wanted is None:
+        raise ProtocolError(f"unknown delta precision {precision!r}")
+    if any(a.dtype.str != wanted for a in arrays):
+        raise ProtocolError(f"delta does not match the model: {precision} needs {wanted} arrays")
+    if precision == "bfloat16":
+        return [(a.astype(np.uint32) << 16).view(np.float32) for a in arrays]
+    return [a.astype(np.float32, copy=False) for a in arrays]
 
 
 # ---------------------------------------------------------------------------------------------

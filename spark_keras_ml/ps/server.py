@@ -16,6 +16,7 @@ import logging
 import select
 import socket
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -23,7 +24,7 @@ import numpy as np
 
 from spark_keras_ml.ps import protocol
 from spark_keras_ml.ps.protocol import Message, Op, ProtocolError, RemoteError
-from spark_keras_ml.ps.updates import SyncRule, TrainingAborted, steps_per_epoch
+from spark_keras_ml.ps.updates import TrainingAborted, make_rule
 from spark_keras_ml.summary import EpochAggregator
 
 logger = logging.getLogger(__name__)
@@ -48,14 +49,26 @@ class ParameterServer:
         How many partitions train; they are numbered ``0 .. num_workers - 1``.
     secret:
         The per-fit key of the HMAC handshake.
+    mode:
+        ``"sync"``, ``"async"`` or ``"hogwild"``: which update rule applies the deltas.
     frequency, batch_size, epochs:
         The schedule, sent to each worker with its first weights.
     host:
         The address to bind; the driver host, never all interfaces by default.
     timeout:
-        Seconds allowed for any one socket operation or wait, including a whole sync round.
+        Seconds allowed for any one socket operation or wait, including a whole sync round, and
+        the longest silence from the running workers before the fit is declared stuck.
+    max_staleness:
+        Async only: how many steps a worker may run ahead of the slowest running one.
+    allow_rejoin:
+        Sync only: a lost worker does not fail the fit; a rerun of the job resumes it.
+    max_bad_updates:
+        Non-finite deltas are rejected; one more than this many fails the fit.
     on_epoch:
         Called with ``(epoch, logs)`` once every worker has finished an epoch.
+    on_abort:
+        Called once, from a server thread, with the reason when training is aborted (the
+        estimator cancels its Spark job there).
     """
 
     def __init__(
@@ -64,29 +77,39 @@ class ParameterServer:
         *,
         num_workers: int,
         secret: bytes,
+        mode: str = "sync",
         frequency: str = "epoch",
         batch_size: int = 32,
         epochs: int = 1,
         host: str = "127.0.0.1",
         timeout: float = 600.0,
+        max_staleness: int | None = None,
+        allow_rejoin: bool = False,
+        max_bad_updates: int = 3,
         on_epoch: EpochCallback | None = None,
+        on_abort: Callable[[str], None] | None = None,
     ) -> None:
-        self._rule = SyncRule(weights, num_workers)
+        self._rule = make_rule(
+            mode, weights, num_workers, max_staleness=max_staleness, allow_rejoin=allow_rejoin
+        )
         self._secret = secret
         self._frequency = frequency
         self._batch_size = batch_size
         self._epochs_total = epochs
         self._host = host
         self._timeout = timeout
+        self._max_bad_updates = max_bad_updates
         self._max_body = protocol.message_bytes_limit(weights)
-        self._shapes = [(tuple(w.shape), w.dtype.str) for w in weights]
+        self._shapes = [(tuple(w.shape), np.dtype(np.float32).str) for w in weights]
         self._epochs = EpochAggregator(num_workers, on_epoch)
+        self._on_abort = on_abort
+        self._abort_reported = False
+        self._last_activity = time.monotonic()
         self._listener: socket.socket | None = None
         self._accept_thread: threading.Thread | None = None
         self._handlers: dict[threading.Thread, socket.socket] = {}
         self._lock = threading.Lock()
         self._stopping = threading.Event()
-        self._finished: set[int] = set()
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -149,7 +172,7 @@ class ParameterServer:
     # --- results ------------------------------------------------------------------------------
 
     def final_weights(self) -> list[np.ndarray]:
-        return self._rule.weights()[1]
+        return [np.array(w, copy=True) for w in self._rule.weights()[1]]
 
     @property
     def version(self) -> int:
@@ -158,6 +181,15 @@ class ParameterServer:
     @property
     def history(self) -> dict[str, list[float]]:
         return self._epochs.history
+
+    @property
+    def epochs_done(self) -> int:
+        return len(self._epochs.rows)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Pushes applied, duplicates skipped, and non-finite deltas rejected."""
+        return {k: self._rule.counts[k] for k in ("applied", "duplicates", "rejected")}
 
     @property
     def failure(self) -> str | None:
@@ -172,6 +204,7 @@ class ParameterServer:
             return
         while not self._stopping.is_set():
             ready, _, _ = select.select([listener], [], [], _ACCEPT_POLL_SECONDS)
+            self._watch()
             if not ready or self._stopping.is_set():
                 continue
             try:
@@ -187,37 +220,58 @@ class ParameterServer:
                 self._handlers[thread] = conn
             thread.start()
 
+    def _watch(self) -> None:
+        """The idle watchdog, and the one place that reports an abort to ``on_abort``."""
+        idle = time.monotonic() - self._last_activity
+        if self._rule.active() and idle > self._timeout:
+            self._rule.abort(
+                f"no worker sent anything for {idle:.0f} s (timeout={self._timeout:g} s); "
+                f"running partitions: {sorted(self._rule.active())}"
+            )
+        reason = self.failure
+        if reason is not None and not self._abort_reported and not self._stopping.is_set():
+            self._abort_reported = True
+            logger.error("training aborted: %s", reason)
+            if self._on_abort is not None:
+                try:
+                    self._on_abort(reason)
+                except Exception:
+                    logger.exception("on_abort callback failed")
+
     def _serve(self, conn: socket.socket, peer: Any) -> None:
-        partition: int | None = None
+        worker: tuple[int, int] | None = None  # (partition, attempt) once registered
         try:
             protocol.deliver_challenge(conn, self._secret)
             protocol.answer_challenge(conn, self._secret)
             while not self._stopping.is_set():
                 message = protocol.recv_message(conn, self._max_body)
+                self._last_activity = time.monotonic()
                 if message.op is Op.BYE:
-                    if partition is not None:
-                        self._finished.add(partition)
+                    if worker is not None:
+                        self._rule.finish(*worker)
                     return
-                partition = self._handle(conn, message, partition)
+                worker = self._handle(conn, message, worker)
         except TrainingAborted as exc:
             _send_error(conn, str(exc))
         except RemoteError as exc:
+            partition = None if worker is None else worker[0]
             self._rule.abort(f"the worker for partition {partition} failed: {exc}")
         except TimeoutError:
-            if partition is not None and not self._stopping.is_set():
+            if worker is not None and not self._stopping.is_set():
                 self._rule.abort(
-                    f"partition {partition} sent nothing for {self._timeout:g} s: its worker is "
+                    f"partition {worker[0]} sent nothing for {self._timeout:g} s: its worker is "
                     "stuck or dead (raise `timeout` if its epochs are just slow)"
                 )
         except (ProtocolError, OSError) as exc:
             if not self._stopping.is_set():
                 logger.warning("dropped parameter-server peer %s: %s", peer, exc)
-                if partition is not None and partition not in self._finished:
-                    self._rule.abort(f"lost the worker for partition {partition}: {exc}")
+                if worker is not None:
+                    self._rule.lost(*worker, str(exc))
         except Exception as exc:
             # Anything unforeseen must still end the fit at once: a dead handler that aborts
             # nothing would leave every other worker waiting out the whole timeout.
-            logger.exception("parameter-server handler for partition %s failed", partition)
+            logger.exception("parameter-server handler for %s failed", worker)
+            partition = None if worker is None else worker[0]
             self._rule.abort(f"the server failed while serving partition {partition}: {exc!r}")
             _send_error(conn, f"server error: {exc!r}")
         finally:
@@ -225,38 +279,80 @@ class ParameterServer:
             with self._lock:
                 self._handlers.pop(threading.current_thread(), None)
 
-    def _handle(self, conn: socket.socket, message: Message, partition: int | None) -> int | None:
+    def _handle(
+        self, conn: socket.socket, message: Message, worker: tuple[int, int] | None
+    ) -> tuple[int, int]:
         meta = message.meta
         if message.op is Op.HELLO:
+            if worker is not None:
+                raise ProtocolError("a second HELLO on one connection")
             partition = _int_field(meta, "partition")
-            rows = _int_field(meta, "rows")
-            rows_by_partition = self._rule.register(partition, rows, self._timeout)
-            version, weights = self._rule.weights()
-            steps = steps_per_epoch(rows_by_partition, self._frequency, self._batch_size)
+            attempt = _int_field(meta, "attempt", 0)
+            registration = self._rule.register(
+                partition,
+                attempt,
+                _int_field(meta, "rows"),
+                self._frequency,
+                self._batch_size,
+                self._timeout,
+            )
             reply = {
-                "version": version,
-                "steps_per_epoch": steps,
+                "version": registration.version,
+                "steps_per_epoch": registration.steps_per_epoch,
+                "resume_step": registration.resume_step,
+                "mode": self._rule.mode,
                 "frequency": self._frequency,
                 "batch_size": self._batch_size,
                 "epochs": self._epochs_total,
             }
-            protocol.send_message(conn, Op.WEIGHTS, reply, weights)
-            return partition
-        if partition is None:
+            protocol.send_message(conn, Op.WEIGHTS, reply, registration.weights)
+            return partition, attempt
+        if worker is None:
             raise ProtocolError(f"{message.op.name} before HELLO")
+        partition, attempt = worker
         if message.op is Op.PUSH:
-            self._check_delta(message.arrays)
+            precision = meta.get("precision", "float32")
+            delta = protocol.decompress_delta(message.arrays, str(precision))
+            self._check_delta(delta)
             rows = _int_field(meta, "rows")
-            version, weights = self._rule.push(partition, message.arrays, rows, self._timeout)
+            # A delta behind zero rows is never applied, so only the others need checking.
+            usable = rows == 0 or self._finite(partition, delta)
+            version, weights = self._rule.push(
+                partition,
+                attempt,
+                _int_field(meta, "step"),
+                delta if usable else None,
+                rows if usable else 0,
+                self._timeout,
+            )
             if "logs" in meta:
                 self._epochs.add(_int_field(meta, "epoch"), partition, rows_of(meta), meta["logs"])
-            protocol.send_message(conn, Op.WEIGHTS, {"version": version}, weights)
-            return partition
+            protocol.send_message(
+                conn, Op.WEIGHTS, {"version": version, "rejected": not usable}, weights
+            )
+            return worker
         if message.op is Op.PULL:
             version, weights = self._rule.weights()
             protocol.send_message(conn, Op.WEIGHTS, {"version": version}, weights)
-            return partition
+            return worker
         raise ProtocolError(f"unexpected {message.op.name} from a worker")
+
+    def _finite(self, partition: int, delta: list[np.ndarray]) -> bool:
+        """Reject (and count) a delta holding NaN or inf; too many fail the fit."""
+        if all(np.isfinite(d).all() for d in delta):
+            return True
+        rejected = self._rule.count("rejected")
+        logger.warning(
+            "rejected a non-finite delta from partition %d (%d so far)", partition, rejected
+        )
+        if rejected > self._max_bad_updates:
+            self._rule.abort(
+                f"{rejected} deltas held NaN or inf (the last from partition {partition}), more "
+                f"than maxBadUpdates={self._max_bad_updates}: training diverged. Lower the "
+                "learning rate or clip gradients, e.g. optimizer={'class_name': 'Adam', "
+                "'config': {'clipnorm': 1.0}}"
+            )
+        return False
 
     def _check_delta(self, arrays: list[np.ndarray]) -> None:
         got = [(tuple(a.shape), a.dtype.str) for a in arrays]
@@ -271,8 +367,8 @@ def rows_of(meta: dict[str, Any]) -> int:
     return _int_field(meta, "epoch_rows")
 
 
-def _int_field(meta: dict[str, Any], name: str) -> int:
-    value = meta.get(name)
+def _int_field(meta: dict[str, Any], name: str, default: int | None = None) -> int:
+    value = meta.get(name, default)
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise ProtocolError(f"field {name!r} must be a non-negative integer, received {value!r}")
     return value

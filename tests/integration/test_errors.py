@@ -31,7 +31,6 @@ def estimator(**params):  # type: ignore[no-untyped-def]
         ({"featuresCol": "text"}, ["`text` (featuresCol)", "VectorAssembler", "type string"]),
         ({"labelCol": "text"}, ["`text` (labelCol)", "StringIndexer", "type string"]),
         ({"mode": "turbo"}, ["`mode`", "'sync', 'async', 'hogwild'", "mode='turbo'"]),
-        ({"mode": "hogwild"}, ["`mode`", "Use mode='sync'", "mode='hogwild'"]),
         ({"frequency": "hourly"}, ["`frequency`", "'epoch', 'batch'", "frequency='hourly'"]),
         ({"numWorkers": 0}, ["`numWorkers`", ">= 1", "numWorkers=0"]),
         ({"numWorkers": 3}, ["`numWorkers`", "2 task slots", "numWorkers=3"]),

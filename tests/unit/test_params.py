@@ -20,6 +20,10 @@ BAD_VALUES = {
     "metrics": [3],
     "timeout": -5.0,
     "outputKind": "ranking",
+    "maxStaleness": -1,
+    "syncRetries": -2,
+    "maxBadUpdates": -1,
+    "deltaPrecision": "int8",
 }
 
 

@@ -158,7 +158,7 @@ def test_sync_rounds_apply_the_row_weighted_mean() -> None:
         with client_for(server) as client:
             replies = [client.hello(partition=p, rows=HELLO_ROWS[p], attempt=0)]
             for r in range(ROUNDS):
-                replies.append(client.push(deltas[r][p], rows=PUSH_ROWS[r][p]))
+                replies.append(client.push(deltas[r][p], rows=PUSH_ROWS[r][p], step=r))
             return replies
 
     with ParameterServer(
@@ -172,6 +172,8 @@ def test_sync_rounds_apply_the_row_weighted_mean() -> None:
         assert hello_meta == {
             "version": 0,
             "steps_per_epoch": 1,
+            "resume_step": 0,
+            "mode": "sync",
             "frequency": "epoch",
             "batch_size": 16,
             "epochs": 3,
@@ -179,7 +181,7 @@ def test_sync_rounds_apply_the_row_weighted_mean() -> None:
         assert_weights(hello_weights, initial_weights())
         for r in range(1, ROUNDS + 1):
             meta, weights = replies[r]
-            assert meta == {"version": r}, f"worker {p} round {r}"
+            assert meta == {"version": r, "rejected": False}, f"worker {p} round {r}"
             assert_weights(weights, expected[r])
     # Every worker saw bit-identical weights after each round.
     for r in range(ROUNDS + 1):
@@ -207,10 +209,11 @@ def test_pull_returns_current_weights_without_a_round() -> None:
     with ParameterServer(initial_weights(), num_workers=1, secret=SECRET, timeout=5.0) as server:
         with client_for(server) as client:
             client.hello(partition=0, rows=4)
-            meta, pushed = client.push(delta, rows=4)
+            meta, pushed = client.push(delta, rows=4, step=0)
             pull_meta, pulled = client.pull()
         assert server.version == 1
-    assert meta == pull_meta == {"version": 1}
+    assert meta == {"version": 1, "rejected": False}
+    assert pull_meta == {"version": 1}
     assert_weights(pushed, delta)
     assert_weights(pulled, delta)
 
@@ -281,11 +284,16 @@ def test_epoch_logs_are_aggregated_by_epoch_rows() -> None:
             metas = [client.hello(partition=p, rows=40)[0]]
             for e in range(epochs):
                 # A mid-epoch step without logs, then the last step carrying the epoch's logs.
-                metas.append(client.push(delta, rows=3)[0])
+                metas.append(client.push(delta, rows=3, step=2 * e)[0])
                 assert len(calls) == e, "on_epoch ran before the epoch's logs arrived"
                 metas.append(
                     client.push(
-                        delta, rows=1, epoch=e, epoch_rows=epoch_rows[e][p], logs=logs[e][p]
+                        delta,
+                        rows=1,
+                        step=2 * e + 1,
+                        epoch=e,
+                        epoch_rows=epoch_rows[e][p],
+                        logs=logs[e][p],
                     )[0]
                 )
             return metas
@@ -334,8 +342,8 @@ def test_wrong_secret_is_rejected_and_the_server_keeps_serving() -> None:
         with client_for(server) as client:
             meta, _ = client.hello(partition=0, rows=2)
             assert meta["version"] == 0
-            meta, weights = client.push(delta, rows=2)
-        assert meta == {"version": 1}
+            meta, weights = client.push(delta, rows=2, step=0)
+        assert meta == {"version": 1, "rejected": False}
         assert_weights(weights, delta)
         assert server.failure is None
 
@@ -369,7 +377,7 @@ def test_garbage_peers_are_dropped_and_the_server_keeps_serving() -> None:
             with client_for(server) as client:
                 client.hello(partition=p, rows=1)
                 delta = [np.full((3, 2), p, np.float32), np.zeros(4, np.float32)]
-                return client.push(delta, rows=1)[1]
+                return client.push(delta, rows=1, step=0)[1]
 
         results = run_workers(lambda: worker(0), lambda: worker(1))
     for weights in results:
@@ -392,7 +400,7 @@ def test_delta_that_does_not_match_the_model_is_refused(delta: list[np.ndarray])
         with client_for(server) as client:
             client.hello(partition=0, rows=5)
             with pytest.raises(ProtocolError, match="connection closed"):
-                client.push(delta, rows=5)
+                client.push(delta, rows=5, step=0)
         assert server.version == 0
         assert server.failure is not None
         assert "lost the worker for partition 0" in server.failure
@@ -404,13 +412,16 @@ def test_push_before_hello_is_refused() -> None:
     with ParameterServer(initial_weights(), num_workers=1, secret=SECRET, timeout=5.0) as server:
         with client_for(server) as client:
             with pytest.raises(ProtocolError, match="connection closed"):
-                client.push(initial_weights(), rows=1)
+                client.push(initial_weights(), rows=1, step=0)
         assert server.version == 0
         # No partition was known, so the fit is not aborted: a real worker can still train.
         assert server.failure is None
         with client_for(server) as client:
             client.hello(partition=0, rows=1)
-            assert client.push(initial_weights(), rows=1)[0] == {"version": 1}
+            assert client.push(initial_weights(), rows=1, step=0)[0] == {
+                "version": 1,
+                "rejected": False,
+            }
 
 
 @pytest.mark.parametrize(
@@ -438,7 +449,7 @@ def test_round_missing_a_worker_times_out_naming_it() -> None:
     def pusher(p: int) -> None:
         with client_for(server) as client:
             client.hello(partition=p, rows=1)
-            client.push(initial_weights(), rows=1)
+            client.push(initial_weights(), rows=1, step=0)
 
     def laggard() -> int:
         # Registers, then never pushes: it only pulls now and then, so its connection stays
@@ -477,7 +488,7 @@ def test_silent_worker_is_named_when_the_round_fails() -> None:
     def pusher(p: int) -> None:
         with client_for(server) as client:
             client.hello(partition=p, rows=1)
-            client.push(initial_weights(), rows=1)
+            client.push(initial_weights(), rows=1, step=0)
 
     def sleeper() -> None:
         with client_for(server) as client:
@@ -518,7 +529,7 @@ def test_worker_error_aborts_the_round_for_the_others(how: str) -> None:
     def pusher(p: int) -> None:
         with client_for(server) as client:
             client.hello(partition=p, rows=1)
-            client.push(initial_weights(), rows=1)
+            client.push(initial_weights(), rows=1, step=0)
 
     def failing() -> None:
         if how == "close":
@@ -554,7 +565,7 @@ def test_bye_then_disconnect_does_not_abort() -> None:
     with ParameterServer(initial_weights(), num_workers=1, secret=SECRET, timeout=5.0) as server:
         with client_for(server) as client:
             client.hello(partition=0, rows=1)
-            client.push(initial_weights(), rows=1)
+            client.push(initial_weights(), rows=1, step=0)
         wait_until(lambda: len(server.threads()) == 1)
         assert server.failure is None
         assert server.version == 1
@@ -586,7 +597,7 @@ def test_stop_releases_threads_and_port_even_with_connected_clients() -> None:
     registrant = threading.Thread(target=register, name="test-registrant", daemon=True)
     registrant.start()
     # White-box: wait until the handler is really parked in the registration wait.
-    wait_until(lambda: 0 in server._rule._registered)
+    wait_until(lambda: 0 in server._rule._registered_rows)
     assert len(server.threads()) == 3  # accept + two handlers
     assert all(t.name.startswith("skml-ps-") for t in server.threads())
 
@@ -642,12 +653,12 @@ def test_unexpected_handler_error_aborts_the_fit_at_once() -> None:
     def pusher(p: int) -> None:
         with client_for(server) as client:
             client.hello(partition=p, rows=1)
-            client.push(initial_weights(), rows=1)
+            client.push(initial_weights(), rows=1, step=0)
 
     def bad_logs() -> None:
         with client_for(server) as client:
             client.hello(partition=1, rows=1)
-            client.push(initial_weights(), rows=1, epoch=0, epoch_rows=1, logs=[1, 2])
+            client.push(initial_weights(), rows=1, step=0, epoch=0, epoch_rows=1, logs=[1, 2])
 
     with ParameterServer(initial_weights(), num_workers=2, secret=SECRET, timeout=10.0) as server:
         start = time.monotonic()

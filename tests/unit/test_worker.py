@@ -75,15 +75,15 @@ def test_workers_end_on_the_server_weights_with_one_history_entry_per_epoch(freq
                 with ParameterClient(
                     *server.address, secret, worker_model.get_weights(), timeout=30.0
                 ) as client:
-                    schedule, weights = client.hello(partition=partition, rows=len(x))
+                    schedule, weights = client.hello(partition=partition, attempt=1, rows=len(x))
                     _train_loop(
                         config,
                         worker_model,
                         client,
-                        x,
-                        y,
+                        (x, y),
                         weights,
                         schedule["steps_per_epoch"],
+                        schedule["resume_step"],
                         partition,
                     )
                 finals[partition] = worker_model.get_weights()
