@@ -31,6 +31,8 @@ class TrainConfig:
     label_shape: list[int]
     #: How deltas travel: "float32", "float16" or "bfloat16".
     delta_precision: str = "float32"
+    #: Modules to import before the model is loaded (custom Keras objects).
+    custom_objects: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -42,3 +44,4 @@ class PredictConfig:
     kind: str
     batch_size: int
     task_cpus: int
+    custom_objects: tuple[str, ...] = ()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import logging
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import keras
@@ -104,6 +105,7 @@ class KerasEstimator(Estimator, HasTrainingParams, HasOutputParams, KerasReadabl
         probabilityCol: str = "probability",
         rawPredictionCol: str = "rawPrediction",
         outputKind: str = "auto",
+        customObjects: list[str] | None = None,
     ) -> None:
         super().__init__()
         self._model_bytes: bytes | None = None
@@ -135,6 +137,7 @@ class KerasEstimator(Estimator, HasTrainingParams, HasOutputParams, KerasReadabl
         probabilityCol: str = "probability",
         rawPredictionCol: str = "rawPrediction",
         outputKind: str = "auto",
+        customObjects: list[str] | None = None,
     ) -> KerasEstimator:
         """Set Params by keyword, exactly as the constructor does (no checking until ``fit``)."""
         kwargs = dict(self._input_kwargs)
@@ -153,7 +156,9 @@ class KerasEstimator(Estimator, HasTrainingParams, HasOutputParams, KerasReadabl
 
     def getKerasModel(self) -> keras.Model:
         """A fresh copy of the (untrained) model this estimator starts from."""
-        return model_from_bytes(self._require_model(), compile=True)
+        return model_from_bytes(
+            self._require_model(), compile=True, custom_objects=self.getCustomObjects()
+        )
 
     def _require_model(self) -> bytes:
         if self._model_bytes is None:
@@ -174,7 +179,8 @@ class KerasEstimator(Estimator, HasTrainingParams, HasOutputParams, KerasReadabl
         mode = normalize_mode(self.getMode())
         features = features_as_array(dataset, self.getFeaturesCol())
         label = label_as_float(dataset, self.getLabelCol())
-        model = model_from_bytes(model_bytes, compile=True)
+        custom_objects = tuple(self.getCustomObjects())
+        model = model_from_bytes(model_bytes, compile=True, custom_objects=custom_objects)
         compile_config = resolve_compile_config(
             model,
             optimizer=self.getOptimizer(),
@@ -237,6 +243,7 @@ class KerasEstimator(Estimator, HasTrainingParams, HasOutputParams, KerasReadabl
                 task_cpus=cluster.task_cpus(spark),
                 label_shape=label_row,
                 delta_precision=self.getDeltaPrecision(),
+                custom_objects=custom_objects,
             )
             logger.info(
                 "Training on %d workers (mode=%s, frequency=%s, epochs=%d, batchSize=%d); "
@@ -249,11 +256,14 @@ class KerasEstimator(Estimator, HasTrainingParams, HasOutputParams, KerasReadabl
                 config.host,
                 config.port,
             )
-            job = data.mapInPandas(
-                functools.partial(train_partition, config),
-                TRAIN_RESULT_SCHEMA,
-                barrier=mode == "sync",
-            )
+
+            def job() -> DataFrame:
+                return data.mapInPandas(
+                    functools.partial(train_partition, config),
+                    TRAIN_RESULT_SCHEMA,
+                    barrier=mode == "sync",
+                )
+
             results = self._run_job(spark, job, server, tag, mode)
             weights = server.final_weights()
             history = server.history
@@ -277,10 +287,16 @@ class KerasEstimator(Estimator, HasTrainingParams, HasOutputParams, KerasReadabl
             probabilityCol=self.getProbabilityCol(),
             rawPredictionCol=self.getRawPredictionCol(),
             outputKind=kind,
+            customObjects=list(custom_objects) or None,
         )
 
     def _run_job(
-        self, spark: Any, job: DataFrame, server: ParameterServer, tag: str, mode: str
+        self,
+        spark: Any,
+        job: Callable[[], DataFrame],
+        server: ParameterServer,
+        tag: str,
+        mode: str,
     ) -> list[Row]:
         """Collect the training job; rerun a failed sync job when syncRetries allows it.
 
@@ -293,14 +309,15 @@ class KerasEstimator(Estimator, HasTrainingParams, HasOutputParams, KerasReadabl
             attempt = 0
             while True:
                 try:
-                    return job.collect()
+                    # A fresh DataFrame per run: a failed adaptive plan remembers its failure.
+                    return job().collect()
                 except Exception as exc:
                     if server.failure is not None:
                         raise RuntimeError(
                             f"Distributed training failed: {server.failure}"
                         ) from exc
                     if attempt >= retries:
-                        raise
+                        raise RuntimeError(_job_failure(exc, mode, retries)) from exc
                     attempt += 1
                     logger.warning(
                         "Training job failed (%s); rerunning it from round %d (retry %d of %d)",
@@ -336,3 +353,19 @@ def _cancel_job(spark: Any, tag: str, reason: str) -> None:
     """Runs on a server thread when training aborts: stop the job now, not after every task."""
     logger.info("Cancelling the training job: %s", reason)
     spark.interruptTag(tag)
+
+
+def _job_failure(exc: BaseException, mode: str, retries: int) -> str:
+    """A short message for a training job that Spark failed (the cause stays chained)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    cause = next(
+        (line for line in lines if "Error" in line or "exited" in line), lines[0] if lines else ""
+    )
+    if mode == "sync":
+        hint = (
+            f"A sync fit stops when any worker fails (it was rerun {retries} times); set "
+            "syncRetries to rerun it from the last committed round."
+        )
+    else:
+        hint = "Spark retried the failed task up to spark.task.maxFailures times."
+    return f"Distributed training failed: the Spark job failed ({cause[:500]}). {hint}"

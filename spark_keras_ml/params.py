@@ -213,12 +213,24 @@ class HasOutputParams(HasFeaturesCol, HasPredictionCol, HasProbabilityCol, HasRa
         typeConverter=TypeConverters.toString,
     )
 
+    customObjects: Param[Any] = Param(
+        Params._dummy(),
+        "customObjects",
+        "Dotted module paths imported on the driver and on every executor before the model is "
+        "loaded, so that layers, losses and metrics registered with "
+        "keras.saving.register_keras_serializable in them can be found.",
+        typeConverter=_json_native,
+    )
+
     def __init__(self) -> None:
         super().__init__()
-        self._setDefault(outputKind="auto")
+        self._setDefault(outputKind="auto", customObjects=None)
 
     def getOutputKind(self) -> str:
         return self.getOrDefault(self.outputKind)
+
+    def getCustomObjects(self) -> list[str]:
+        return list(self.getOrDefault(self.customObjects) or [])
 
 
 class HasInferenceParams(HasOutputParams):
@@ -325,6 +337,11 @@ RULES: dict[str, Rule] = {
         lambda v: v in DELTA_PRECISIONS,
         "one of 'float32', 'float16', 'bfloat16'",
         "Use 'float32' for exact deltas.",
+    ),
+    "customObjects": Rule(
+        lambda v: v is None or (isinstance(v, list) and all(isinstance(m, str) and m for m in v)),
+        "a list of module paths such as ['my_project.layers'], or None",
+        "Name the modules whose import registers your custom Keras objects.",
     ),
     "outputKind": Rule(
         lambda v: v in OUTPUT_KINDS,

@@ -8,11 +8,14 @@ thread pools before the first import.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import io
 import json
 import os
+import socket
 import tempfile
 import zipfile
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -28,7 +31,22 @@ def model_to_bytes(model: keras.Model) -> bytes:
             return f.read()
 
 
-def model_from_bytes(data: bytes, *, compile: bool = False) -> keras.Model:
+def import_custom_objects(modules: Sequence[str]) -> None:
+    """Import the modules that register the model's custom objects, naming any that fail."""
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise ImportError(
+                f"Expected module `{name}` (from customObjects) to be importable here "
+                f"({socket.gethostname()}, pid {os.getpid()}). Install it on every executor or "
+                f"ship it with SparkContext.addPyFile. Received: {exc}"
+            ) from exc
+
+
+def model_from_bytes(
+    data: bytes, *, compile: bool = False, custom_objects: Sequence[str] = ()
+) -> keras.Model:
     """Rebuild a model from :func:`model_to_bytes` output, with Keras' ``safe_mode`` on.
 
     With ``compile=True`` the model is compiled from the archive's compile config but its saved
@@ -36,11 +54,21 @@ def model_from_bytes(data: bytes, *, compile: bool = False) -> keras.Model:
     """
     import keras
 
+    import_custom_objects(custom_objects)
     with tempfile.TemporaryDirectory(prefix="skml-") as tmp:
         path = os.path.join(tmp, "model.keras")
         with open(path, "wb") as f:
             f.write(data)
-        model = keras.saving.load_model(path, compile=False, safe_mode=True)
+        try:
+            model = keras.saving.load_model(path, compile=False, safe_mode=True)
+        except (TypeError, ValueError) as exc:
+            if "locate" not in str(exc) and "Unknown" not in str(exc):
+                raise
+            raise ValueError(
+                "Expected every custom layer, loss and metric of the model to be registered "
+                "(keras.saving.register_keras_serializable) in a module listed in customObjects. "
+                f"Received: {str(exc).splitlines()[0]}"
+            ) from exc
     config = compile_config_of(data)
     if compile and config:
         model.compile_from_config(config)

@@ -72,6 +72,7 @@ class KerasTransformer(Model, HasInferenceParams, KerasReadable, KerasWritable):
         rawPredictionCol: str = "rawPrediction",
         outputKind: str = "auto",
         inferenceBatchSize: int = 1024,
+        customObjects: list[str] | None = None,
     ) -> None:
         super().__init__()
         self._model_bytes: bytes | None = None
@@ -94,6 +95,7 @@ class KerasTransformer(Model, HasInferenceParams, KerasReadable, KerasWritable):
         rawPredictionCol: str = "rawPrediction",
         outputKind: str = "auto",
         inferenceBatchSize: int = 1024,
+        customObjects: list[str] | None = None,
     ) -> KerasTransformer:
         return self._set(**self._input_kwargs)
 
@@ -106,7 +108,9 @@ class KerasTransformer(Model, HasInferenceParams, KerasReadable, KerasWritable):
         """A fresh ``keras.Model`` with the trained weights."""
         if self._model_bytes is None:
             raise ValueError("Expected a KerasTransformer holding a model. Received: no model")
-        return model_from_bytes(self._model_bytes, compile=True)
+        return model_from_bytes(
+            self._model_bytes, compile=True, custom_objects=self.getCustomObjects()
+        )
 
     def _extra_metadata(self) -> dict[str, Any]:
         return {"history": self._history}
@@ -119,7 +123,7 @@ class KerasTransformer(Model, HasInferenceParams, KerasReadable, KerasWritable):
         if kind != "auto":
             return kind
         if self._kind_cache is None or self._kind_cache[0] != key:
-            model = model_from_bytes(model_bytes)
+            model = model_from_bytes(model_bytes, custom_objects=self.getCustomObjects())
             loss = (compile_config_of(model_bytes) or {}).get("loss")
             self._kind_cache = (key, output_kind(model, loss))
         return self._kind_cache[1]
@@ -140,6 +144,7 @@ class KerasTransformer(Model, HasInferenceParams, KerasReadable, KerasWritable):
             kind=kind,
             batch_size=self.getInferenceBatchSize(),
             task_cpus=cluster.task_cpus(dataset.sparkSession),
+            custom_objects=tuple(self.getCustomObjects()),
         )
 
         # Captures only `config` (plain values), never `self`.

@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -94,7 +94,7 @@ def own_steps(rows: int, config: TrainConfig) -> int:
 
 def build_training_model(config: TrainConfig) -> keras.Model:
     """A fresh model per task: its optimizer state then lives exactly as long as the fit."""
-    model = model_from_bytes(config.model_bytes, compile=False)
+    model = model_from_bytes(config.model_bytes, custom_objects=config.custom_objects)
     model.compile_from_config(config.compile_config)
     return model
 
@@ -189,12 +189,12 @@ class _ModelCache:
         self._lock = threading.Lock()
         self._models: OrderedDict[str, keras.Model] = OrderedDict()
 
-    def get(self, key: str, data: bytes) -> keras.Model:
+    def get(self, key: str, data: bytes, custom_objects: Sequence[str] = ()) -> keras.Model:
         with self._lock:
             if key in self._models:
                 self._models.move_to_end(key)
                 return self._models[key]
-            model = model_from_bytes(data, compile=False)
+            model = model_from_bytes(data, custom_objects=custom_objects)
             self._models[key] = model
             while len(self._models) > self._capacity:
                 self._models.popitem(last=False)
@@ -207,7 +207,7 @@ _MODELS = _ModelCache()
 def predict_batches(config: PredictConfig, batches: Iterable[pd.Series]) -> Iterator[pd.DataFrame]:
     """Predict each Arrow batch of the feature column; yield the kind's output columns."""
     configure_threads(config.task_cpus)
-    model = _MODELS.get(config.model_id, config.model_bytes)
+    model = _MODELS.get(config.model_id, config.model_bytes, config.custom_objects)
     to_columns = OUTPUT_COLUMNS[config.kind]
     for series in batches:
         x = column_to_numpy(series, "features")

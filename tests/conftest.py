@@ -30,8 +30,11 @@ def build_spark(master: str):  # type: ignore[no-untyped-def]
         # Executors are separate JVMs started from the Spark distribution inside pyspark.
         import pyspark
 
-        builder = builder.config("spark.executor.memory", "900m").config(
-            "spark.home", os.path.dirname(pyspark.__file__)
+        builder = (
+            builder.config("spark.executor.memory", "900m")
+            .config("spark.home", os.path.dirname(pyspark.__file__))
+            # One retry per task, as on a real cluster (local[N] never retries).
+            .config("spark.task.maxFailures", "2")
         )
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("ERROR")

@@ -230,10 +230,14 @@ def compress_delta(delta: Sequence[np.ndarray], precision: str) -> list[np.ndarr
     if precision == "bfloat16":
         out = []
         for d in delta:
-            bits = np.ascontiguousarray(d, dtype=np.float32).view(np.uint32)
-            # Round to nearest even on the 16 bits that are dropped.
+            values = np.ascontiguousarray(d, dtype=np.float32)
+            bits = values.view(np.uint32)
+            # Round to nearest even on the 16 bits that are dropped; a NaN keeps its top bits
+            # (plus a quiet bit), since rounding could carry it into an infinity or a zero.
             rounding = ((bits >> 16) & 1) + np.uint32(0x7FFF)
-            out.append(((bits + rounding) >> 16).astype(np.uint16))
+            rounded = (bits + rounding) >> 16
+            nan = (bits >> 16) | np.uint32(0x40)
+            out.append(np.where(np.isnan(values), nan, rounded).astype(np.uint16))
         return out
     raise ValueError(f"Expected a delta precision in {DELTA_PRECISIONS}. Received: {precision!r}")
 

@@ -147,8 +147,12 @@ class UpdateRule:
         """Apply one step's delta (None: a rejected delta that only moves the step on)."""
         raise NotImplementedError
 
-    def _admit(self, partition: int, attempt: int, step: int) -> bool:
-        """Under the lock: may this push be applied? Duplicates are counted and skipped."""
+    def _admit(self, partition: int, attempt: int, step: int, has_update: bool) -> bool:
+        """Under the lock: is this a new step? Duplicates are counted and skipped.
+
+        ``has_update`` says whether the step carries something to apply (rows and a delta that
+        was not rejected); only then does it count as applied.
+        """
         self._check_partition(partition)
         self._raise_if_aborted()
         newest = self._attempts.get(partition)
@@ -160,7 +164,8 @@ class UpdateRule:
             self.counts["duplicates"] += 1
             return False
         self._last_step[partition] = step
-        self.counts["applied"] += 1
+        if has_update:
+            self.counts["applied"] += 1
         return True
 
     # --- helpers ------------------------------------------------------------------------------
@@ -226,9 +231,11 @@ class SyncRule(UpdateRule):
         self._allow_rejoin = allow_rejoin
         self._generation = 0
         self._registered_rows: dict[int, int] = {}
+        self._registered_attempts: dict[int, int] = {}
         # The open round: which partitions pushed, and the row-weighted sum of their deltas.
         self._pushed: set[int] = set()
         self._rows = 0
+        self._applied_in_round = 0
         self._acc = [np.zeros_like(w, dtype=np.float64) for w in self._weights]
 
     def _registered(
@@ -237,6 +244,7 @@ class SyncRule(UpdateRule):
         if partition in self._registered_rows or len(self._registered_rows) == self._num_workers:
             self._new_generation()
         self._registered_rows[partition] = rows
+        self._registered_attempts[partition] = self._attempts[partition]
         generation = self._generation
         self._cond.notify_all()
         self._wait(
@@ -251,9 +259,17 @@ class SyncRule(UpdateRule):
         return Registration(self._version, self._weights, self._version, steps)
 
     def _new_generation(self) -> None:
-        """Drop the open round and the old registrations; waiters of the old one give up."""
+        """Drop the open round and the old registrations; waiters of the old one give up.
+
+        The dropped round's pushes were never applied: their steps are handed back, so the
+        workers' next attempts push them again.
+        """
+        for partition in self._pushed:
+            self._last_step[partition] = self._version - 1
+        self.counts["applied"] -= self._applied_in_round
         self._generation += 1
         self._registered_rows = {}
+        self._registered_attempts = {}
         self._reset_round()
         self._cond.notify_all()
 
@@ -262,7 +278,11 @@ class SyncRule(UpdateRule):
             if self._attempts.get(partition) != attempt:
                 return
             self._active.discard(partition)
-            if not self._allow_rejoin:
+            if self._allow_rejoin:
+                # The job will fail and be rerun: this generation is over for everyone in it.
+                if self._registered_attempts.get(partition) == attempt:
+                    self._new_generation()
+            else:
                 reason = (
                     f"lost the worker for partition {partition}: {why} (in a sync fit this ends "
                     "the fit; set syncRetries > 0 to rerun the job from the last committed round)"
@@ -280,6 +300,9 @@ class SyncRule(UpdateRule):
         timeout: float,
     ) -> tuple[int, list[np.ndarray]]:
         with self._cond:
+            has_update = delta is not None and rows > 0
+            if step < self._version and not self._admit(partition, attempt, step, has_update):
+                return self._version, self._weights  # a replay of a committed round
             if partition in self._pushed:
                 raise TrainingAborted(
                     f"partition {partition} pushed twice in round {self._version}"
@@ -288,7 +311,8 @@ class SyncRule(UpdateRule):
                 raise TrainingAborted(
                     f"partition {partition} pushed step {step} during round {self._version}"
                 )
-            if self._admit(partition, attempt, step) and delta is not None and rows > 0:
+            if self._admit(partition, attempt, step, has_update) and delta is not None and rows > 0:
+                self._applied_in_round += 1
                 for acc, d in zip(self._acc, delta, strict=True):
                     acc += rows * d.astype(np.float64, copy=False)
                 self._rows += rows
@@ -319,6 +343,7 @@ class SyncRule(UpdateRule):
         for acc in self._acc:
             acc.fill(0.0)
         self._rows = 0
+        self._applied_in_round = 0
         self._pushed.clear()
 
 
@@ -348,7 +373,7 @@ class AsyncRule(UpdateRule):
         timeout: float,
     ) -> tuple[int, list[np.ndarray]]:
         with self._cond:
-            if self._admit(partition, attempt, step) and delta is not None:
+            if self._admit(partition, attempt, step, rows > 0) and delta is not None and rows > 0:
                 self._weights = [
                     (w + d).astype(w.dtype, copy=False)
                     for w, d in zip(self._weights, delta, strict=True)
@@ -403,8 +428,8 @@ class HogwildRule(UpdateRule):
         timeout: float,
     ) -> tuple[int, list[np.ndarray]]:
         with self._cond:
-            applied = self._admit(partition, attempt, step)
-        if applied and delta is not None:
+            applied = self._admit(partition, attempt, step, delta is not None and rows > 0)
+        if applied and delta is not None and rows > 0:
             for w, d in zip(self._weights, delta, strict=True):
                 np.add(w, d, out=w, casting="unsafe")
             self._version += 1  # racy too: a count of updates, not a consistent snapshot id

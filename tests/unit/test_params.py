@@ -24,6 +24,7 @@ BAD_VALUES = {
     "syncRetries": -2,
     "maxBadUpdates": -1,
     "deltaPrecision": "int8",
+    "customObjects": "my.layers",
 }
 
 

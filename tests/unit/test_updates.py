@@ -1,0 +1,655 @@
+"""Update rules (sync, async, hogwild) driven through a real ParameterServer over loopback.
+
+Real sockets, real threads, no mocks. Covers throughput under contention, idempotence (replays,
+superseded attempts, resume steps), sync rejoin after a lost worker, the async staleness bound,
+non-finite deltas and compressed deltas.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import pytest
+
+from spark_keras_ml.ps import protocol
+from spark_keras_ml.ps.client import ParameterClient
+from spark_keras_ml.ps.protocol import RemoteError
+from spark_keras_ml.ps.server import ParameterServer
+from spark_keras_ml.ps.updates import AsyncRule, HogwildRule, SyncRule, make_rule
+
+pytestmark = pytest.mark.timeout(60)
+
+SECRET = b"unit-test secret, 32 bytes long!"
+#: Upper bound on any wait in these tests: a hang fails the test instead of blocking it.
+WAIT = 15.0
+SIZE = 10
+
+
+def zeros() -> list[np.ndarray]:
+    return [np.zeros(SIZE, np.float32)]
+
+
+def full(value: float) -> list[np.ndarray]:
+    return [np.full(SIZE, value, np.float32)]
+
+
+def client_for(server: ParameterServer) -> ParameterClient:
+    host, port = server.address
+    return ParameterClient(host, port, SECRET, like=zeros(), timeout=5.0)
+
+
+def run_workers(*workers: Callable[[], Any]) -> list[Any]:
+    """Run each callable in its own thread; return results in order, re-raising any error."""
+    with ThreadPoolExecutor(max_workers=len(workers), thread_name_prefix="test-worker") as pool:
+        futures = [pool.submit(w) for w in workers]
+        return [f.result(timeout=WAIT) for f in futures]
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.01)
+
+
+def drop(client: ParameterClient) -> None:
+    """Close the client's socket without a BYE, as a crashed executor would (white-box)."""
+    sock, client._sock = client._sock, None
+    assert sock is not None
+    sock.close()
+
+
+class Background:
+    """One call in a thread; ``done`` is set when it returns or raises (nothing escapes)."""
+
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        self.done = threading.Event()
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+        def run() -> None:
+            try:
+                self.result = fn()
+            except BaseException as exc:
+                self.error = exc
+            finally:
+                self.done.set()
+
+        self.thread = threading.Thread(target=run, name="test-background", daemon=True)
+        self.thread.start()
+
+    def join(self) -> Any:
+        assert self.done.wait(WAIT), "background call did not finish"
+        self.thread.join(WAIT)
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+def record_figure(record_property: Callable[[str, Any], None], name: str, value: float) -> None:
+    """Report a measured figure: pytest property, captured stdout, and $SKML_FIGURES (JSONL)."""
+    record_property(name, value)
+    print(f"{name}: {value:.0f}")
+    path = os.environ.get("SKML_FIGURES")
+    if path:
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps({"name": name, "value": value}) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# Rules called directly
+
+
+def test_make_rule_builds_each_mode_and_refuses_others() -> None:
+    assert isinstance(make_rule("sync", zeros(), 2), SyncRule)
+    assert isinstance(make_rule("async", zeros(), 2, max_staleness=1), AsyncRule)
+    assert isinstance(make_rule("hogwild", zeros(), 2), HogwildRule)
+    with pytest.raises(ValueError, match="mode='bsp'"):
+        make_rule("bsp", zeros(), 2)
+
+
+def test_async_rule_replies_are_copy_on_write_snapshots() -> None:
+    rule = AsyncRule(zeros(), 1)
+    assert rule.register(0, 1, 5, "batch", 1, 1.0).resume_step == 0
+    v1, w1 = rule.push(0, 1, 0, full(1.0), 1, 1.0)
+    v2, w2 = rule.push(0, 1, 1, full(2.0), 1, 1.0)
+    assert (v1, v2) == (1, 2)
+    np.testing.assert_array_equal(w1[0], full(1.0)[0])  # not mutated by the later push
+    np.testing.assert_array_equal(w2[0], full(3.0)[0])
+    # A duplicate returns the current weights unchanged; a rejected (None) delta moves the step.
+    assert rule.push(0, 1, 1, full(100.0), 1, 1.0)[0] == 2
+    assert rule.push(0, 1, 2, None, 1, 1.0)[0] == 2
+    assert rule.register(0, 2, 5, "batch", 1, 1.0).resume_step == 3
+    assert rule.counts["duplicates"] == 1
+
+
+def test_sync_rule_row_weighted_mean_and_zero_rows() -> None:
+    rule = SyncRule(zeros(), 2)
+    regs = run_workers(
+        lambda: rule.register(0, 1, 10, "epoch", 4, 5.0),
+        lambda: rule.register(1, 1, 30, "epoch", 4, 5.0),
+    )
+    assert [(r.resume_step, r.steps_per_epoch) for r in regs] == [(0, 1), (0, 1)]
+    out = run_workers(
+        lambda: rule.push(0, 1, 0, full(1.0), 10, 5.0),
+        lambda: rule.push(1, 1, 0, full(3.0), 30, 5.0),
+    )
+    for version, weights in out:
+        assert version == 1
+        np.testing.assert_array_equal(weights[0], full(2.5)[0])  # (10*1 + 30*3) / 40
+    # A round where nobody has rows (and the deltas are garbage) leaves the weights alone.
+    out = run_workers(
+        lambda: rule.push(0, 1, 1, full(np.nan), 0, 5.0),
+        lambda: rule.push(1, 1, 1, None, 0, 5.0),
+    )
+    assert [v for v, _ in out] == [2, 2]
+    np.testing.assert_array_equal(out[0][1][0], full(2.5)[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# Throughput under contention: 8 workers x 1000 pushes
+
+
+WORKERS = 8
+PUSHES = 1000
+
+
+def hammer(
+    server: ParameterServer, check: Callable[[dict[str, Any], list[np.ndarray]], None]
+) -> float:
+    """WORKERS threads push PUSHES deltas of ones each; returns pushes per second."""
+    barrier = threading.Barrier(WORKERS + 1, timeout=WAIT)
+    ones = full(1.0)
+
+    def worker(p: int) -> int:
+        with client_for(server) as client:
+            meta, weights = client.hello(partition=p, attempt=1, rows=PUSHES)
+            assert meta["resume_step"] == 0
+            assert meta["steps_per_epoch"] is None
+            barrier.wait()
+            for step in range(PUSHES):
+                meta, weights = client.push(ones, step=step, rows=1)
+                check(meta, weights)
+            return step + 1
+
+    with ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="test-pusher") as pool:
+        futures = [pool.submit(worker, p) for p in range(WORKERS)]
+        barrier.wait()
+        start = time.perf_counter()
+        done = [f.result(timeout=55) for f in futures]
+        elapsed = time.perf_counter() - start
+    assert done == [PUSHES] * WORKERS
+    return WORKERS * PUSHES / elapsed
+
+
+def test_async_applies_every_push_exactly_once_under_contention(
+    record_property: Callable[[str, Any], None],
+) -> None:
+    versions: list[int] = []
+
+    def check(meta: dict[str, Any], weights: list[np.ndarray]) -> None:
+        assert meta["rejected"] is False
+        # Copy-on-write under one lock: a reply is a consistent snapshot of `version` pushes.
+        assert (weights[0] == meta["version"]).all(), (meta, weights)
+        versions.append(meta["version"])
+
+    with ParameterServer(
+        zeros(), num_workers=WORKERS, secret=SECRET, mode="async", timeout=30.0
+    ) as server:
+        rate = hammer(server, check)
+        final, counts, version = server.final_weights(), server.counts, server.version
+        failure = server.failure
+    record_figure(record_property, "async_pushes_per_second", rate)
+    assert failure is None
+    np.testing.assert_array_equal(final[0], full(WORKERS * PUSHES)[0])
+    assert counts == {"applied": WORKERS * PUSHES, "duplicates": 0, "rejected": 0}
+    assert version == WORKERS * PUSHES
+    # Every version 1..8000 was handed to exactly one pusher.
+    assert sorted(versions) == list(range(1, WORKERS * PUSHES + 1))
+
+
+def test_hogwild_loses_at_most_a_few_updates_and_never_adds_any(
+    record_property: Callable[[str, Any], None],
+) -> None:
+    def check(meta: dict[str, Any], weights: list[np.ndarray]) -> None:
+        assert meta["rejected"] is False
+        assert weights[0].shape == (SIZE,)
+
+    with ParameterServer(
+        zeros(), num_workers=WORKERS, secret=SECRET, mode="hogwild", timeout=30.0
+    ) as server:
+        rate = hammer(server, check)
+        final, counts, failure = server.final_weights(), server.counts, server.failure
+    record_figure(record_property, "hogwild_pushes_per_second", rate)
+    assert failure is None
+    total = WORKERS * PUSHES
+    assert final[0].dtype == np.float32
+    assert (final[0] >= 0.9 * total).all() and (final[0] <= total).all(), final
+    assert counts == {"applied": total, "duplicates": 0, "rejected": 0}
+
+
+# ---------------------------------------------------------------------------------------------
+# Idempotence
+
+
+@pytest.mark.parametrize(
+    "mode",
+    [
+        "async",
+        "hogwild",
+        pytest.param("sync"),
+    ],
+)
+def test_replayed_push_is_acknowledged_and_applied_once(mode: str) -> None:
+    delta = [np.arange(SIZE, dtype=np.float32)]
+    with ParameterServer(zeros(), num_workers=1, secret=SECRET, mode=mode, timeout=5.0) as server:
+        with client_for(server) as client:
+            client.hello(partition=0, attempt=7, rows=4)
+            first = client.push(delta, step=0, rows=4)
+            replay = client.push(delta, step=0, rows=4)
+        counts, version, final = server.counts, server.version, server.final_weights()
+        failure = server.failure
+    assert first[0] == {"version": 1, "rejected": False}
+    assert replay[0] == {"version": 1, "rejected": False}
+    np.testing.assert_array_equal(replay[1][0], delta[0])
+    np.testing.assert_array_equal(final[0], delta[0])
+    assert counts == {"applied": 1, "duplicates": 1, "rejected": 0}
+    assert version == 1
+    assert failure is None
+
+
+@pytest.mark.parametrize("mode", ["async", "hogwild"])
+def test_newer_attempt_supersedes_the_older_one(mode: str) -> None:
+    ones = full(1.0)
+    with ParameterServer(zeros(), num_workers=1, secret=SECRET, mode=mode, timeout=5.0) as server:
+        old = client_for(server).connect()
+        try:
+            meta, _ = old.hello(partition=0, attempt=1, rows=5)
+            assert meta["resume_step"] == 0
+            for step in range(5):
+                assert old.push(ones, step=step, rows=1)[0]["version"] == step + 1
+
+            with client_for(server) as new:
+                meta, weights = new.hello(partition=0, attempt=2, rows=5)
+                assert meta["resume_step"] == 5  # last applied step (4) + 1
+                assert meta["steps_per_epoch"] is None
+                assert meta["mode"] == mode
+                np.testing.assert_array_equal(weights[0], full(5.0)[0])
+
+                with pytest.raises(
+                    RemoteError, match="partition 0 attempt 1 pushed after attempt 2"
+                ):
+                    old.push(full(100.0), step=5, rows=1)
+                assert server.version == 5
+                assert server.counts == {"applied": 5, "duplicates": 0, "rejected": 0}
+
+                # Steps the earlier attempt already applied are duplicates: acknowledged only.
+                for step in (0, 3, 4):
+                    meta, weights = new.push(full(100.0), step=step, rows=1)
+                    assert meta == {"version": 5, "rejected": False}
+                    np.testing.assert_array_equal(weights[0], full(5.0)[0])
+                assert server.counts == {"applied": 5, "duplicates": 3, "rejected": 0}
+                meta, weights = new.push(ones, step=5, rows=1)
+                assert meta == {"version": 6, "rejected": False}
+                np.testing.assert_array_equal(weights[0], full(6.0)[0])
+
+            # An attempt older than the newest one cannot register again either.
+            with client_for(server) as stale:
+                with pytest.raises(RemoteError, match="attempt 1 registered after attempt 2"):
+                    stale.hello(partition=0, attempt=1, rows=5)
+        finally:
+            old.close()
+        counts, failure = server.counts, server.failure
+        final = server.final_weights()
+    assert counts == {"applied": 6, "duplicates": 3, "rejected": 0}
+    assert failure is None
+    np.testing.assert_array_equal(final[0], full(6.0)[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# Sync: a lost worker, with and without rejoin
+
+
+def sync_server(**kwargs: Any) -> ParameterServer:
+    kwargs.setdefault("timeout", 5.0)
+    return ParameterServer(zeros(), num_workers=2, secret=SECRET, mode="sync", **kwargs)
+
+
+def first_round(server: ParameterServer) -> list[ParameterClient]:
+    """Two attempt-1 workers register and close round 0 (mean (10*1 + 30*3) / 40 = 2.5)."""
+    clients = [client_for(server).connect() for _ in range(2)]
+    metas = run_workers(
+        lambda: clients[0].hello(partition=0, attempt=1, rows=10)[0],
+        lambda: clients[1].hello(partition=1, attempt=1, rows=30)[0],
+    )
+    assert [(m["resume_step"], m["steps_per_epoch"]) for m in metas] == [(0, 1), (0, 1)]
+    replies = run_workers(
+        lambda: clients[0].push(full(1.0), step=0, rows=10),
+        lambda: clients[1].push(full(3.0), step=0, rows=30),
+    )
+    for meta, weights in replies:
+        assert meta == {"version": 1, "rejected": False}
+        np.testing.assert_array_equal(weights[0], full(2.5)[0])
+    return clients
+
+
+def test_sync_rejoin_after_a_dropped_worker_resumes_from_the_committed_round() -> None:
+    aborts: list[str] = []
+    with sync_server(allow_rejoin=True, on_abort=aborts.append) as server:
+        old = first_round(server)
+        new: list[ParameterClient] = []
+        try:
+            drop(old[1])
+            wait_until(lambda: len(server.threads()) == 2)  # accept + the surviving old worker
+            time.sleep(0.3)  # give the watchdog a few polls to (wrongly) abort
+            assert server.failure is None
+
+            new = [client_for(server).connect() for _ in range(2)]
+            metas = run_workers(
+                lambda: new[0].hello(partition=0, attempt=2, rows=1),
+                lambda: new[1].hello(partition=1, attempt=2, rows=3),
+            )
+            for meta, weights in metas:
+                assert meta["resume_step"] == server.version == 1
+                assert meta["steps_per_epoch"] == 1
+                np.testing.assert_array_equal(weights[0], full(2.5)[0])
+
+            # The surviving worker of the old attempt is a zombie now.
+            with pytest.raises(RemoteError, match="partition 0 attempt 1 pushed after attempt 2"):
+                old[0].push(full(100.0), step=1, rows=10)
+
+            replies = run_workers(
+                lambda: new[0].push(full(2.0), step=1, rows=1),
+                lambda: new[1].push(full(4.0), step=1, rows=3),
+            )
+            for meta, weights in replies:
+                assert meta == {"version": 2, "rejected": False}
+                np.testing.assert_array_equal(weights[0], full(2.5 + 3.5)[0])  # (2 + 12) / 4
+        finally:
+            for c in old + new:
+                c.close()
+        counts, failure, version = server.counts, server.failure, server.version
+    assert failure is None
+    assert aborts == []
+    assert version == 2
+    assert counts == {"applied": 4, "duplicates": 0, "rejected": 0}
+
+
+def test_sync_rejoin_replays_a_step_pushed_into_the_dropped_round() -> None:
+    with sync_server(allow_rejoin=True) as server:
+        old = first_round(server)
+        new: list[ParameterClient] = []
+        try:
+            # Partition 0 pushes step 1 and waits for the round; then partition 1 dies.
+            waiting = Background(lambda: old[0].push(full(100.0), step=1, rows=10))
+            wait_until(lambda: server.counts["applied"] == 3)
+            drop(old[1])
+            new = [client_for(server).connect() for _ in range(2)]
+            metas = run_workers(
+                lambda: new[0].hello(partition=0, attempt=2, rows=1)[0],
+                lambda: new[1].hello(partition=1, attempt=2, rows=3)[0],
+            )
+            assert [m["resume_step"] for m in metas] == [1, 1]
+            with pytest.raises(RemoteError, match="newer attempt took over"):
+                waiting.join()
+            replies = run_workers(
+                lambda: new[0].push(full(2.0), step=1, rows=1),
+                lambda: new[1].push(full(4.0), step=1, rows=3),
+            )
+        finally:
+            for c in old + new:
+                c.close()
+        counts = server.counts
+    assert counts["duplicates"] == 0, counts
+    for meta, weights in replies:
+        assert meta == {"version": 2, "rejected": False}
+        # Both reruns' deltas count: 2.5 + (1*2 + 3*4) / 4. With the bug: 2.5 + 4 = 6.5.
+        np.testing.assert_array_equal(weights[0], full(6.0)[0])
+
+
+def test_sync_drop_without_rejoin_aborts_naming_the_partition() -> None:
+    aborts: list[str] = []
+    with sync_server(allow_rejoin=False, on_abort=aborts.append) as server:
+        old = first_round(server)
+        try:
+            drop(old[1])
+            wait_until(lambda: server.failure is not None)
+            failure = server.failure
+            assert failure is not None
+            assert "lost the worker for partition 1" in failure
+            assert "syncRetries" in failure
+            with pytest.raises(RemoteError, match="lost the worker for partition 1"):
+                old[0].push(full(1.0), step=1, rows=10)
+            wait_until(lambda: len(aborts) == 1)
+        finally:
+            for c in old:
+                c.close()
+        version = server.version
+    assert aborts == [failure]
+    assert version == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Async staleness bound
+
+
+def staleness_pair(server: ParameterServer) -> tuple[ParameterClient, ParameterClient]:
+    fast, slow = client_for(server).connect(), client_for(server).connect()
+    assert fast.hello(partition=0, attempt=1, rows=1)[0]["resume_step"] == 0
+    assert slow.hello(partition=1, attempt=1, rows=1)[0]["resume_step"] == 0
+    for step in (0, 1):  # 1 and 2 steps ahead of the slow worker: within max_staleness=2
+        assert fast.push(full(1.0), step=step, rows=1)[0] == {
+            "version": step + 1,
+            "rejected": False,
+        }
+    return fast, slow
+
+
+def test_async_staleness_blocks_the_fast_worker_until_the_slow_one_pushes() -> None:
+    with ParameterServer(
+        zeros(), num_workers=2, secret=SECRET, mode="async", max_staleness=2, timeout=10.0
+    ) as server:
+        fast, slow = staleness_pair(server)
+        try:
+            for step in (2, 3):
+                ahead = Background(lambda step=step: fast.push(full(1.0), step=step, rows=1))
+                assert not ahead.done.wait(0.3), f"step {step} ran 3 ahead without blocking"
+                # The delta is applied before the wait; only the reply is held back.
+                wait_until(lambda step=step: server.version == 2 * step - 1)
+                meta, _ = slow.push(full(1.0), step=step - 2, rows=1)
+                assert meta == {"version": 2 * step, "rejected": False}
+                meta, weights = ahead.join()
+                assert meta == {"version": 2 * step, "rejected": False}
+                np.testing.assert_array_equal(weights[0], full(2 * step)[0])
+        finally:
+            fast.close()
+            slow.close()
+        failure = server.failure
+    assert failure is None
+
+
+def test_async_staleness_wait_times_out_naming_the_slow_partition() -> None:
+    stop = threading.Event()
+    with ParameterServer(
+        zeros(), num_workers=2, secret=SECRET, mode="async", max_staleness=2, timeout=1.0
+    ) as server:
+        fast, slow = staleness_pair(server)
+
+        def keep_alive() -> int:
+            # The slow worker stays connected and talks (pulls) but never advances its step.
+            pulls = 0
+            while not stop.wait(0.2):
+                slow.pull()
+                pulls += 1
+            return pulls
+
+        alive = Background(keep_alive)
+        try:
+            start = time.monotonic()
+            with pytest.raises(RemoteError) as info:
+                fast.push(full(1.0), step=2, rows=1)
+            elapsed = time.monotonic() - start
+        finally:
+            stop.set()
+            pulls = alive.join()
+            fast.close()
+            slow.close()
+        failure = server.failure
+    message = str(info.value)
+    assert "partition 0 waiting within maxStaleness=2 timed out after 1 s" in message
+    assert "waiting for partitions [1]" in message
+    assert failure == message
+    assert 0.9 < elapsed < 5.0
+    assert pulls >= 3
+
+
+# ---------------------------------------------------------------------------------------------
+# Non-finite deltas
+
+
+def test_non_finite_deltas_are_rejected_then_abort_the_fit() -> None:
+    aborts: list[str] = []
+    bad = [full(np.nan), full(np.inf), [np.array([0, 1, 2, 3, -np.inf, 5, 6, 7, 8, 9], np.float32)]]
+    with ParameterServer(
+        zeros(),
+        num_workers=1,
+        secret=SECRET,
+        mode="async",
+        max_bad_updates=2,
+        on_abort=aborts.append,
+        timeout=5.0,
+    ) as server:
+        with client_for(server) as client:
+            client.hello(partition=0, attempt=1, rows=1)
+            assert client.push(full(1.0), step=0, rows=1)[0] == {"version": 1, "rejected": False}
+            for i, delta in enumerate(bad[:2]):
+                meta, weights = client.push(delta, step=1 + i, rows=1)
+                assert meta == {"version": 1, "rejected": True}
+                np.testing.assert_array_equal(weights[0], full(1.0)[0])
+                assert server.counts["rejected"] == i + 1
+                assert server.failure is None
+            with pytest.raises(RemoteError, match="clip") as info:
+                client.push(bad[2], step=3, rows=1)
+        failure = server.failure
+        wait_until(lambda: len(aborts) >= 1)
+        time.sleep(0.3)  # several more watchdog polls: still one call
+        final, counts = server.final_weights(), server.counts
+    assert failure is not None and str(info.value) == failure
+    assert "3 deltas held NaN or inf" in failure
+    assert "maxBadUpdates=2" in failure
+    assert aborts == [failure]
+    assert counts["rejected"] == 3
+    np.testing.assert_array_equal(final[0], full(1.0)[0])
+
+
+def test_rejected_push_is_not_counted_as_applied() -> None:
+    with ParameterServer(
+        zeros(), num_workers=1, secret=SECRET, mode="async", timeout=5.0
+    ) as server:
+        with client_for(server) as client:
+            client.hello(partition=0, attempt=1, rows=1)
+            assert client.push(full(np.nan), step=0, rows=1)[0] == {"version": 0, "rejected": True}
+        counts, version = server.counts, server.version
+    assert version == 0
+    assert counts == {"applied": 0, "duplicates": 0, "rejected": 1}
+
+
+@pytest.mark.parametrize(
+    "mode",
+    [
+        "sync",
+        "async",
+        "hogwild",
+    ],
+)
+def test_zero_row_delta_never_changes_the_weights(mode: str) -> None:
+    with ParameterServer(zeros(), num_workers=1, secret=SECRET, mode=mode, timeout=5.0) as server:
+        with client_for(server) as client:
+            client.hello(partition=0, attempt=1, rows=1)
+            client.push(full(np.nan), step=0, rows=0)
+        final = server.final_weights()
+    assert np.isfinite(final[0]).all(), final
+    np.testing.assert_array_equal(final[0], zeros()[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# Compressed deltas
+
+
+def push_compressed(delta: list[np.ndarray], precision: str) -> tuple[dict[str, Any], Any]:
+    wire = protocol.compress_delta(delta, precision)
+    with ParameterServer(
+        zeros(), num_workers=1, secret=SECRET, mode="async", timeout=5.0
+    ) as server:
+        with client_for(server) as client:
+            client.hello(partition=0, attempt=1, rows=1)
+            meta, weights = client.push(wire, step=0, rows=1, precision=precision)
+        assert [a.nbytes for a in wire] == [SIZE * 2]  # really two bytes a value on the wire
+        return meta, (weights, server.final_weights(), server.counts)
+
+
+def test_float16_delta_is_decoded_within_half_precision() -> None:
+    delta = [np.array([1 / 3, -2 / 3, 1e-3, 123.456, -5000.1, 65504, 65519, 7, 0, -1e-4], "f4")]
+    meta, (weights, final, counts) = push_compressed(delta, "float16")
+    assert meta == {"version": 1, "rejected": False}
+    # IEEE half: 11 significant bits, so at most 2**-11 relative error for normal numbers.
+    np.testing.assert_allclose(final[0], delta[0], rtol=2**-11, atol=0)
+    np.testing.assert_array_equal(weights[0], final[0])
+    assert final[0][5] == final[0][6] == 65504.0  # 65519 rounds down to the largest half
+    assert final[0][0] != delta[0][0]  # it really went through half precision
+    assert counts == {"applied": 1, "duplicates": 0, "rejected": 0}
+
+
+def test_bfloat16_delta_is_decoded_to_about_three_significant_digits() -> None:
+    ml_dtypes = pytest.importorskip("ml_dtypes")  # an independent bfloat16 implementation
+    rng = np.random.default_rng(3)
+    delta = [(rng.standard_normal(SIZE) * 10.0 ** rng.integers(-20, 20, SIZE)).astype("f4")]
+    delta[0][:3] = [1.00390625, 1.01171875, 3e38]  # two ties (to even: down, up), near float max
+    meta, (weights, final, counts) = push_compressed(delta, "bfloat16")
+    assert meta == {"version": 1, "rejected": False}
+    np.testing.assert_array_equal(weights[0], final[0])
+    # 8 significant bits: at most 2**-8 relative error.
+    np.testing.assert_allclose(final[0], delta[0], rtol=2**-8, atol=0)
+    reference = delta[0].astype(ml_dtypes.bfloat16).astype(np.float32)
+    np.testing.assert_array_equal(final[0], reference)
+    assert final[0][0] == 1.0 and final[0][1] == 1.015625
+    assert counts == {"applied": 1, "duplicates": 0, "rejected": 0}
+
+
+@pytest.mark.parametrize("value", [65520.0, -1e5, 3e38])
+def test_float16_overflow_becomes_inf_and_is_rejected(value: float) -> None:
+    delta = full(1.0)
+    delta[0][4] = value
+    wire = protocol.compress_delta(delta, "float16")
+    assert np.isinf(wire[0][4]) and np.isfinite(np.delete(wire[0], 4)).all()
+    meta, (_, final, counts) = push_compressed(delta, "float16")
+    assert meta == {"version": 0, "rejected": True}
+    np.testing.assert_array_equal(final[0], zeros()[0])
+    assert counts["rejected"] == 1
+
+
+@pytest.mark.parametrize(
+    "bits",
+    [
+        0x7FC00000,  # the default quiet NaN
+        0xFFC00000,  # x86's default NaN (e.g. inf - inf)
+        0x7FFF8000,  # a NaN whose rounding would carry into the sign bit
+        0xFFFFFFFF,  # a NaN whose rounding would wrap to zero
+    ],
+    ids=hex,
+)
+def test_bfloat16_nan_stays_non_finite_and_is_rejected(bits: int) -> None:
+    delta = full(1.0)
+    delta[0][2] = np.array([bits], np.uint32).view(np.float32)[0]
+    assert np.isnan(delta[0][2])
+    meta, (_, final, counts) = push_compressed(delta, "bfloat16")
+    assert meta == {"version": 0, "rejected": True}
+    assert counts["rejected"] == 1
+    np.testing.assert_array_equal(final[0], zeros()[0])
