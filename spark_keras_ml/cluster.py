@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 
 from pyspark.sql import SparkSession
 
@@ -39,18 +40,22 @@ def bind_address(spark: SparkSession) -> str:
     return spark.conf.get(BIND_ADDRESS_CONF, None) or driver_host(spark)
 
 
-def check_transport_security(spark: SparkSession) -> None:
+def check_transport_security(conf: Callable[[str, str], str | None]) -> None:
     """Refuse a plaintext server where Spark itself authenticates or encrypts, unless allowed.
 
-    The parameter server authenticates every peer with the per-fit secret but does not encrypt
-    the weights it sends.
+    ``conf`` reads a Spark setting (``spark.conf.get``). The parameter server authenticates every
+    peer with the per-fit secret but does not encrypt the weights it sends.
     """
+
+    def enabled(key: str) -> bool:
+        return (conf(key, "false") or "false").strip().lower() == "true"
+
     secured = [
         key
         for key in ("spark.authenticate", "spark.ssl.enabled", "spark.network.crypto.enabled")
-        if (spark.conf.get(key, "false") or "false").lower() == "true"
+        if enabled(key)
     ]
-    allowed = (spark.conf.get(ALLOW_UNENCRYPTED_CONF, "false") or "false").lower() == "true"
+    allowed = enabled(ALLOW_UNENCRYPTED_CONF)
     if secured and not allowed:
         raise RuntimeError(
             f"Expected a cluster without {' / '.join(secured)} or an explicit opt-out: the "

@@ -172,7 +172,7 @@ class KerasEstimator(Estimator, HasTrainingParams, HasOutputParams, KerasReadabl
         validate(self)
         model_bytes = self._require_model()
         spark = dataset.sparkSession
-        cluster.check_transport_security(spark)
+        cluster.check_transport_security(spark.conf.get)
 
         # Read every Param into plain values first: the task closure must capture only these,
         # never `self` (CrossValidator fits copies of this estimator in parallel threads).

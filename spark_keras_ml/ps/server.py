@@ -122,6 +122,7 @@ class ParameterServer:
             listener.close()
             raise
         self._listener = listener
+        self._last_activity = time.monotonic()
         self._accept_thread = threading.Thread(
             target=self._accept_loop, name=f"skml-ps-accept-{self.port}", daemon=True
         )
@@ -221,13 +222,23 @@ class ParameterServer:
             thread.start()
 
     def _watch(self) -> None:
-        """The idle watchdog, and the one place that reports an abort to ``on_abort``."""
+        """The idle watchdog, and the one place that reports an abort to ``on_abort``.
+
+        Open connections time out on their own (socket and round timeouts); the watchdog covers
+        what they cannot see: no worker connected at all while some partition has not finished
+        (a task that never started or never came back).
+        """
         idle = time.monotonic() - self._last_activity
-        if self._rule.active() and idle > self._timeout:
-            self._rule.abort(
-                f"no worker sent anything for {idle:.0f} s (timeout={self._timeout:g} s); "
-                f"running partitions: {sorted(self._rule.active())}"
-            )
+        with self._lock:
+            connected = bool(self._handlers)
+        if idle > self._timeout and not connected and self._rule.abort_reason is None:
+            unfinished = self._rule.unfinished()
+            if unfinished:
+                self._rule.abort(
+                    f"no worker connected for {idle:.0f} s (timeout={self._timeout:g} s) "
+                    f"while partitions {unfinished} had not finished: their tasks are stuck, "
+                    "dead or never started"
+                )
         reason = self.failure
         if reason is not None and not self._abort_reported and not self._stopping.is_set():
             self._abort_reported = True
@@ -278,6 +289,7 @@ class ParameterServer:
             conn.close()
             with self._lock:
                 self._handlers.pop(threading.current_thread(), None)
+            self._last_activity = time.monotonic()
 
     def _handle(
         self, conn: socket.socket, message: Message, worker: tuple[int, int] | None

@@ -56,6 +56,7 @@ class UpdateRule:
         self._attempts: dict[int, int] = {}
         self._last_step: dict[int, int] = {}
         self._active: set[int] = set()
+        self._done: set[int] = set()
         self.counts: Counter[str] = Counter()
 
     # --- reading ------------------------------------------------------------------------------
@@ -77,6 +78,11 @@ class UpdateRule:
         """Partitions registered and not yet finished or lost."""
         with self._cond:
             return set(self._active)
+
+    def unfinished(self) -> list[int]:
+        """Partitions that have not said goodbye yet (running, lost, or never started)."""
+        with self._cond:
+            return self._missing(self._done)
 
     def count(self, key: str) -> int:
         """Add one to a counter (e.g. ``rejected``) and return its new value."""
@@ -127,11 +133,15 @@ class UpdateRule:
         with self._cond:
             if self._attempts.get(partition) == attempt:
                 self._active.discard(partition)
+                self._done.add(partition)
                 self._cond.notify_all()
 
     def lost(self, partition: int, attempt: int, why: str) -> None:
         """The worker's connection broke (``why``): Spark may retry it as a new attempt."""
-        self.finish(partition, attempt)
+        with self._cond:
+            if self._attempts.get(partition) == attempt:
+                self._active.discard(partition)
+                self._cond.notify_all()
 
     # --- pushes -------------------------------------------------------------------------------
 

@@ -132,3 +132,26 @@ def test_stopped_worker_is_named_within_the_timeout(spark, digits, faults_module
 def _cleanup_markers(tmp_path):  # type: ignore[no-untyped-def]
     yield
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_async_stopped_worker_is_named_and_the_job_cancelled(
+    spark, digits, faults_module, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    # The stopped task never connects; the other finishes. Only the server's watchdog and the
+    # job cancellation can end this fit: without them the stopped task would hold it forever.
+    train, _ = digits
+    marker = tmp_path / "stopped-once"
+    timeout = 20.0
+    est = KerasEstimator(
+        model=faulty_model(faults_module, "stop", 1, marker),
+        mode="async",
+        epochs=2,
+        numWorkers=2,
+        customObjects=["skml_faults"],
+        timeout=timeout,
+    )
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"partitions \[1\] had not finished"):
+        est.fit(train)
+    assert marker.exists()
+    assert time.monotonic() - started < timeout + 60

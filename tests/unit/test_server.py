@@ -668,3 +668,22 @@ def test_unexpected_handler_error_aborts_the_fit_at_once() -> None:
     assert failure is not None and "serving partition 1" in failure
     assert results[1][0] == "error" and isinstance(results[1][1], RemoteError)
     assert elapsed < 5.0, "an unexpected error must end the fit, not wait out the timeout"
+
+
+def test_idle_watchdog_names_partitions_that_never_started() -> None:
+    aborted: list[str] = []
+    with ParameterServer(
+        initial_weights(),
+        num_workers=2,
+        secret=SECRET,
+        mode="async",
+        timeout=1.0,
+        on_abort=aborted.append,
+    ) as server:
+        with client_for(server) as client:
+            client.hello(partition=0, attempt=1, rows=1)
+            client.push(initial_weights(), rows=1, step=0)
+        wait_until(lambda: bool(aborted), timeout=5.0)
+        failure = server.failure
+    assert aborted == [failure]
+    assert failure is not None and "partitions [1] had not finished" in failure
