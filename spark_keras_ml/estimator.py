@@ -319,6 +319,7 @@ class KerasEstimator(Estimator, HasTrainingParams, HasOutputParams, KerasReadabl
                     if attempt >= retries:
                         raise RuntimeError(_job_failure(exc, mode, retries)) from exc
                     attempt += 1
+                    server.prepare_rerun()
                     logger.warning(
                         "Training job failed (%s); rerunning it from round %d (retry %d of %d)",
                         str(exc).splitlines()[0][:300],

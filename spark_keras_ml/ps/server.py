@@ -170,6 +170,10 @@ class ParameterServer:
             threads.append(self._accept_thread)
         return [t for t in threads if t.is_alive()]
 
+    def prepare_rerun(self) -> None:
+        """Called by the driver before it reruns a failed sync job (see ``syncRetries``)."""
+        self._rule.restart()
+
     # --- results ------------------------------------------------------------------------------
 
     def final_weights(self) -> list[np.ndarray]:

@@ -136,6 +136,9 @@ class UpdateRule:
                 self._done.add(partition)
                 self._cond.notify_all()
 
+    def restart(self) -> None:
+        """The driver is about to rerun the job: forget what the failed run left waiting."""
+
     def lost(self, partition: int, attempt: int, why: str) -> None:
         """The worker's connection broke (``why``): Spark may retry it as a new attempt."""
         with self._cond:
@@ -241,7 +244,6 @@ class SyncRule(UpdateRule):
         self._allow_rejoin = allow_rejoin
         self._generation = 0
         self._registered_rows: dict[int, int] = {}
-        self._registered_attempts: dict[int, int] = {}
         # The open round: which partitions pushed, and the row-weighted sum of their deltas.
         self._pushed: set[int] = set()
         self._rows = 0
@@ -254,7 +256,6 @@ class SyncRule(UpdateRule):
         if partition in self._registered_rows or len(self._registered_rows) == self._num_workers:
             self._new_generation()
         self._registered_rows[partition] = rows
-        self._registered_attempts[partition] = self._attempts[partition]
         generation = self._generation
         self._cond.notify_all()
         self._wait(
@@ -268,6 +269,10 @@ class SyncRule(UpdateRule):
         # Every closed round is one step of every partition: the version is the next step.
         return Registration(self._version, self._weights, self._version, steps)
 
+    def restart(self) -> None:
+        with self._cond:
+            self._new_generation()
+
     def _new_generation(self) -> None:
         """Drop the open round and the old registrations; waiters of the old one give up.
 
@@ -279,7 +284,6 @@ class SyncRule(UpdateRule):
         self.counts["applied"] -= self._applied_in_round
         self._generation += 1
         self._registered_rows = {}
-        self._registered_attempts = {}
         self._reset_round()
         self._cond.notify_all()
 
@@ -288,11 +292,10 @@ class SyncRule(UpdateRule):
             if self._attempts.get(partition) != attempt:
                 return
             self._active.discard(partition)
-            if self._allow_rejoin:
-                # The job will fail and be rerun: this generation is over for everyone in it.
-                if self._registered_attempts.get(partition) == attempt:
-                    self._new_generation()
-            else:
+            # With reruns allowed the job fails as a barrier stage does and the driver calls
+            # restart(); a handler of the failed run may notice its broken socket only later,
+            # so a lost worker must not touch a generation the rerun may already be filling.
+            if not self._allow_rejoin:
                 reason = (
                     f"lost the worker for partition {partition}: {why} (in a sync fit this ends "
                     "the fit; set syncRetries > 0 to rerun the job from the last committed round)"
