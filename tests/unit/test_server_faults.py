@@ -12,8 +12,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -24,12 +23,9 @@ from spark_keras_ml.ps import protocol
 from spark_keras_ml.ps.client import ParameterClient
 from spark_keras_ml.ps.protocol import HEADER, MAGIC, PROTOCOL_VERSION, Op, RemoteError
 from spark_keras_ml.ps.server import ParameterServer
+from tests.unit.ps_support import SECRET, WAIT, outcome, run_workers, wait_until
 
 pytestmark = pytest.mark.timeout(60)
-
-SECRET = b"unit-test secret, 32 bytes long!"
-#: Upper bound on any wait in these tests: a hang fails the test instead of blocking it.
-WAIT = 15.0
 
 
 def weights4() -> list[np.ndarray]:
@@ -39,32 +35,6 @@ def weights4() -> list[np.ndarray]:
 def client_for(server: ParameterServer, secret: bytes = SECRET) -> ParameterClient:
     host, port = server.address
     return ParameterClient(host, port, secret, like=weights4(), timeout=5.0)
-
-
-def run_workers(*workers: Callable[[], Any]) -> list[Any]:
-    """Run each callable in its own thread; return results in order, re-raising any error."""
-    with ThreadPoolExecutor(max_workers=len(workers), thread_name_prefix="test-worker") as pool:
-        futures = [pool.submit(w) for w in workers]
-        return [f.result(timeout=WAIT) for f in futures]
-
-
-def outcome(fn: Callable[[], Any]) -> Callable[[], tuple[str, Any]]:
-    """Wrap ``fn`` so that it returns ("ok", result) or ("error", exception) instead of raising."""
-
-    def wrapped() -> tuple[str, Any]:
-        try:
-            return "ok", fn()
-        except Exception as exc:
-            return "error", exc
-
-    return wrapped
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 5.0, poll: float = 0.01) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(poll)
 
 
 def only_accept_thread(server: ParameterServer) -> bool:

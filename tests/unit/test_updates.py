@@ -23,12 +23,10 @@ from spark_keras_ml.ps.client import ParameterClient
 from spark_keras_ml.ps.protocol import RemoteError
 from spark_keras_ml.ps.server import ParameterServer
 from spark_keras_ml.ps.updates import AsyncRule, HogwildRule, SyncRule, make_rule
+from tests.unit.ps_support import SECRET, WAIT, run_workers, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
-SECRET = b"unit-test secret, 32 bytes long!"
-#: Upper bound on any wait in these tests: a hang fails the test instead of blocking it.
-WAIT = 15.0
 SIZE = 10
 
 
@@ -43,20 +41,6 @@ def full(value: float) -> list[np.ndarray]:
 def client_for(server: ParameterServer) -> ParameterClient:
     host, port = server.address
     return ParameterClient(host, port, SECRET, like=zeros(), timeout=5.0)
-
-
-def run_workers(*workers: Callable[[], Any]) -> list[Any]:
-    """Run each callable in its own thread; return results in order, re-raising any error."""
-    with ThreadPoolExecutor(max_workers=len(workers), thread_name_prefix="test-worker") as pool:
-        futures = [pool.submit(w) for w in workers]
-        return [f.result(timeout=WAIT) for f in futures]
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.01)
 
 
 def drop(client: ParameterClient) -> None:
