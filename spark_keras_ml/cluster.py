@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from pyspark.sql import SparkSession
+from pyspark.sql.utils import is_remote
 
 #: How long to wait for executors to register before counting task slots (local-cluster and
 #: real clusters start executors asynchronously).
@@ -100,3 +102,35 @@ def _jvm_slots(spark: SparkSession) -> int:
     jsc = sc._jsc.sc()
     profile = jsc.resourceProfileManager().defaultResourceProfile()
     return int(jsc.maxNumConcurrentTasks(profile))
+
+
+@contextlib.contextmanager
+def tagged_jobs(spark: SparkSession, tag: str) -> Iterator[None]:
+    """Tag the Spark jobs this thread starts, so that :func:`cancel_jobs` can stop them."""
+    if is_remote():
+        spark.addTag(tag)
+        try:
+            yield
+        finally:
+            spark.removeTag(tag)
+        return
+    # Classic Spark: SparkSession.interruptTag does not reach jobs started from Python threads,
+    # SparkContext job tags do. Interrupting on cancel also kills a stuck Python worker.
+    sc = spark.sparkContext
+    interrupt = "spark.job.interruptOnCancel"
+    previous = sc.getLocalProperty(interrupt)
+    sc.addJobTag(tag)
+    sc.setLocalProperty(interrupt, "true")
+    try:
+        yield
+    finally:
+        sc.removeJobTag(tag)
+        sc.setLocalProperty(interrupt, previous)  # type: ignore[arg-type]
+
+
+def cancel_jobs(spark: SparkSession, tag: str) -> None:
+    """Cancel every job tagged by :func:`tagged_jobs`; safe from any thread."""
+    if is_remote():
+        spark.interruptTag(tag)
+    else:
+        spark.sparkContext.cancelJobsWithTag(tag)

@@ -304,14 +304,16 @@ class KerasEstimator(Estimator, HasTrainingParams, HasOutputParams, KerasReadabl
         cancels it instead of leaving tasks running.
         """
         retries = self.getSyncRetries() if mode == "sync" else 0
-        spark.addTag(tag)
-        try:
-            attempt = 0
+        attempt = 0
+        with cluster.tagged_jobs(spark, tag):
             while True:
                 try:
                     # A fresh DataFrame per run: a failed adaptive plan remembers its failure.
                     return job().collect()
-                except Exception as exc:
+                except BaseException as exc:
+                    if not isinstance(exc, Exception):  # an interrupt of the driver: stop it all
+                        cluster.cancel_jobs(spark, tag)
+                        raise
                     if server.failure is not None:
                         raise RuntimeError(
                             f"Distributed training failed: {server.failure}"
@@ -327,11 +329,6 @@ class KerasEstimator(Estimator, HasTrainingParams, HasOutputParams, KerasReadabl
                         attempt,
                         retries,
                     )
-        except BaseException:
-            spark.interruptTag(tag)
-            raise
-        finally:
-            spark.removeTag(tag)
 
     def _check_workers(self, spark: Any, mode: str) -> int:
         """numWorkers, or every task slot; a sync fit must fit in the slots all at once."""
@@ -353,7 +350,7 @@ class KerasEstimator(Estimator, HasTrainingParams, HasOutputParams, KerasReadabl
 def _cancel_job(spark: Any, tag: str, reason: str) -> None:
     """Runs on a server thread when training aborts: stop the job now, not after every task."""
     logger.info("Cancelling the training job: %s", reason)
-    spark.interruptTag(tag)
+    cluster.cancel_jobs(spark, tag)
 
 
 def _job_failure(exc: BaseException, mode: str, retries: int) -> str:
