@@ -34,12 +34,12 @@ test-cluster: $(STAMP)
 	SKML_TEST_MASTER="local-cluster[2,1,1024]" $(PYTEST) -m cluster tests/cluster
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check spark_keras_ml tests
-	$(VENV)/bin/ruff format --check spark_keras_ml tests
+	$(VENV)/bin/ruff check spark_keras_ml tests benchmarks
+	$(VENV)/bin/ruff format --check spark_keras_ml tests benchmarks
 
 format: $(STAMP)
-	$(VENV)/bin/ruff format spark_keras_ml tests
-	$(VENV)/bin/ruff check --fix spark_keras_ml tests
+	$(VENV)/bin/ruff format spark_keras_ml tests benchmarks
+	$(VENV)/bin/ruff check --fix spark_keras_ml tests benchmarks
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
