@@ -85,11 +85,3 @@ def compile_config_of(data: bytes) -> dict[str, Any] | None:
 def model_id(data: bytes) -> str:
     """A stable id for cached copies of a model on executors."""
     return hashlib.sha256(data).hexdigest()[:32]
-
-
-def is_keras_model(value: Any) -> bool:
-    try:
-        import keras
-    except ImportError:  # pragma: no cover - keras is a hard dependency
-        return False
-    return isinstance(value, keras.Model)

@@ -188,10 +188,6 @@ class ParameterServer:
         return self._epochs.history
 
     @property
-    def epochs_done(self) -> int:
-        return len(self._epochs.rows)
-
-    @property
     def counts(self) -> dict[str, int]:
         """Pushes applied, duplicates skipped, and non-finite deltas rejected."""
         return {k: self._rule.counts[k] for k in ("applied", "duplicates", "rejected")}

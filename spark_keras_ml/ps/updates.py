@@ -74,11 +74,6 @@ class UpdateRule:
     def abort_reason(self) -> str | None:
         return self._abort_reason
 
-    def active(self) -> set[int]:
-        """Partitions registered and not yet finished or lost."""
-        with self._cond:
-            return set(self._active)
-
     def unfinished(self) -> list[int]:
         """Partitions that have not said goodbye yet (running, lost, or never started)."""
         with self._cond:

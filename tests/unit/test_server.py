@@ -27,7 +27,7 @@ from spark_keras_ml.ps.protocol import (
     RemoteError,
 )
 from spark_keras_ml.ps.server import ParameterServer
-from tests.unit.ps_support import SECRET, WAIT, outcome, run_workers, wait_until
+from tests.unit.ps_support import SECRET, WAIT, outcome, read_until_closed, run_workers, wait_until
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -74,19 +74,6 @@ def raw_connection(server: ParameterServer) -> Iterator[socket.socket]:
         yield sock
     finally:
         sock.close()
-
-
-def read_until_closed(sock: socket.socket) -> bytes:
-    """Everything the server sends until it closes the connection."""
-    data = b""
-    while True:
-        try:
-            chunk = sock.recv(4096)
-        except ConnectionResetError:
-            return data
-        if not chunk:
-            return data
-        data += chunk
 
 
 # ---------------------------------------------------------------------------------------------

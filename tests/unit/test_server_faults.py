@@ -23,7 +23,7 @@ from spark_keras_ml.ps import protocol
 from spark_keras_ml.ps.client import ParameterClient
 from spark_keras_ml.ps.protocol import HEADER, MAGIC, PROTOCOL_VERSION, Op, RemoteError
 from spark_keras_ml.ps.server import ParameterServer
-from tests.unit.ps_support import SECRET, WAIT, outcome, run_workers, wait_until
+from tests.unit.ps_support import SECRET, WAIT, outcome, read_until_closed, run_workers, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -72,19 +72,6 @@ def hello(sock: socket.socket, partition: int, attempt: int) -> dict[str, Any]:
     reply = protocol.recv_message(sock, 1 << 16)
     assert reply.op is Op.WEIGHTS
     return reply.meta
-
-
-def read_until_closed(sock: socket.socket) -> bytes:
-    """Everything the server sends until it closes the connection."""
-    data = b""
-    while True:
-        try:
-            chunk = sock.recv(4096)
-        except ConnectionResetError:
-            return data
-        if not chunk:
-            return data
-        data += chunk
 
 
 def abortive_close(sock: socket.socket) -> None:
