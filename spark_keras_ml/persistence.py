@@ -12,9 +12,11 @@ Layout::
 
 from __future__ import annotations
 
+import json
 import posixpath
 from typing import Any, Generic, TypeVar
 
+from pyspark.errors import AnalysisException
 from pyspark.ml.util import (
     DefaultParamsReader,
     DefaultParamsWriter,
@@ -77,7 +79,7 @@ class KerasStageReader(MLReader[T]):
         self.cls = cls
 
     def load(self, path: str) -> T:
-        metadata = DefaultParamsReader.loadMetadata(path, self.sparkSession)
+        metadata = read_metadata(self.sparkSession, path, self.cls)
         version = metadata.get("formatVersion")
         if version != FORMAT_VERSION:
             raise ValueError(
@@ -88,10 +90,64 @@ class KerasStageReader(MLReader[T]):
         instance._resetUid(metadata["uid"])  # type: ignore[attr-defined]
         DefaultParamsReader.getAndSetParams(instance, metadata)  # type: ignore[arg-type]
         if metadata.get("hasModel"):
-            model = read_model_bytes(self.sparkSession, _model_path(path))
+            try:
+                model = read_model_bytes(self.sparkSession, _model_path(path))
+            except AnalysisException as exc:
+                if exc.getCondition() != "PATH_NOT_FOUND":
+                    raise
+                raise FileNotFoundError(
+                    f"Expected the Keras model of the {self.cls.__name__} saved at {path!r} in "
+                    f"{_model_path(path)!r}. The save was interrupted or the folder was removed: "
+                    "save the stage again. Received: no such folder"
+                ) from None
             instance._model_bytes = model  # type: ignore[attr-defined]
         instance._restore_extra(metadata)
         return instance
+
+
+def read_metadata(spark: SparkSession, path: str, cls: type) -> dict[str, Any]:
+    """The stage's Spark ML metadata, with a clear error for a missing or foreign path."""
+    expected = f"{cls.__module__}.{cls.__name__}"
+    wanted = f"Expected a {cls.__name__} saved with .save(path) or .write().save(path) at {path!r}"
+    try:
+        row = spark.read.text(posixpath.join(path, "metadata")).first()
+    except AnalysisException as exc:
+        if exc.getCondition() != "PATH_NOT_FOUND":
+            raise
+        received = (
+            "a folder with no metadata/ in it: not a saved Spark ML stage"
+            if _exists(spark, path)
+            else "no such path"
+        )
+        raise FileNotFoundError(
+            f"{wanted}. Check the path; a relative path resolves against the default "
+            f"filesystem (fs.defaultFS). Received: {received}"
+        ) from None
+    try:
+        metadata = json.loads(row[0]) if row is not None else None
+        found = metadata["class"] if isinstance(metadata, dict) else None
+    except (ValueError, KeyError):
+        found = None
+    if not isinstance(found, str):
+        raise ValueError(
+            f"{wanted}. Point it at the folder that save() wrote. Received: {path}/metadata "
+            "does not hold Spark ML metadata"
+        )
+    if found != expected:
+        short = found.rsplit(".", 1)[-1]
+        raise ValueError(
+            f"{wanted}. Load this path with {short}.load(path) (a pipeline with "
+            f"PipelineModel.load). Received: a saved {found}"
+        )
+    return metadata  # type: ignore[return-value]
+
+
+def _exists(spark: SparkSession, path: str) -> bool:
+    """Whether ``path`` exists on its Hadoop filesystem (any scheme Spark can read)."""
+    jvm = spark.sparkContext._jvm
+    hadoop_path = jvm.org.apache.hadoop.fs.Path(path)  # type: ignore[union-attr]
+    fs = hadoop_path.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration())  # type: ignore[union-attr]
+    return bool(fs.exists(hadoop_path))
 
 
 def _model_path(path: str) -> str:

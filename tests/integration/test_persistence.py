@@ -106,3 +106,42 @@ def test_saved_artifacts_hold_no_pickle(keyed, tmp_path) -> None:  # type: ignor
             # Protocol 2+ pickles start with 0x80 and a protocol byte; cloudpickle frames too.
             assert not data.startswith(b"\x80"), file
             assert b"cloudpickle" not in data and b"__reduce__" not in data, file
+
+
+def test_load_from_a_missing_path_says_so(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    missing = str(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match=r"Expected a KerasTransformer.*no such path"):
+        KerasTransformer.load(missing)
+    with pytest.raises(FileNotFoundError, match=r"Expected a KerasEstimator.*no such path"):
+        KerasEstimator.load(missing)
+
+
+def test_load_from_a_folder_that_is_no_saved_stage_says_so(spark, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    data = str(tmp_path / "table")
+    spark.range(3).write.parquet(data)
+    with pytest.raises(FileNotFoundError, match=r"no metadata/ in it"):
+        KerasTransformer.load(data)
+
+
+def test_load_of_another_stage_names_the_class_to_use(spark, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from pyspark.ml.feature import StringIndexer
+
+    foreign = str(tmp_path / "indexer")
+    StringIndexer(inputCol="a", outputCol="b").save(foreign)
+    with pytest.raises(ValueError, match=r"StringIndexer.load.*Received: a saved .*StringIndexer"):
+        KerasTransformer.load(foreign)
+
+    estimator = str(tmp_path / "estimator")
+    KerasEstimator(model=digits_model()).save(estimator)
+    with pytest.raises(ValueError, match=r"KerasEstimator.load\(path\).*Received: a saved "):
+        KerasTransformer.load(estimator)
+
+
+def test_load_with_the_model_folder_removed_says_so(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import shutil
+
+    path = str(tmp_path / "estimator")
+    KerasEstimator(model=digits_model()).save(path)
+    shutil.rmtree(os.path.join(path, "model"))
+    with pytest.raises(FileNotFoundError, match=r"Keras model of the KerasEstimator.*save the"):
+        KerasEstimator.load(path)
