@@ -33,6 +33,9 @@ class TrainConfig:
     delta_precision: str = "float32"
     #: Modules to import before the model is loaded (custom Keras objects).
     custom_objects: tuple[str, ...] = ()
+    #: Which run of the training job this is (0, then one more per ``syncRetries`` rerun): the
+    #: server turns away a straggler of a failed run so it cannot join the rerun's rounds.
+    run: int = 0
 
 
 @dataclass(frozen=True)

@@ -70,6 +70,7 @@ def train_partition(config: TrainConfig, batches: Iterable[pd.DataFrame]) -> Ite
         "attempt": context.taskAttemptId(),
         "attempt_number": context.attemptNumber(),
         "stage": context.stageId(),
+        "run": config.run,
         "rows": len(x),
     }
     with ParameterClient(

@@ -24,7 +24,7 @@ import numpy as np
 
 from spark_keras_ml.ps import protocol
 from spark_keras_ml.ps.protocol import Message, Op, ProtocolError, RemoteError
-from spark_keras_ml.ps.updates import TrainingAborted, make_rule
+from spark_keras_ml.ps.updates import Superseded, TrainingAborted, make_rule
 from spark_keras_ml.summary import EpochAggregator
 
 logger = logging.getLogger(__name__)
@@ -104,6 +104,7 @@ class ParameterServer:
         self._epochs = EpochAggregator(num_workers, on_epoch)
         self._on_abort = on_abort
         self._abort_reported = False
+        self._run = 0
         self._last_activity = time.monotonic()
         self._listener: socket.socket | None = None
         self._accept_thread: threading.Thread | None = None
@@ -170,9 +171,20 @@ class ParameterServer:
             threads.append(self._accept_thread)
         return [t for t in threads if t.is_alive()]
 
-    def prepare_rerun(self) -> None:
-        """Called by the driver before it reruns a failed sync job (see ``syncRetries``)."""
+    def prepare_rerun(self) -> int:
+        """Called by the driver before it reruns a failed sync job (see ``syncRetries``).
+
+        Returns the number of the new run, which its workers send in HELLO. A task of the failed
+        run may still be alive for a few seconds (Spark kills Python workers after a grace
+        period); if it registered into the rerun's first round, the rerun's own worker for that
+        partition would later start a new round under the feet of the others.
+        """
+        with self._lock:
+            self._run += 1
+            run = self._run
         self._rule.restart()
+        self._last_activity = time.monotonic()
+        return run
 
     # --- results ------------------------------------------------------------------------------
 
@@ -300,6 +312,11 @@ class ParameterServer:
                 raise ProtocolError("a second HELLO on one connection")
             partition = _int_field(meta, "partition")
             attempt = _int_field(meta, "attempt", 0)
+            run = _int_field(meta, "run", 0)
+            if run != self._run:
+                raise Superseded(
+                    f"partition {partition} of run {run} arrived during run {self._run}"
+                )
             registration = self._rule.register(
                 partition,
                 attempt,

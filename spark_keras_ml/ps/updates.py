@@ -14,6 +14,7 @@ first step the server has not applied for it, and starts there.
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
@@ -22,6 +23,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+logger = logging.getLogger(__name__)
 
 
 class TrainingAborted(Exception):
@@ -112,6 +115,7 @@ class UpdateRule:
                     f"partition {partition} attempt {attempt} registered after attempt {newest}"
                 )
             self._attempts[partition] = attempt
+            logger.debug("partition %d attempt %d registers", partition, attempt)
             self._active.add(partition)
             self._cond.notify_all()
             return self._registered(partition, rows, frequency, batch_size, timeout)
@@ -278,12 +282,16 @@ class SyncRule(UpdateRule):
             self._last_step[partition] = self._version - 1
         self.counts["applied"] -= self._applied_in_round
         self._generation += 1
+        logger.debug(
+            "generation %d starts (registered were %s)", self._generation, self._registered_rows
+        )
         self._registered_rows = {}
         self._reset_round()
         self._cond.notify_all()
 
     def lost(self, partition: int, attempt: int, why: str) -> None:
         with self._cond:
+            logger.debug("partition %d attempt %d lost: %s", partition, attempt, why)
             if self._attempts.get(partition) != attempt:
                 return
             self._active.discard(partition)

@@ -398,6 +398,41 @@ def test_sync_rejoin_replays_a_step_pushed_into_the_dropped_round() -> None:
         np.testing.assert_array_equal(weights[0], full(6.0)[0])
 
 
+def test_sync_rerun_turns_away_a_straggler_of_the_failed_run() -> None:
+    """A task of the failed job that registers after the driver started the rerun.
+
+    Without the run number it joined the rerun's first round with the rerun's worker for the
+    other partition; the rerun's own worker for its partition then started a new generation
+    that the other could never join, and the fit hung until the timeout.
+    """
+    with sync_server(allow_rejoin=True) as server:
+        straggler, new = (
+            client_for(server).connect(),
+            [client_for(server).connect() for _ in range(2)],
+        )
+        try:
+            assert server.prepare_rerun() == 1
+            with pytest.raises(RemoteError, match="partition 0 of run 0 arrived during run 1"):
+                straggler.hello(partition=0, attempt=5, rows=10)
+            metas = run_workers(
+                lambda: new[1].hello(partition=1, attempt=10, rows=3, run=1)[0],
+                lambda: new[0].hello(partition=0, attempt=9, rows=1, run=1)[0],
+            )
+            assert [m["resume_step"] for m in metas] == [0, 0]
+            replies = run_workers(
+                lambda: new[0].push(full(2.0), step=0, rows=1),
+                lambda: new[1].push(full(4.0), step=0, rows=3),
+            )
+        finally:
+            for c in [straggler, *new]:
+                c.close()
+        failure = server.failure
+    assert failure is None
+    for meta, weights in replies:
+        assert meta == {"version": 1, "rejected": False}
+        np.testing.assert_array_equal(weights[0], full(3.5)[0])  # (1*2 + 3*4) / 4
+
+
 def test_sync_drop_without_rejoin_aborts_naming_the_partition() -> None:
     aborts: list[str] = []
     with sync_server(allow_rejoin=False, on_abort=aborts.append) as server:
