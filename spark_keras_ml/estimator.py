@@ -13,15 +13,17 @@ Who owns what:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import keras
 from pyspark import keyword_only
 from pyspark.ml import Estimator
+from pyspark.ml.param import Param
 from pyspark.sql import DataFrame, Row
 
 from spark_keras_ml import cluster
@@ -41,6 +43,7 @@ from spark_keras_ml.ps.server import ParameterServer
 from spark_keras_ml.serialization import model_from_bytes, model_to_bytes
 from spark_keras_ml.summary import format_epoch
 from spark_keras_ml.transformer import KerasTransformer
+from spark_keras_ml.tuning import FitMultipleIterator, SharedTrainingData
 from spark_keras_ml.worker import train_partition
 
 logger = logging.getLogger(__name__)
@@ -169,6 +172,26 @@ class KerasEstimator(Estimator, HasTrainingParams, HasOutputParams, KerasReadabl
         return self._model_bytes
 
     def _fit(self, dataset: DataFrame) -> KerasTransformer:
+        return self._fit_with(dataset, shared=None)
+
+    def fitMultiple(
+        self, dataset: DataFrame, paramMaps: Sequence[dict[Param, Any]]
+    ) -> FitMultipleIterator[KerasTransformer]:
+        """Fit one model per param map, converting and repartitioning the data only once.
+
+        ``CrossValidator`` and ``TrainValidationSplit`` call this once per fold. The converted
+        table is cached for the length of the call and unpersisted after its last fit.
+        """
+        estimators = [self.copy(param_map) for param_map in paramMaps]
+        shared = SharedTrainingData()
+
+        def fit_one(index: int) -> KerasTransformer:
+            return estimators[index]._fit_with(dataset, shared)
+
+        return FitMultipleIterator(fit_one, len(estimators), shared)
+
+    def _fit_with(self, dataset: DataFrame, shared: SharedTrainingData | None) -> KerasTransformer:
+        """One fit; with ``shared``, the converted data comes from (and stays in) its cache."""
         validate(self)
         model_bytes = self._require_model()
         spark = dataset.sparkSession
@@ -198,11 +221,21 @@ class KerasEstimator(Estimator, HasTrainingParams, HasOutputParams, KerasReadabl
                 f"Received: loss={loss!r} expecting labels of shape {label_row}"
             )
         num_workers = self._check_workers(spark, mode)
-        if dataset.isEmpty():
+
+        def convert() -> DataFrame:
+            converted = dataset.select(features.alias(FEATURES), label.alias(LABEL))
+            return converted.repartition(num_workers)
+
+        if shared is None:
+            data, empty = convert(), dataset.isEmpty()
+        else:
+            key = (self.getFeaturesCol(), self.getLabelCol(), num_workers)
+            data, rows = shared.get(key, convert)
+            empty = rows == 0
+        if empty:
             raise ValueError(
                 "Expected a DataFrame with at least one row to fit on. Received: an empty DataFrame"
             )
-        data = dataset.select(features.alias(FEATURES), label.alias(LABEL)).repartition(num_workers)
 
         epochs = self.getEpochs()
 
@@ -257,9 +290,9 @@ class KerasEstimator(Estimator, HasTrainingParams, HasOutputParams, KerasReadabl
                 config.port,
             )
 
-            def job() -> DataFrame:
+            def job(run: int) -> DataFrame:
                 return data.mapInPandas(
-                    functools.partial(train_partition, config),
+                    functools.partial(train_partition, dataclasses.replace(config, run=run)),
                     TRAIN_RESULT_SCHEMA,
                     barrier=mode == "sync",
                 )
@@ -293,7 +326,7 @@ class KerasEstimator(Estimator, HasTrainingParams, HasOutputParams, KerasReadabl
     def _run_job(
         self,
         spark: Any,
-        job: Callable[[], DataFrame],
+        job: Callable[[int], DataFrame],
         server: ParameterServer,
         tag: str,
         mode: str,
@@ -304,12 +337,12 @@ class KerasEstimator(Estimator, HasTrainingParams, HasOutputParams, KerasReadabl
         cancels it instead of leaving tasks running.
         """
         retries = self.getSyncRetries() if mode == "sync" else 0
-        attempt = 0
+        attempt, run = 0, 0
         with cluster.tagged_jobs(spark, tag):
             while True:
                 try:
                     # A fresh DataFrame per run: a failed adaptive plan remembers its failure.
-                    return job().collect()
+                    return job(run).collect()
                 except BaseException as exc:
                     if not isinstance(exc, Exception):  # an interrupt of the driver: stop it all
                         cluster.cancel_jobs(spark, tag)
@@ -321,7 +354,7 @@ class KerasEstimator(Estimator, HasTrainingParams, HasOutputParams, KerasReadabl
                     if attempt >= retries:
                         raise RuntimeError(_job_failure(exc, mode, retries)) from exc
                     attempt += 1
-                    server.prepare_rerun()
+                    run = server.prepare_rerun()
                     logger.warning(
                         "Training job failed (%s); rerunning it from round %d (retry %d of %d)",
                         str(exc).splitlines()[0][:300],
