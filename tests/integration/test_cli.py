@@ -71,3 +71,39 @@ def test_missing_model_and_missing_columns_fail_clearly(saved) -> None:  # type:
     assert columns.returncode == 4
     assert "`featuresCol`" in columns.stderr and "features" in columns.stderr
     assert not Path(root / "y").exists()
+
+
+def test_runs_under_spark_submit_with_its_exit_codes(spark, saved) -> None:  # type: ignore[no-untyped-def]
+    import spark_keras_ml.cli
+
+    root, rows = saved
+    submit = Path(sys.executable).with_name("spark-submit")
+    env = dict(os.environ, PYSPARK_PYTHON=sys.executable, PYSPARK_DRIVER_PYTHON=sys.executable)
+
+    def spark_submit(*args: str) -> subprocess.CompletedProcess[str]:
+        command = [str(submit), "--master", "local[2]", "--conf", "spark.ui.enabled=false"]
+        command += [spark_keras_ml.cli.__file__, "score", *args]
+        return subprocess.run(
+            command, capture_output=True, text=True, timeout=240, env=env, check=False
+        )
+
+    out = str(root / "submitted.csv")
+    done = spark_submit(
+        "--model", str(root / "model"), "--input", str(root / "input.parquet"), "--output", out
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    scored = spark.read.option("header", "true").csv(out)
+    assert scored.count() == rows
+    assert {"prediction", "probability"} <= set(scored.columns)
+
+    missing = spark_submit(
+        "--model",
+        str(root / "nope"),
+        "--input",
+        str(root / "input.parquet"),
+        "--output",
+        str(root / "never"),
+    )
+    assert missing.returncode == 3, missing.stderr[-3000:]
+    # spark-submit merges the Python driver's stderr into its own stdout.
+    assert "Expected a saved PipelineModel or KerasTransformer" in missing.stdout
