@@ -145,3 +145,36 @@ def test_load_with_the_model_folder_removed_says_so(tmp_path) -> None:  # type: 
     shutil.rmtree(os.path.join(path, "model"))
     with pytest.raises(FileNotFoundError, match=r"Keras model of the KerasEstimator.*save the"):
         KerasEstimator.load(path)
+
+
+def same_weights(a, b) -> None:  # type: ignore[no-untyped-def]
+    for x, y in zip(a.getKerasModel().get_weights(), b.getKerasModel().get_weights(), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_file_uri_and_relative_paths_round_trip(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    stage = KerasTransformer(model=digits_model(), history={"loss": [2.0, 1.0]})
+    uri = (tmp_path / "by-uri").as_uri()
+    stage.save(uri)
+    assert KerasTransformer.load(uri).history == {"loss": [2.0, 1.0]}
+    same_weights(KerasTransformer.load(uri), stage)
+
+    # Relative to the working directory of the JVM, which is this process's.
+    relative = os.path.relpath(tmp_path / "by-relative-path")
+    assert not os.path.isabs(relative)
+    stage.save(relative)
+    assert (tmp_path / "by-relative-path" / "metadata").is_dir()
+    same_weights(KerasTransformer.load(relative), stage)
+
+
+def test_a_model_larger_than_a_chunk_is_split_and_rejoined(spark, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from spark_keras_ml import persistence
+
+    monkeypatch.setattr(persistence, "CHUNK_BYTES", 8192)
+    stage = KerasTransformer(model=digits_model())
+    path = str(tmp_path / "chunked")
+    stage.save(path)
+    chunks = spark.read.parquet(os.path.join(path, "model")).count()
+    assert chunks == -(-len(stage._model_bytes) // 8192) > 1
+    loaded = KerasTransformer.load(path)
+    assert loaded._model_bytes == stage._model_bytes
