@@ -1,18 +1,13 @@
-"""Driver-side column checks and conversions, done in the JVM before any row reaches Python.
-
-Vectors arrive in pandas as dicts, so they are turned into ``array<float>`` with
-``vector_to_array`` here, and output arrays are turned back with ``array_to_vector``.
+"""Driver-side column checks: a column that must exist, and Spark's columnar-input setting that
+Vector columns trip over. Which columns feed the model, and how, is in ``inputs.py``.
 """
 
 from __future__ import annotations
 
 import logging
 
-from pyspark.ml.functions import vector_to_array
-from pyspark.ml.linalg import VectorUDT
-from pyspark.sql import Column, DataFrame
-from pyspark.sql import functions as F
-from pyspark.sql.types import ArrayType, DataType, NumericType, StructType, UserDefinedType
+from pyspark.sql import DataFrame
+from pyspark.sql.types import ArrayType, DataType, StructType, UserDefinedType
 
 from spark_keras_ml.params import param_error
 
@@ -35,34 +30,6 @@ def require_column(df: DataFrame, name: str, param: str) -> DataType:
             f"Set `{param}` to one of the columns, or add the column first.",
         )
     return fields[name]
-
-
-def features_as_array(df: DataFrame, name: str, param: str = "featuresCol") -> Column:
-    """``name`` as ``array<float>``: from a Vector, an array of numbers, or a single number."""
-    dtype = require_column(df, name, param)
-    if isinstance(dtype, VectorUDT):
-        return vector_to_array(F.col(name), "float32")
-    if isinstance(dtype, ArrayType) and isinstance(dtype.elementType, NumericType):
-        return F.col(name).cast("array<float>")
-    if isinstance(dtype, NumericType):
-        return F.array(F.col(name).cast("float"))
-    raise ValueError(
-        f"Expected column `{name}` ({param}) to be a Vector, an array of numbers or a number. "
-        "Assemble numeric columns with pyspark.ml.feature.VectorAssembler, or index strings with "
-        f"StringIndexer first. Received: {name} of type {dtype.simpleString()}"
-    )
-
-
-def label_as_float(df: DataFrame, name: str, param: str = "labelCol") -> Column:
-    """``name`` as ``float``: class indices and regression targets alike."""
-    dtype = require_column(df, name, param)
-    if isinstance(dtype, NumericType):
-        return F.col(name).cast("float")
-    raise ValueError(
-        f"Expected column `{name}` ({param}) to be numeric (a class index or a regression "
-        "target). Index string labels with pyspark.ml.feature.StringIndexer. "
-        f"Received: {name} of type {dtype.simpleString()}"
-    )
 
 
 def avoid_columnar_udt_input(df: DataFrame) -> None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from spark_keras_ml.data import Layout
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -27,8 +29,10 @@ class TrainConfig:
     timeout: float
     seed: int
     task_cpus: int
-    #: Shape one label row must take to match the model's output, e.g. ``[1]`` or ``[]``.
-    label_shape: list[int]
+    #: Per-row shapes of the transported columns (inputs, targets, weights, held-out flags).
+    layout: Layout
+    #: Fraction of each worker's rows held out for val_* metrics (when no validation column).
+    validation_split: float = 0.0
     #: How deltas travel: "float32", "float16" or "bfloat16".
     delta_precision: str = "float32"
     #: Modules to import before the model is loaded (custom Keras objects).
@@ -47,4 +51,6 @@ class PredictConfig:
     kind: str
     batch_size: int
     task_cpus: int
+    #: Per-row shapes of the feature columns the UDF receives, one per model input.
+    layout: Layout
     custom_objects: tuple[str, ...] = ()

@@ -4,14 +4,16 @@ the rows Spark expects. No SparkSession, no Keras: this module is tested with pl
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
-#: Names of the columns the driver selects for training (after conversion in the JVM).
-FEATURES = "features"
-LABEL = "label"
+#: Names of the optional columns the driver selects for training besides ``x0..`` and ``y0..``.
+WEIGHT = "weight"
+HELD_OUT = "held_out"
 
 #: Schema of the one summary row each training task returns.
 TRAIN_RESULT_SCHEMA = "partition int, rows long, seconds double"
@@ -20,47 +22,156 @@ TRAIN_RESULT_SCHEMA = "partition int, rows long, seconds double"
 _EPSILON = 1e-7
 
 
-def column_to_numpy(series: pd.Series, name: str) -> np.ndarray:
-    """A column of numbers or of equal-length arrays as a float32 matrix (rows first)."""
+def column_to_numpy(series: pd.Series, what: str) -> np.ndarray:
+    """A column of numbers or of equal-length arrays as a finite float32 matrix (rows first).
+
+    ``what`` names the column(s) in errors, e.g. "`age`, `income` -> input (2,)".
+    """
     nulls = int(series.isna().sum())
     if nulls:
         raise ValueError(
-            f"Expected column `{name}` to have no null values. Drop or impute them before fitting. "
-            f"Received: {nulls} null rows"
+            f"Expected no null values in {what}. Drop or impute those rows first (e.g. "
+            f"df.dropna() or pyspark.ml.feature.Imputer). Received: {nulls} null rows"
         )
     if series.dtype != object:
-        return series.to_numpy(dtype=np.float32)
-    values = series.to_list()
-    if not values:
-        return np.zeros((0, 0), dtype=np.float32)
-    widths = {len(v) for v in values}
-    if len(widths) != 1:
+        with np.errstate(over="ignore"):  # too large for float32 becomes inf, refused below
+            values = series.to_numpy(dtype=np.float32)
+    else:
+        rows = series.to_list()
+        if not rows:
+            return np.zeros((0, 0), dtype=np.float32)
+        widths = {len(v) for v in rows}
+        if len(widths) != 1:
+            raise ValueError(
+                f"Expected every row of {what} to have the same length. Pad or filter the rows. "
+                f"Received lengths {sorted(widths)[:5]}"
+            )
+        with np.errstate(over="ignore"):
+            values = np.concatenate(rows).astype(np.float32, copy=False).reshape(len(rows), -1)
+    if not np.isfinite(values).all():
+        bad = int((~np.isfinite(values.reshape(len(values), -1))).any(axis=1).sum())
         raise ValueError(
-            f"Expected every row of `{name}` to have the same length. Received lengths "
-            f"{sorted(widths)[:5]}"
+            f"Expected finite numbers in {what}. Drop or impute the rows holding NaN or inf "
+            f"(or values too large for float32). Received: {bad} such rows"
         )
-    return np.concatenate(values).astype(np.float32, copy=False).reshape(len(values), -1)
+    return values
 
 
-def partition_to_numpy(
-    batches: Iterable[pd.DataFrame], label_shape: Sequence[int]
-) -> tuple[np.ndarray, np.ndarray]:
-    """All rows of a training partition as ``(x, y)`` float32 arrays.
+def feature_name(index: int) -> str:
+    return f"x{index}"
 
-    ``y`` is reshaped to ``(rows, *label_shape)`` so it lines up with the model's output.
+
+def label_name(index: int) -> str:
+    return f"y{index}"
+
+
+def check_width(shape: Sequence[int], width: int, what: str) -> None:
+    """Raise when ``width`` values cannot fill one row of ``shape`` (-1: a free dimension)."""
+    known = math.prod(d for d in shape if d != -1)
+    fits = (width > 0 and width % known == 0) if -1 in shape else width == known
+    if not fits:
+        need = f"a multiple of {known}" if -1 in shape else str(known)
+        raise ValueError(
+            f"Expected rows of {need} values for {what}. Select or reshape the columns to fit "
+            f"the model, or change the model. Received: rows of {width} values"
+        )
+
+
+def shaped(series: pd.Series, shape: Sequence[int], what: str) -> np.ndarray:
+    """A transported column (float, or flat float arrays) as ``(rows, *shape)`` float32."""
+    flat = column_to_numpy(series, what)
+    rows = len(flat)
+    width = 1 if flat.ndim == 1 else flat.shape[1]
+    if rows:
+        check_width(shape, width, what)
+    return flat.reshape(rows, *shape)
+
+
+@dataclass
+class Rows:
+    """A partition's rows as the model takes them: one array per input and per output.
+
+    ``weights`` are per-row sample weights; ``held_out`` marks validation rows.
     """
-    xs: list[np.ndarray] = []
-    ys: list[np.ndarray] = []
-    for batch in batches:
-        if len(batch) == 0:
-            continue
-        xs.append(column_to_numpy(batch[FEATURES], FEATURES))
-        ys.append(column_to_numpy(batch[LABEL], LABEL))
-    if not xs:
-        return np.zeros((0, 0), dtype=np.float32), np.zeros((0, *label_shape), dtype=np.float32)
-    x = np.concatenate(xs)
-    y = np.concatenate(ys).reshape(len(x), *label_shape)
-    return x, y
+
+    inputs: list[np.ndarray]
+    targets: list[np.ndarray]
+    weights: np.ndarray | None = None
+    held_out: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.inputs[0])
+
+    def take(self, index: np.ndarray) -> Rows:
+        return Rows(
+            [a[index] for a in self.inputs],
+            [a[index] for a in self.targets],
+            None if self.weights is None else self.weights[index],
+        )
+
+    @property
+    def x(self) -> np.ndarray | list[np.ndarray]:
+        return self.inputs[0] if len(self.inputs) == 1 else self.inputs
+
+    @property
+    def y(self) -> np.ndarray | list[np.ndarray]:
+        return self.targets[0] if len(self.targets) == 1 else self.targets
+
+
+def partition_rows(batches: Iterable[pd.DataFrame], layout: Layout) -> Rows:
+    """All rows of a training partition, shaped for the model, as float32.
+
+    The batches hold the columns the driver selected: ``x0..`` (inputs), ``y0..`` (outputs),
+    and optionally ``WEIGHT`` and ``HELD_OUT``.
+    """
+    frames = [batch for batch in batches if len(batch)]
+    if not frames:
+        frames = [pd.DataFrame({name: pd.Series([], dtype=np.float32) for name in layout.names})]
+    data = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+    inputs = [
+        shaped(data[feature_name(i)], shape, layout.input_name(i))
+        for i, shape in enumerate(layout.inputs)
+    ]
+    targets = [
+        shaped(data[label_name(i)], shape, layout.target_name(i))
+        for i, shape in enumerate(layout.targets)
+    ]
+    weight_name = f"`{layout.weight_name}` (sampleWeightCol)"
+    weights = column_to_numpy(data[WEIGHT], weight_name) if layout.weights else None
+    held_out = data[HELD_OUT].to_numpy(dtype=bool) if layout.held_out else None
+    if weights is not None and (weights < 0).any():
+        raise ValueError(
+            f"Expected sample weights >= 0 in {weight_name}. Received: "
+            f"{int((weights < 0).sum())} negative weights"
+        )
+    return Rows(inputs, targets, weights, held_out)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What the transported columns hold: per-row shapes, and names for error messages."""
+
+    inputs: tuple[tuple[int, ...], ...]
+    targets: tuple[tuple[int, ...], ...] = ()
+    input_names: tuple[str, ...] = ()
+    target_names: tuple[str, ...] = ()
+    weights: bool = False
+    held_out: bool = False
+    weight_name: str = ""
+
+    def input_name(self, index: int) -> str:
+        names = self.input_names
+        return names[index] if index < len(names) else f"model input {index}"
+
+    def target_name(self, index: int) -> str:
+        names = self.target_names
+        return names[index] if index < len(names) else f"model output {index}"
+
+    @property
+    def names(self) -> list[str]:
+        names = [feature_name(i) for i in range(len(self.inputs))]
+        names += [label_name(i) for i in range(len(self.targets))]
+        return names + ([WEIGHT] if self.weights else []) + ([HELD_OUT] if self.held_out else [])
 
 
 def classifier_columns(probs: np.ndarray) -> pd.DataFrame:

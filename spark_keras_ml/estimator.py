@@ -27,10 +27,10 @@ from pyspark.ml.param import Param
 from pyspark.sql import DataFrame, Row
 
 from spark_keras_ml import cluster
-from spark_keras_ml.columns import features_as_array, label_as_float
 from spark_keras_ml.config import TrainConfig
-from spark_keras_ml.data import FEATURES, LABEL, TRAIN_RESULT_SCHEMA
-from spark_keras_ml.model_info import label_shape, output_kind, resolve_compile_config
+from spark_keras_ml.data import TRAIN_RESULT_SCHEMA
+from spark_keras_ml.inputs import check_first_row, training_columns
+from spark_keras_ml.model_info import output_kind, resolve_compile_config
 from spark_keras_ml.params import (
     HasOutputParams,
     HasTrainingParams,
@@ -60,6 +60,13 @@ class KerasEstimator(Estimator, HasTrainingParams, HasOutputParams, KerasReadabl
     ``numWorkers=None`` (every task slot), ``timeout=600`` seconds, ``maxStaleness=None``,
     ``syncRetries=0``, ``maxBadUpdates=3``, ``deltaPrecision="float32"``.
 
+    Columns: ``featuresCol`` (a Vector, a number, or an array, nested arrays reshaped to the
+    model's input shape) or ``featuresCols`` (several columns, concatenated for one input or one
+    per input of a multi-input model); ``labelCol`` (a class index for a sparse loss, else a
+    number, Vector or array shaped like the output) or ``labelCols`` (one per output);
+    ``sampleWeightCol``; ``validationSplit`` (a seeded fraction of each worker's rows) or
+    ``validationCol`` (boolean, true rows held out) for ``val_*`` metrics in ``history``.
+
     Modes: ``sync`` runs every worker at once in a barrier stage and applies the row-weighted
     mean of their deltas each round; ``async`` applies each delta under a lock as it arrives;
     ``hogwild`` adds deltas in place without a lock (racy by design). A push is never applied
@@ -88,7 +95,12 @@ class KerasEstimator(Estimator, HasTrainingParams, HasOutputParams, KerasReadabl
         *,
         model: keras.Model | None = None,
         featuresCol: str = "features",
+        featuresCols: list[str] | None = None,
         labelCol: str = "label",
+        labelCols: list[str] | None = None,
+        sampleWeightCol: str | None = None,
+        validationSplit: float = 0.0,
+        validationCol: str | None = None,
         mode: str = "sync",
         frequency: str = "epoch",
         epochs: int = 1,
@@ -120,7 +132,12 @@ class KerasEstimator(Estimator, HasTrainingParams, HasOutputParams, KerasReadabl
         *,
         model: keras.Model | None = None,
         featuresCol: str = "features",
+        featuresCols: list[str] | None = None,
         labelCol: str = "label",
+        labelCols: list[str] | None = None,
+        sampleWeightCol: str | None = None,
+        validationSplit: float = 0.0,
+        validationCol: str | None = None,
         mode: str = "sync",
         frequency: str = "epoch",
         epochs: int = 1,
@@ -200,8 +217,6 @@ class KerasEstimator(Estimator, HasTrainingParams, HasOutputParams, KerasReadabl
         # Read every Param into plain values first: the task closure must capture only these,
         # never `self` (CrossValidator fits copies of this estimator in parallel threads).
         mode = normalize_mode(self.getMode())
-        features = features_as_array(dataset, self.getFeaturesCol())
-        label = label_as_float(dataset, self.getLabelCol())
         custom_objects = tuple(self.getCustomObjects())
         model = model_from_bytes(model_bytes, compile=True, custom_objects=custom_objects)
         compile_config = resolve_compile_config(
@@ -213,29 +228,29 @@ class KerasEstimator(Estimator, HasTrainingParams, HasOutputParams, KerasReadabl
         )
         loss = compile_config["loss"]
         kind = output_kind(model, loss) if self.getOutputKind() == "auto" else self.getOutputKind()
-        label_row = label_shape(model, loss)
-        if label_row not in ([], [1]):
-            raise ValueError(
-                f"Expected a model whose loss takes one number per row (a class index or a "
-                f"target). Use loss='sparse_categorical_crossentropy' for class indices. "
-                f"Received: loss={loss!r} expecting labels of shape {label_row}"
-            )
+        plan = training_columns(
+            dataset,
+            model,
+            loss,
+            features=self.feature_columns(),
+            labels=self.label_columns(),
+            weight=self.getSampleWeightCol(),
+            held_out=self.getValidationCol(),
+            validation_split=self.getValidationSplit(),
+        )
         num_workers = self._check_workers(spark, mode)
-
-        def convert() -> DataFrame:
-            converted = dataset.select(features.alias(FEATURES), label.alias(LABEL))
-            return converted.repartition(num_workers)
-
-        if shared is None:
-            data, empty = convert(), dataset.isEmpty()
-        else:
-            key = (self.getFeaturesCol(), self.getLabelCol(), num_workers)
-            data, rows = shared.get(key, convert)
-            empty = rows == 0
-        if empty:
+        if not check_first_row(dataset, plan.slots):
             raise ValueError(
                 "Expected a DataFrame with at least one row to fit on. Received: an empty DataFrame"
             )
+
+        def convert() -> DataFrame:
+            return dataset.select(*plan.columns).repartition(num_workers)
+
+        if shared is None:
+            data = convert()
+        else:
+            data = shared.get((*plan.key, num_workers), convert)
 
         epochs = self.getEpochs()
 
@@ -274,7 +289,8 @@ class KerasEstimator(Estimator, HasTrainingParams, HasOutputParams, KerasReadabl
                 timeout=self.getTimeout(),
                 seed=self.getSeed(),
                 task_cpus=cluster.task_cpus(spark),
-                label_shape=label_row,
+                layout=plan.layout,
+                validation_split=self.getValidationSplit(),
                 delta_precision=self.getDeltaPrecision(),
                 custom_objects=custom_objects,
             )
@@ -316,6 +332,7 @@ class KerasEstimator(Estimator, HasTrainingParams, HasOutputParams, KerasReadabl
             model=model,
             history=history,
             featuresCol=self.getFeaturesCol(),
+            featuresCols=self.getFeaturesCols(),
             predictionCol=self.getPredictionCol(),
             probabilityCol=self.getProbabilityCol(),
             rawPredictionCol=self.getRawPredictionCol(),

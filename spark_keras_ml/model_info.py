@@ -42,10 +42,33 @@ def resolve_compile_config(
             loss,
             "Compile the model, or pass loss='sparse_categorical_crossentropy' (or 'mse', ...).",
         )
+    _check_losses(config["loss"])
     if metrics is not None:
         config["metrics"] = list(metrics)
     _check_compiles(model, config)
     return config
+
+
+def _check_losses(loss: Any) -> None:
+    """Resolve every loss (one, a list, or a dict by output name) now, not on an executor."""
+    parts: list[Any]
+    if isinstance(loss, dict) and "class_name" not in loss:
+        parts = list(loss.values())
+    else:
+        parts = list(loss) if isinstance(loss, list | tuple) else [loss]
+    for part in parts:
+        if part is None:
+            continue
+        try:
+            keras.losses.get(part)
+        except (ValueError, TypeError) as exc:
+            raise param_error(
+                "loss",
+                "a Keras loss name such as 'mse', a config dict, or one of those per output",
+                loss,
+                "Check the spelling, or register a custom loss and list its module in "
+                "customObjects.",
+            ) from exc
 
 
 def _serialize_optimizer(optimizer: Any) -> dict[str, Any]:
@@ -69,18 +92,14 @@ def _check_compiles(model: keras.Model, config: dict[str, Any]) -> None:
         ) from exc
 
 
-def output_shape(model: keras.Model) -> tuple[int | None, ...]:
-    if len(model.outputs) != 1:
-        raise ValueError(
-            "Expected a model with one output tensor. Wrap a multi-output model so that it "
-            f"returns one tensor. Received: a model with {len(model.outputs)} outputs"
-        )
-    return tuple(model.outputs[0].shape)
-
-
 def output_kind(model: keras.Model, loss: Any) -> str:
-    """'classifier', 'regressor' or 'raw', from the output layer's activation and the loss."""
-    shape = output_shape(model)
+    """'classifier', 'regressor' or 'raw', from the output layer's activation and the loss.
+
+    A model with several outputs is 'raw': its outputs, flattened and concatenated per row.
+    """
+    if len(model.outputs) != 1:
+        return "raw"
+    shape = tuple(model.outputs[0].shape)
     activation = getattr(getattr(model.layers[-1], "activation", None), "__name__", "")
     loss_name = str(loss.get("class_name", "") if isinstance(loss, dict) else loss or "").lower()
     crossentropy = "crossentropy" in loss_name or loss is None
@@ -92,14 +111,3 @@ def output_kind(model: keras.Model, loss: Any) -> str:
     if shape[1:] in ((), (1,)):
         return "regressor"
     return "raw"
-
-
-def label_shape(model: keras.Model, loss: Any) -> list[int]:
-    """Shape of one label row: a class index for sparse losses, else the output's own shape."""
-    shape = output_shape(model)[1:]
-    loss_name = str(loss.get("class_name", "") if isinstance(loss, dict) else loss).lower()
-    if "sparse" in loss_name.replace("_", ""):
-        return []
-    if any(d is None for d in shape):
-        raise ValueError(f"Expected a model output with a fixed shape. Received: {shape}")
-    return [int(d) for d in shape]  # type: ignore[arg-type]

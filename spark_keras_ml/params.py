@@ -131,6 +131,31 @@ class HasTrainingParams(HasFeaturesCol, HasLabelCol, HasSeed):
         "How many deltas holding NaN or inf are rejected before the fit fails as diverged.",
         typeConverter=TypeConverters.toInt,
     )
+    labelCols: Param[Any] = Param(
+        Params._dummy(),
+        "labelCols",
+        "Label columns of a multi-output model, one per output (matched by output name, else by "
+        "position). None uses labelCol.",
+        typeConverter=_json_native,
+    )
+    sampleWeightCol: Param[str] = Param(
+        Params._dummy(),
+        "sampleWeightCol",
+        "Numeric column of per-row sample weights; None weighs every row 1.",
+        typeConverter=TypeConverters.toString,
+    )
+    validationSplit: Param[float] = Param(
+        Params._dummy(),
+        "validationSplit",
+        "Fraction of each worker's rows held out (seeded) to compute val_* metrics per epoch.",
+        typeConverter=TypeConverters.toFloat,
+    )
+    validationCol: Param[str] = Param(
+        Params._dummy(),
+        "validationCol",
+        "Boolean column: true rows are held out for val_* metrics, never trained on.",
+        typeConverter=TypeConverters.toString,
+    )
     deltaPrecision: Param[str] = Param(
         Params._dummy(),
         "deltaPrecision",
@@ -146,6 +171,10 @@ class HasTrainingParams(HasFeaturesCol, HasLabelCol, HasSeed):
             syncRetries=0,
             maxBadUpdates=3,
             deltaPrecision="float32",
+            labelCols=None,
+            sampleWeightCol=None,
+            validationSplit=0.0,
+            validationCol=None,
             mode="sync",
             frequency="epoch",
             epochs=1,
@@ -200,6 +229,22 @@ class HasTrainingParams(HasFeaturesCol, HasLabelCol, HasSeed):
     def getDeltaPrecision(self) -> str:
         return self.getOrDefault(self.deltaPrecision)
 
+    def getLabelCols(self) -> list[str] | None:
+        return self.getOrDefault(self.labelCols)
+
+    def getSampleWeightCol(self) -> str | None:
+        return self.getOrDefault(self.sampleWeightCol)
+
+    def getValidationSplit(self) -> float:
+        return self.getOrDefault(self.validationSplit)
+
+    def getValidationCol(self) -> str | None:
+        return self.getOrDefault(self.validationCol)
+
+    def label_columns(self) -> list[str]:
+        """labelCols when set, else [labelCol]."""
+        return list(self.getLabelCols() or [self.getLabelCol()])
+
 
 class HasOutputParams(HasFeaturesCol, HasPredictionCol, HasProbabilityCol, HasRawPredictionCol):
     """Params of the output columns, shared by the estimator and the transformer it returns."""
@@ -213,6 +258,14 @@ class HasOutputParams(HasFeaturesCol, HasPredictionCol, HasProbabilityCol, HasRa
         typeConverter=TypeConverters.toString,
     )
 
+    featuresCols: Param[Any] = Param(
+        Params._dummy(),
+        "featuresCols",
+        "Several feature columns (numbers, arrays or Vectors): concatenated for a single-input "
+        "model, one per input for a multi-input model (matched by input name, else by "
+        "position). None uses featuresCol.",
+        typeConverter=_json_native,
+    )
     customObjects: Param[Any] = Param(
         Params._dummy(),
         "customObjects",
@@ -224,7 +277,14 @@ class HasOutputParams(HasFeaturesCol, HasPredictionCol, HasProbabilityCol, HasRa
 
     def __init__(self) -> None:
         super().__init__()
-        self._setDefault(outputKind="auto", customObjects=None)
+        self._setDefault(outputKind="auto", customObjects=None, featuresCols=None)
+
+    def getFeaturesCols(self) -> list[str] | None:
+        return self.getOrDefault(self.featuresCols)
+
+    def feature_columns(self) -> list[str]:
+        """featuresCols when set, else [featuresCol]."""
+        return list(self.getFeaturesCols() or [self.getFeaturesCol()])
 
     def getOutputKind(self) -> str:
         return self.getOrDefault(self.outputKind)
@@ -272,6 +332,10 @@ def _non_negative_int(v: Any) -> bool:
 
 def _positive_number(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool) and v > 0
+
+
+def _column_list(v: Any) -> bool:
+    return isinstance(v, list) and bool(v) and all(isinstance(c, str) and c for c in v)
 
 
 def _name_or_config(v: Any) -> bool:
@@ -342,6 +406,31 @@ RULES: dict[str, Rule] = {
         lambda v: v is None or (isinstance(v, list) and all(isinstance(m, str) and m for m in v)),
         "a list of module paths such as ['my_project.layers'], or None",
         "Name the modules whose import registers your custom Keras objects.",
+    ),
+    "featuresCols": Rule(
+        lambda v: v is None or _column_list(v),
+        "a non-empty list of column names, or None for featuresCol",
+        "List the columns that feed the model, e.g. ['age', 'income'].",
+    ),
+    "labelCols": Rule(
+        lambda v: v is None or _column_list(v),
+        "a non-empty list of column names, or None for labelCol",
+        "List one label column per model output.",
+    ),
+    "sampleWeightCol": Rule(
+        lambda v: v is None or (isinstance(v, str) and v != ""),
+        "a column name, or None",
+        "Name a numeric column of per-row weights.",
+    ),
+    "validationSplit": Rule(
+        lambda v: isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v < 1,
+        "a fraction >= 0 and < 1",
+        "Use 0 for no held-out rows, or set validationCol instead.",
+    ),
+    "validationCol": Rule(
+        lambda v: v is None or (isinstance(v, str) and v != ""),
+        "a column name, or None",
+        "Name a boolean column that marks the held-out rows.",
     ),
     "outputKind": Rule(
         lambda v: v in OUTPUT_KINDS,

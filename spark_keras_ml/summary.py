@@ -1,4 +1,5 @@
-"""Training history: per-epoch logs from every worker, averaged by the rows each one trained on."""
+"""Training history: per-epoch logs from every worker, averaged by the rows each one trained on
+(``val_*`` metrics by the rows each one held out)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,13 @@ import logging
 import math
 import threading
 from collections.abc import Callable
-from typing import Any
+from dataclasses import asdict, dataclass, field
+from typing import Any, NamedTuple
 
 logger = logging.getLogger(__name__)
+
+#: The key under which a worker reports how many rows its val_* metrics were measured on.
+VAL_ROWS = "val_rows"
 
 
 class EpochAggregator:
@@ -26,7 +31,7 @@ class EpochAggregator:
         self._num_workers = num_workers
         self._on_epoch = on_epoch
         self._lock = threading.Lock()
-        self._pending: dict[int, dict[int, tuple[int, dict[str, float]]]] = {}
+        self._pending: dict[int, dict[int, Report]] = {}
         self.history: dict[str, list[float]] = {}
         self.rows: list[int] = []
 
@@ -39,9 +44,12 @@ class EpochAggregator:
             for k, v in logs.items()
             if v is None or isinstance(v, int | float)
         }
+        held_out = clean.pop(VAL_ROWS, 0.0)
         with self._lock:
             reports = self._pending.setdefault(epoch, {})
-            reports[partition] = (rows, clean)
+            reports[partition] = Report(
+                rows, int(held_out) if math.isfinite(held_out) else 0, clean
+            )
             if len(reports) < self._num_workers:
                 return
             del self._pending[epoch]
@@ -53,17 +61,30 @@ class EpochAggregator:
             self._on_epoch(epoch, {"rows": float(total), **means})
 
 
-def weighted_mean(reports: list[tuple[int, dict[str, float]]]) -> tuple[int, dict[str, float]]:
-    """Row-weighted mean of each key over the reports that trained on at least one row."""
-    total = sum(rows for rows, _ in reports)
+class Report(NamedTuple):
+    """One worker's end-of-epoch logs and the rows behind them."""
+
+    rows: int
+    held_out: int
+    logs: dict[str, float]
+
+
+def weighted_mean(reports: list[Report]) -> tuple[int, dict[str, float]]:
+    """Mean of each key over the workers, weighted by their trained rows (``val_*`` keys: by their
+    held-out rows); a worker with no such rows does not count."""
+    total = sum(r.rows for r in reports)
     keys: list[str] = []
-    for _, logs in reports:
-        keys.extend(k for k in logs if k not in keys)
+    for report in reports:
+        keys.extend(k for k in report.logs if k not in keys)
     means: dict[str, float] = {}
     for key in keys:
-        pairs = [(rows, logs[key]) for rows, logs in reports if rows > 0 and key in logs]
-        weight = sum(rows for rows, _ in pairs)
-        means[key] = sum(r * v for r, v in pairs) / weight if weight else math.nan
+        held_out = key.startswith("val_")
+        pairs = [
+            (r.held_out if held_out else r.rows, r.logs[key]) for r in reports if key in r.logs
+        ]
+        pairs = [(n, v) for n, v in pairs if n > 0]
+        weight = sum(n for n, _ in pairs)
+        means[key] = sum(n * v for n, v in pairs) / weight if weight else math.nan
     return total, means
 
 
@@ -72,3 +93,39 @@ def format_epoch(epoch: int, epochs: int, logs: dict[str, float]) -> str:
     rows = int(logs.get("rows", 0))
     metrics = " - ".join(f"{k}: {v:.4f}" for k, v in logs.items() if k != "rows")
     return f"Epoch {epoch + 1}/{epochs} - rows: {rows} - {metrics}"
+
+
+@dataclass(frozen=True)
+class TrainingSummary:
+    """What one fit did, kept with the fitted model (and saved with it, as JSON).
+
+    ``history`` is the per-epoch aggregated metrics (as ``fitted.history``); ``rows_per_epoch``
+    the rows trained in each epoch over all workers; ``workers`` one dict per training task
+    (partition, rows trained, held-out rows, steps, seconds); ``updates`` the pushes applied,
+    skipped as duplicates and rejected as non-finite; ``wall_seconds`` the whole fit.
+    """
+
+    history: dict[str, list[float]] = field(default_factory=dict)
+    rows_per_epoch: list[int] = field(default_factory=list)
+    workers: list[dict[str, Any]] = field(default_factory=list)
+    updates: dict[str, int] = field(default_factory=dict)
+    wall_seconds: float = 0.0
+    stopped_early: bool = False
+
+    @property
+    def epochs(self) -> int:
+        return len(self.rows_per_epoch)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainingSummary:
+        known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
+        return cls(**known)
+
+    def workers_frame(self) -> Any:
+        """The per-worker rows as a pandas DataFrame."""
+        import pandas as pd
+
+        return pd.DataFrame(self.workers)

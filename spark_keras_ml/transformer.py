@@ -19,9 +19,10 @@ from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
 from spark_keras_ml import cluster
-from spark_keras_ml.columns import avoid_columnar_udt_input, features_as_array
+from spark_keras_ml.columns import avoid_columnar_udt_input
 from spark_keras_ml.config import PredictConfig
-from spark_keras_ml.data import OUTPUT_SCHEMAS
+from spark_keras_ml.data import OUTPUT_SCHEMAS, Layout
+from spark_keras_ml.inputs import Spec, feature_slots, tensor_specs
 from spark_keras_ml.model_info import output_kind
 from spark_keras_ml.params import HasInferenceParams, validate
 from spark_keras_ml.persistence import KerasReadable, KerasWritable
@@ -67,6 +68,7 @@ class KerasTransformer(Model, HasInferenceParams, KerasReadable, KerasWritable):
         model: keras.Model | None = None,
         history: dict[str, list[float]] | None = None,
         featuresCol: str = "features",
+        featuresCols: list[str] | None = None,
         predictionCol: str = "prediction",
         probabilityCol: str = "probability",
         rawPredictionCol: str = "rawPrediction",
@@ -77,7 +79,7 @@ class KerasTransformer(Model, HasInferenceParams, KerasReadable, KerasWritable):
         super().__init__()
         self._model_bytes: bytes | None = None
         self._history: dict[str, list[float]] = {}
-        self._kind_cache: tuple[str, str] | None = None
+        self._facts: tuple[str, str, list[Spec]] | None = None  # (model id, kind, input specs)
         kwargs = dict(self._input_kwargs)
         model = kwargs.pop("model", None)
         if model is not None:
@@ -90,6 +92,7 @@ class KerasTransformer(Model, HasInferenceParams, KerasReadable, KerasWritable):
         self,
         *,
         featuresCol: str = "features",
+        featuresCols: list[str] | None = None,
         predictionCol: str = "prediction",
         probabilityCol: str = "probability",
         rawPredictionCol: str = "rawPrediction",
@@ -118,15 +121,14 @@ class KerasTransformer(Model, HasInferenceParams, KerasReadable, KerasWritable):
     def _restore_extra(self, metadata: dict[str, Any]) -> None:
         self._history = {k: list(v) for k, v in metadata.get("history", {}).items()}
 
-    def _resolved_kind(self, model_bytes: bytes, key: str) -> str:
-        kind = self.getOutputKind()
-        if kind != "auto":
-            return kind
-        if self._kind_cache is None or self._kind_cache[0] != key:
+    def _model_facts(self, model_bytes: bytes, key: str) -> tuple[str, list[Spec]]:
+        """The output kind ``auto`` resolves to, and the model's inputs; cached per model."""
+        if self._facts is None or self._facts[0] != key:
             model = model_from_bytes(model_bytes, custom_objects=self.getCustomObjects())
             loss = (compile_config_of(model_bytes) or {}).get("loss")
-            self._kind_cache = (key, output_kind(model, loss))
-        return self._kind_cache[1]
+            self._facts = (key, output_kind(model, loss), tensor_specs(model.inputs))
+        kind = self.getOutputKind()
+        return (self._facts[1] if kind == "auto" else kind), self._facts[2]
 
     def _transform(self, dataset: DataFrame) -> DataFrame:
         validate(self)
@@ -136,8 +138,8 @@ class KerasTransformer(Model, HasInferenceParams, KerasReadable, KerasWritable):
                 "KerasTransformer(model=...) or by KerasEstimator.fit. Received: no model"
             )
         key = model_id(self._model_bytes)
-        kind = self._resolved_kind(self._model_bytes, key)
-        features = features_as_array(dataset, self.getFeaturesCol())
+        kind, specs = self._model_facts(self._model_bytes, key)
+        slots = feature_slots(dataset, self.feature_columns(), specs)
         config = PredictConfig(
             model_id=key,
             model_bytes=self._model_bytes,
@@ -145,13 +147,12 @@ class KerasTransformer(Model, HasInferenceParams, KerasReadable, KerasWritable):
             batch_size=self.getInferenceBatchSize(),
             task_cpus=cluster.task_cpus(dataset.sparkSession),
             custom_objects=tuple(self.getCustomObjects()),
+            layout=Layout(
+                inputs=tuple(s.shape for s in slots),
+                input_names=tuple(s.describe() for s in slots),
+            ),
         )
-
-        # Captures only `config` (plain values), never `self`.
-        def predict(batches: Iterator[pd.Series]) -> Iterator[pd.DataFrame]:
-            return predict_batches(config, batches)
-
-        udf = F.pandas_udf(predict, returnType=OUTPUT_SCHEMAS[kind])  # type: ignore[call-overload]
+        udf = _prediction_udf(config, len(slots), OUTPUT_SCHEMAS[kind])
         outputs = self._output_columns(kind)
         clash = [c for c in outputs if c in dataset.columns]
         if clash:
@@ -161,7 +162,7 @@ class KerasTransformer(Model, HasInferenceParams, KerasReadable, KerasWritable):
                 f"Received: {clash} already present"
             )
         avoid_columnar_udt_input(dataset)
-        scored = dataset.withColumn(_OUTPUT, udf(features))
+        scored = dataset.withColumn(_OUTPUT, udf(*(s.column for s in slots)))
         return scored.withColumns(outputs).drop(_OUTPUT)
 
     def _output_columns(self, kind: str) -> dict[str, Column]:
@@ -183,3 +184,19 @@ class KerasTransformer(Model, HasInferenceParams, KerasReadable, KerasWritable):
 
     def setFeaturesCol(self, value: str) -> KerasTransformer:
         return self._set(featuresCol=value)
+
+
+def _prediction_udf(config: PredictConfig, inputs: int, schema: str) -> Any:
+    """The pandas iterator UDF; pyspark reads its kind from the type hints, so one column and
+    several columns need differently annotated functions. Both capture only ``config``."""
+    if inputs == 1:
+
+        def predict(batches: Iterator[pd.Series]) -> Iterator[pd.DataFrame]:
+            return predict_batches(config, batches)
+
+        return F.pandas_udf(predict, returnType=schema)  # type: ignore[call-overload]
+
+    def predict_many(batches: Iterator[tuple[pd.Series, ...]]) -> Iterator[pd.DataFrame]:
+        return predict_batches(config, batches)
+
+    return F.pandas_udf(predict_many, returnType=schema)  # type: ignore[call-overload]

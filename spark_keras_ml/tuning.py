@@ -14,7 +14,7 @@ import logging
 import threading
 import weakref
 from collections.abc import Callable, Iterator
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from pyspark.sql import DataFrame
 
@@ -22,8 +22,8 @@ logger = logging.getLogger(__name__)
 
 M = TypeVar("M")
 
-#: What identifies one converted, repartitioned training table: (featuresCol, labelCol, workers).
-DataKey = tuple[str, str, int]
+#: What identifies one converted, repartitioned training table: its source columns and workers.
+DataKey = tuple[Any, ...]
 
 
 class SharedTrainingData:
@@ -31,11 +31,11 @@ class SharedTrainingData:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._tables: dict[DataKey, tuple[DataFrame, int]] = {}
+        self._tables: dict[DataKey, DataFrame] = {}
         self._released = False
 
-    def get(self, key: DataKey, build: Callable[[], DataFrame]) -> tuple[DataFrame, int]:
-        """The cached table for ``key`` and its row count, building it on first use.
+    def get(self, key: DataKey, build: Callable[[], DataFrame]) -> DataFrame:
+        """The cached table for ``key``, building and materializing it on first use.
 
         The lock is held while the first fit materializes the cache, so a parallel fit of the
         same key waits for it rather than converting the data a second time.
@@ -45,8 +45,8 @@ class SharedTrainingData:
                 raise RuntimeError("the shared training data of this fitMultiple was released")
             if key not in self._tables:
                 table = build().persist()
-                rows = table.count()  # materializes the cache once, and answers "is it empty?"
-                self._tables[key] = (table, rows)
+                rows = table.count()  # materializes the cache while the lock keeps others out
+                self._tables[key] = table
                 logger.info("Cached the training data for %s: %d rows", key, rows)
             return self._tables[key]
 
@@ -55,7 +55,7 @@ class SharedTrainingData:
         with self._lock:
             tables, self._tables = list(self._tables.values()), {}
             self._released = True
-        for table, _ in tables:
+        for table in tables:
             table.unpersist()
 
 

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from spark_keras_ml.config import PredictConfig, TrainConfig
-from spark_keras_ml.data import OUTPUT_COLUMNS, column_to_numpy, partition_to_numpy
+from spark_keras_ml.data import OUTPUT_COLUMNS, Rows, partition_rows, shaped
 from spark_keras_ml.ps.client import ParameterClient
 from spark_keras_ml.ps.protocol import compress_delta
 from spark_keras_ml.serialization import model_from_bytes
@@ -62,7 +62,8 @@ def train_partition(config: TrainConfig, batches: Iterable[pd.DataFrame]) -> Ite
         raise RuntimeError("train_partition must run inside a Spark task")
     partition = context.partitionId()
     configure_threads(config.task_cpus)
-    x, y = partition_to_numpy(batches, config.label_shape)
+    rows = partition_rows(batches, config.layout)
+    train, held_out = split_held_out(rows, config, partition)
     model = build_training_model(config)
     identity = {
         "partition": partition,
@@ -71,19 +72,42 @@ def train_partition(config: TrainConfig, batches: Iterable[pd.DataFrame]) -> Ite
         "attempt_number": context.attemptNumber(),
         "stage": context.stageId(),
         "run": config.run,
-        "rows": len(x),
+        "rows": len(train),
     }
     with ParameterClient(
         config.host, config.port, config.secret, like=model.get_weights(), timeout=config.timeout
     ) as client:
         schedule, weights = client.hello(**identity)
-        steps = schedule["steps_per_epoch"] or own_steps(len(x), config)
+        steps = schedule["steps_per_epoch"] or own_steps(len(train), config)
         _train_loop(
-            config, model, client, (x, y), weights, steps, schedule["resume_step"], partition
+            config,
+            model,
+            client,
+            (train, held_out),
+            weights,
+            steps,
+            schedule["resume_step"],
+            partition,
         )
     yield pd.DataFrame(
-        {"partition": [partition], "rows": [len(x)], "seconds": [time.perf_counter() - started]}
+        {
+            "partition": [partition],
+            "rows": [len(train)],
+            "seconds": [time.perf_counter() - started],
+        }
     )
+
+
+def split_held_out(rows: Rows, config: TrainConfig, partition: int) -> tuple[Rows, Rows]:
+    """(train, validation) rows: by the validation column, else a seeded validationSplit."""
+    if rows.held_out is not None:
+        mask = rows.held_out
+    elif config.validation_split > 0:
+        rng = np.random.default_rng([config.seed & 0xFFFFFFFF, partition, 1])
+        mask = rng.random(len(rows)) < config.validation_split
+    else:
+        return rows, rows.take(np.zeros(0, dtype=np.int64))
+    return rows.take(np.flatnonzero(~mask)), rows.take(np.flatnonzero(mask))
 
 
 def own_steps(rows: int, config: TrainConfig) -> int:
@@ -104,7 +128,7 @@ def _train_loop(
     config: TrainConfig,
     model: keras.Model,
     client: ParameterClient,
-    data: tuple[np.ndarray, np.ndarray],
+    data: tuple[Rows, Rows],
     weights: list[np.ndarray],
     steps: int,
     resume_step: int,
@@ -115,8 +139,8 @@ def _train_loop(
     Step ``s`` is batch ``s % steps`` of epoch ``s // steps``; the shuffles come from a generator
     seeded by (seed, partition), so a retried attempt sees the same batches as the first one.
     """
-    x, y = data
-    rows = len(x)
+    train, held_out = data
+    rows = len(train)
     rng = np.random.default_rng([config.seed & 0xFFFFFFFF, partition])
 
     def push(delta: list[np.ndarray], **meta: Any) -> list[np.ndarray]:
@@ -129,7 +153,8 @@ def _train_loop(
         if (epoch + 1) * steps <= resume_step:
             continue
         if config.frequency == "epoch":
-            logs = _fit_epoch(model, x[order], y[order], weights, config.batch_size)
+            logs = _fit_epoch(model, train.take(order), weights, config.batch_size)
+            logs.update(_evaluate(model, held_out, config.batch_size))
             end = {"epoch": epoch, "epoch_rows": rows, "logs": _json_logs(logs)}
             weights = push(_delta(model, weights), step=epoch, rows=rows, **end)
             continue
@@ -143,26 +168,57 @@ def _train_loop(
             index = order[batch * config.batch_size : (batch + 1) * config.batch_size]
             model.set_weights(weights)
             if len(index):
-                logs = model.train_on_batch(x[index], y[index], return_dict=True)
+                batch_rows = train.take(index)
+                logs = model.train_on_batch(
+                    batch_rows.x, batch_rows.y, sample_weight=batch_rows.weights, return_dict=True
+                )
                 for key, value in logs.items():
                     sums[key] = sums.get(key, 0.0) + float(value) * len(index)
                 trained += len(index)
             meta: dict[str, Any] = {}
+            delta = _delta(model, weights)
             if batch == steps - 1:
                 epoch_logs = {k: v / trained for k, v in sums.items()} if trained else {}
+                epoch_logs.update(_evaluate(model, held_out, config.batch_size))
                 meta = {"epoch": epoch, "epoch_rows": rows, "logs": _json_logs(epoch_logs)}
-            weights = push(_delta(model, weights), step=step, rows=len(index), **meta)
+            weights = push(delta, step=step, rows=len(index), **meta)
     model.set_weights(weights)
 
 
 def _fit_epoch(
-    model: keras.Model, x: np.ndarray, y: np.ndarray, weights: list[np.ndarray], batch_size: int
+    model: keras.Model, rows: Rows, weights: list[np.ndarray], batch_size: int
 ) -> dict[str, float]:
     model.set_weights(weights)
-    if len(x) == 0:
+    if len(rows) == 0:
         return {}
-    history = model.fit(x, y, batch_size=batch_size, epochs=1, shuffle=False, verbose=0)
+    history = model.fit(
+        rows.x,
+        rows.y,
+        sample_weight=rows.weights,
+        batch_size=batch_size,
+        epochs=1,
+        shuffle=False,
+        verbose=0,
+    )
     return {k: float(v[-1]) for k, v in history.history.items()}
+
+
+def _evaluate(model: keras.Model, rows: Rows, batch_size: int) -> dict[str, float]:
+    """val_* metrics on the held-out rows (after this epoch's local training), with their count.
+
+    ``val_rows`` lets the server weigh each worker's validation metrics by its held-out rows.
+    """
+    if len(rows) == 0:
+        return {}
+    logs = model.evaluate(
+        rows.x,
+        rows.y,
+        sample_weight=rows.weights,
+        batch_size=batch_size,
+        verbose=0,
+        return_dict=True,
+    )
+    return {"val_rows": float(len(rows)), **{f"val_{k}": float(v) for k, v in logs.items()}}
 
 
 def _json_logs(logs: dict[str, float]) -> dict[str, float | None]:
@@ -205,16 +261,37 @@ class _ModelCache:
 _MODELS = _ModelCache()
 
 
-def predict_batches(config: PredictConfig, batches: Iterable[pd.Series]) -> Iterator[pd.DataFrame]:
-    """Predict each Arrow batch of the feature column; yield the kind's output columns."""
+def predict_batches(
+    config: PredictConfig, batches: Iterable[pd.Series | tuple[pd.Series, ...]]
+) -> Iterator[pd.DataFrame]:
+    """Predict each Arrow batch of the feature columns; yield the kind's output columns.
+
+    One feature column arrives as a Series, several (a multi-input model) as a tuple of them.
+    """
     configure_threads(config.task_cpus)
     model = _MODELS.get(config.model_id, config.model_bytes, config.custom_objects)
     to_columns = OUTPUT_COLUMNS[config.kind]
-    for series in batches:
-        x = column_to_numpy(series, "features")
+    layout = config.layout
+    for batch in batches:
+        columns = batch if isinstance(batch, tuple) else (batch,)
+        xs = [shaped(s, layout.inputs[i], layout.input_name(i)) for i, s in enumerate(columns)]
+        rows = len(xs[0])
+        size = config.batch_size
         chunks = [
-            np.asarray(model.predict_on_batch(x[i : i + config.batch_size]))
-            for i in range(0, len(x), config.batch_size)
+            _flat_outputs(model.predict_on_batch(_model_input([x[i : i + size] for x in xs])))
+            for i in range(0, rows, size)
         ]
         outputs = np.concatenate(chunks) if chunks else np.zeros((0, 1), dtype=np.float32)
         yield to_columns(outputs)
+
+
+def _model_input(arrays: list[np.ndarray]) -> np.ndarray | list[np.ndarray]:
+    return arrays[0] if len(arrays) == 1 else arrays
+
+
+def _flat_outputs(outputs: Any) -> np.ndarray:
+    """One array per row: a multi-output model's outputs flattened and concatenated."""
+    if isinstance(outputs, list | tuple | dict):
+        parts = list(outputs.values()) if isinstance(outputs, dict) else list(outputs)
+        return np.concatenate([np.asarray(p).reshape(len(p), -1) for p in parts], axis=1)
+    return np.asarray(outputs)

@@ -7,18 +7,25 @@ import pandas as pd
 import pytest
 
 from spark_keras_ml.data import (
-    FEATURES,
-    LABEL,
+    HELD_OUT,
+    WEIGHT,
+    Layout,
+    check_width,
     classifier_columns,
     column_to_numpy,
-    partition_to_numpy,
+    partition_rows,
     raw_columns,
     regressor_columns,
+    shaped,
 )
+
+LAYOUT = Layout(inputs=((2,),), targets=((1,),), input_names=("x",), target_names=("y",))
 
 
 def batch(features: list[list[float]], labels: list[float]) -> pd.DataFrame:
-    return pd.DataFrame({FEATURES: [np.array(f) for f in features], LABEL: labels})
+    return pd.DataFrame(
+        {"x0": pd.Series([np.array(f) for f in features], dtype=object), "y0": labels}
+    )
 
 
 def test_array_column_becomes_a_float32_matrix() -> None:
@@ -33,28 +40,82 @@ def test_scalar_column_becomes_a_float32_vector() -> None:
 
 
 def test_nulls_are_refused_naming_the_column() -> None:
-    with pytest.raises(ValueError, match=r"`label` to have no null values.*Received: 1 null rows"):
-        column_to_numpy(pd.Series([1.0, None]), "label")
+    with pytest.raises(ValueError, match=r"no null values in `label`.*Received: 1 null rows"):
+        column_to_numpy(pd.Series([1.0, None]), "`label`")
     with pytest.raises(ValueError, match="`features`"):
-        column_to_numpy(pd.Series([np.array([1.0]), None], dtype=object), "features")
+        column_to_numpy(pd.Series([np.array([1.0]), None], dtype=object), "`features`")
+
+
+def test_nan_and_inf_inside_arrays_are_refused_counting_the_rows() -> None:
+    rows = pd.Series([np.array([1.0, np.nan]), np.array([np.inf, 2.0]), np.array([1.0, 2.0])])
+    with pytest.raises(ValueError, match=r"finite numbers in `pixels`.*Received: 2 such rows"):
+        column_to_numpy(rows, "`pixels`")
+    with pytest.raises(ValueError, match=r"finite numbers in `y`.*Received: 1 such rows"):
+        column_to_numpy(pd.Series([1.0, 1e39]), "`y`")  # beyond float32
 
 
 def test_ragged_arrays_are_refused() -> None:
-    with pytest.raises(ValueError, match=r"same length. Received lengths \[1, 2\]"):
+    with pytest.raises(
+        ValueError, match=r"same length. Pad or filter the rows. Received lengths \[1, 2\]"
+    ):
         column_to_numpy(pd.Series([np.array([1.0]), np.array([1.0, 2.0])]), "features")
 
 
 def test_partition_batches_are_concatenated_in_order_and_labels_shaped() -> None:
     batches = [batch([[1, 2], [3, 4]], [0, 1]), batch([], []), batch([[5, 6]], [1])]
-    x, y = partition_to_numpy(iter(batches), label_shape=[1])
-    np.testing.assert_array_equal(x, [[1, 2], [3, 4], [5, 6]])
-    assert y.shape == (3, 1)
-    np.testing.assert_array_equal(y[:, 0], [0, 1, 1])
+    rows = partition_rows(iter(batches), LAYOUT)
+    np.testing.assert_array_equal(rows.x, [[1, 2], [3, 4], [5, 6]])
+    assert rows.y.shape == (3, 1)  # type: ignore[union-attr]
+    np.testing.assert_array_equal(rows.targets[0][:, 0], [0, 1, 1])
+    assert rows.weights is None and rows.held_out is None
 
 
-def test_empty_partition_gives_empty_arrays() -> None:
-    x, y = partition_to_numpy(iter([]), label_shape=[])
-    assert len(x) == 0 and len(y) == 0
+def test_empty_partition_gives_empty_arrays_of_the_right_shape() -> None:
+    rows = partition_rows(iter([]), LAYOUT)
+    assert len(rows) == 0
+    assert rows.inputs[0].shape == (0, 2) and rows.targets[0].shape == (0, 1)
+
+
+def test_flat_rows_are_reshaped_to_images_and_sequences() -> None:
+    images = pd.Series([np.arange(12.0), np.arange(12.0) + 1], dtype=object)
+    x = shaped(images, (2, 3, 2), "img")
+    assert x.shape == (2, 2, 3, 2) and x.dtype == np.float32
+    assert x[1, 1, 2, 1] == 12.0
+    # One free dimension (a sequence length) is taken from the row width.
+    sequences = shaped(images, (-1, 3), "seq")
+    assert sequences.shape == (2, 4, 3)
+
+
+def test_widths_that_do_not_fit_the_shape_are_refused_naming_both() -> None:
+    with pytest.raises(ValueError, match=r"rows of 12 values for `pixels` -> image.*rows of 10"):
+        check_width((3, 4), 10, "`pixels` -> image (3, 4)")
+    with pytest.raises(ValueError, match=r"a multiple of 3 values.*rows of 10 values"):
+        shaped(pd.Series([np.arange(10.0)], dtype=object), (-1, 3), "seq")
+    check_width((-1, 3), 9, "seq")  # three steps of three
+
+
+def test_weights_and_held_out_flags_travel_with_the_rows() -> None:
+    frame = batch([[1, 2], [3, 4], [5, 6]], [0, 1, 1])
+    frame[WEIGHT] = np.array([1.0, 2.0, 0.5], dtype=np.float32)
+    frame[HELD_OUT] = [False, True, False]
+    layout = Layout(((2,),), ((),), weights=True, held_out=True, weight_name="w")
+    rows = partition_rows(iter([frame]), layout)
+    np.testing.assert_array_equal(rows.weights, [1.0, 2.0, 0.5])  # type: ignore[arg-type]
+    np.testing.assert_array_equal(rows.held_out, [False, True, False])  # type: ignore[arg-type]
+    taken = rows.take(np.array([2, 0]))
+    np.testing.assert_array_equal(taken.x, [[5, 6], [1, 2]])
+    np.testing.assert_array_equal(taken.weights, [0.5, 1.0])  # type: ignore[arg-type]
+
+
+def test_missing_or_negative_weights_are_refused_naming_the_column() -> None:
+    layout = Layout(((2,),), ((),), weights=True, weight_name="w")
+    frame = batch([[1, 2], [3, 4]], [0, 1])
+    frame[WEIGHT] = np.array([np.nan, 1.0], dtype=np.float32)
+    with pytest.raises(ValueError, match=r"`w` \(sampleWeightCol\)"):
+        partition_rows(iter([frame]), layout)
+    frame[WEIGHT] = np.array([-1.0, 1.0], dtype=np.float32)
+    with pytest.raises(ValueError, match=r"weights >= 0 in `w`.*1 negative"):
+        partition_rows(iter([frame]), layout)
 
 
 def test_softmax_outputs_become_prediction_probability_and_log_scores() -> None:

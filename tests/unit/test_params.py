@@ -25,6 +25,11 @@ BAD_VALUES = {
     "maxBadUpdates": -1,
     "deltaPrecision": "int8",
     "customObjects": "my.layers",
+    "featuresCols": [],
+    "labelCols": ["y", ""],
+    "sampleWeightCol": "",
+    "validationSplit": 1.0,
+    "validationCol": "",
 }
 
 

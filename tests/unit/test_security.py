@@ -6,6 +6,7 @@ import pytest
 
 from spark_keras_ml.cluster import ALLOW_UNENCRYPTED_CONF, check_transport_security
 from spark_keras_ml.config import TrainConfig
+from spark_keras_ml.data import Layout
 from spark_keras_ml.ps.protocol import new_secret
 
 
@@ -41,7 +42,7 @@ def test_secret_never_shows_in_the_task_config_repr() -> None:
         timeout=1.0,
         seed=0,
         task_cpus=1,
-        label_shape=[],
+        layout=Layout(inputs=((1,),)),
     )
     text = repr(config)
     assert "secret" not in text and secret.hex() not in text and repr(secret) not in text

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from spark_keras_ml.summary import EpochAggregator, format_epoch, weighted_mean
+from spark_keras_ml.summary import EpochAggregator, Report, format_epoch, weighted_mean
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -26,7 +26,9 @@ class Recorder:
 
 
 def test_weighted_mean_weights_by_rows() -> None:
-    total, means = weighted_mean([(10, {"loss": 1.0, "acc": 0.0}), (30, {"loss": 3.0, "acc": 1.0})])
+    total, means = weighted_mean(
+        [Report(10, 0, {"loss": 1.0, "acc": 0.0}), Report(30, 0, {"loss": 3.0, "acc": 1.0})]
+    )
     assert total == 40
     assert means == pytest.approx({"loss": (10 * 1.0 + 30 * 3.0) / 40, "acc": 0.75})
     assert means["loss"] != pytest.approx((1.0 + 3.0) / 2)  # not the plain mean
@@ -34,7 +36,11 @@ def test_weighted_mean_weights_by_rows() -> None:
 
 def test_weighted_mean_ignores_workers_without_rows() -> None:
     total, means = weighted_mean(
-        [(0, {"loss": 1e9, "acc": -5.0}), (4, {"loss": 2.0, "acc": 0.5}), (4, {"loss": 4.0})]
+        [
+            Report(0, 0, {"loss": 1e9, "acc": -5.0}),
+            Report(4, 0, {"loss": 2.0, "acc": 0.5}),
+            Report(4, 0, {"loss": 4.0}),
+        ]
     )
     assert total == 8
     assert means == pytest.approx({"loss": 3.0, "acc": 0.5})
@@ -44,21 +50,21 @@ def test_weighted_mean_ignores_workers_without_rows() -> None:
 def test_non_finite_logs_of_zero_row_workers_do_not_poison_the_mean() -> None:
     # A worker without data may well report NaN (0 / 0) or inf: it has no weight, not weight 0.
     total, means = weighted_mean(
-        [(0, {"loss": math.nan, "acc": math.inf}), (2, {"loss": 1.0, "acc": 0.5})]
+        [Report(0, 0, {"loss": math.nan, "acc": math.inf}), Report(2, 0, {"loss": 1.0, "acc": 0.5})]
     )
     assert total == 2
     assert means == {"loss": 1.0, "acc": 0.5}
 
 
 def test_weighted_mean_key_only_from_a_zero_row_worker_is_nan() -> None:
-    total, means = weighted_mean([(0, {"only_here": 7.0}), (5, {"loss": 1.0})])
+    total, means = weighted_mean([Report(0, 0, {"only_here": 7.0}), Report(5, 0, {"loss": 1.0})])
     assert total == 5
     assert means["loss"] == 1.0
     assert math.isnan(means["only_here"])
 
 
 def test_weighted_mean_with_no_rows_at_all() -> None:
-    total, means = weighted_mean([(0, {"loss": 1.0}), (0, {"loss": 2.0})])
+    total, means = weighted_mean([Report(0, 0, {"loss": 1.0}), Report(0, 0, {"loss": 2.0})])
     assert total == 0
     assert list(means) == ["loss"]
     assert math.isnan(means["loss"])
@@ -66,7 +72,9 @@ def test_weighted_mean_with_no_rows_at_all() -> None:
 
 
 def test_weighted_mean_keeps_first_seen_key_order() -> None:
-    _, means = weighted_mean([(1, {"b": 1.0, "a": 2.0}), (1, {"c": 3.0, "a": 4.0})])
+    _, means = weighted_mean(
+        [Report(1, 0, {"b": 1.0, "a": 2.0}), Report(1, 0, {"c": 3.0, "a": 4.0})]
+    )
     assert list(means) == ["b", "a", "c"]
     assert means == {"b": 1.0, "a": 3.0, "c": 3.0}
 
@@ -102,7 +110,7 @@ def test_history_is_shaped_like_keras_history() -> None:
     ]
     for epoch, reports in enumerate(per_epoch):
         for partition, (rows, logs) in enumerate(reports):
-            agg.add(epoch, partition, rows, logs)
+            agg.add(epoch, partition, rows, {**logs, "val_rows": rows})  # as many held out
     assert agg.history == {"loss": [1.0, 2.0, 0.5], "val_loss": [2.0, 2.0, 0.25]}
     assert all(isinstance(v, float) for values in agg.history.values() for v in values)
     assert agg.rows == [4, 4, 5]
@@ -187,3 +195,26 @@ def test_on_epoch_called_once_under_concurrency() -> None:
 def test_format_epoch() -> None:
     line = format_epoch(0, 3, {"rows": 40.0, "loss": 1.75, "accuracy": 0.875})
     assert line == "Epoch 1/3 - rows: 40 - loss: 1.7500 - accuracy: 0.8750"
+
+
+def test_val_metrics_are_weighted_by_held_out_rows() -> None:
+    total, means = weighted_mean(
+        [
+            Report(90, 10, {"loss": 1.0, "val_loss": 2.0}),
+            Report(10, 30, {"loss": 3.0, "val_loss": 4.0}),
+            Report(50, 0, {"loss": 1.0}),
+        ]
+    )
+    assert total == 150
+    assert means["loss"] == pytest.approx((90 * 1 + 10 * 3 + 50 * 1) / 150)
+    assert means["val_loss"] == pytest.approx((10 * 2 + 30 * 4) / 40)
+
+
+def test_aggregator_takes_val_rows_out_of_the_logs() -> None:
+    seen: list[dict[str, float]] = []
+    agg = EpochAggregator(2, on_epoch=lambda epoch, logs: seen.append(logs))
+    agg.add(0, 0, 10, {"loss": 1.0, "val_loss": 1.0, "val_rows": 1})
+    agg.add(0, 1, 10, {"loss": 3.0, "val_loss": 4.0, "val_rows": 3})
+    assert "val_rows" not in agg.history
+    assert agg.history["val_loss"] == [pytest.approx(13 / 4)]
+    assert seen[0]["loss"] == 2.0

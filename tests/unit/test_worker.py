@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from spark_keras_ml.config import PredictConfig, TrainConfig
+from spark_keras_ml.data import Layout, Rows
 from spark_keras_ml.ps.client import ParameterClient
 from spark_keras_ml.ps.protocol import new_secret
 from spark_keras_ml.ps.server import ParameterServer
@@ -40,7 +41,7 @@ def make_config(frequency: str, host: str, port: int, secret: bytes, data: bytes
         timeout=30.0,
         seed=0,
         task_cpus=1,
-        label_shape=[],
+        layout=Layout(inputs=((4,),), targets=((),)),
     )
 
 
@@ -72,6 +73,7 @@ def test_workers_end_on_the_server_weights_with_one_history_entry_per_epoch(freq
             try:
                 worker_model = build_training_model(config)
                 x, y = parts[partition]
+                rows = Rows([x], [y])
                 with ParameterClient(
                     *server.address, secret, worker_model.get_weights(), timeout=30.0
                 ) as client:
@@ -80,7 +82,7 @@ def test_workers_end_on_the_server_weights_with_one_history_entry_per_epoch(freq
                         config,
                         worker_model,
                         client,
-                        (x, y),
+                        (rows, rows.take(np.zeros(0, dtype=np.int64))),
                         weights,
                         schedule["steps_per_epoch"],
                         schedule["resume_step"],
@@ -110,7 +112,9 @@ def test_workers_end_on_the_server_weights_with_one_history_entry_per_epoch(freq
 def test_predict_batches_matches_keras_predict_and_caches_the_model() -> None:
     model = tiny_model()
     data = model_to_bytes(model)
-    config = PredictConfig(model_id(data), data, "classifier", batch_size=3, task_cpus=1)
+    config = PredictConfig(
+        model_id(data), data, "classifier", batch_size=3, task_cpus=1, layout=Layout(((4,),))
+    )
     x = np.random.default_rng(1).normal(size=(10, 4)).astype("float32")
     series = [pd.Series(list(x[:7])), pd.Series(list(x[7:]))]
     frames = list(predict_batches(config, iter(series)))
