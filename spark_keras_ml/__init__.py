@@ -13,15 +13,20 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from spark_keras_ml.callbacks import Callback, EarlyStopping
     from spark_keras_ml.estimator import KerasEstimator
+    from spark_keras_ml.plotting import plot_history
     from spark_keras_ml.transformer import KerasTransformer
 
-__all__ = ["KerasEstimator", "KerasTransformer"]
+__all__ = ["Callback", "EarlyStopping", "KerasEstimator", "KerasTransformer", "plot_history"]
 __version__ = "0.1.0"
 
 _PUBLIC = {
     "KerasEstimator": "spark_keras_ml.estimator",
     "KerasTransformer": "spark_keras_ml.transformer",
+    "Callback": "spark_keras_ml.callbacks",
+    "EarlyStopping": "spark_keras_ml.callbacks",
+    "plot_history": "spark_keras_ml.plotting",
 }
 
 

@@ -16,7 +16,7 @@ WEIGHT = "weight"
 HELD_OUT = "held_out"
 
 #: Schema of the one summary row each training task returns.
-TRAIN_RESULT_SCHEMA = "partition int, rows long, seconds double"
+TRAIN_RESULT_SCHEMA = "partition int, rows long, held_out long, steps long, seconds double"
 
 #: Probabilities are clipped this far from 0 and 1 before taking logs for rawPrediction.
 _EPSILON = 1e-7

@@ -13,9 +13,11 @@ Who owns what:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import logging
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -27,6 +29,13 @@ from pyspark.ml.param import Param
 from pyspark.sql import DataFrame, Row
 
 from spark_keras_ml import cluster
+from spark_keras_ml.callbacks import (
+    Callback,
+    CallbackError,
+    Training,
+    check_callbacks,
+    run_epoch_end,
+)
 from spark_keras_ml.config import TrainConfig
 from spark_keras_ml.data import TRAIN_RESULT_SCHEMA
 from spark_keras_ml.inputs import check_first_row, training_columns
@@ -41,7 +50,7 @@ from spark_keras_ml.persistence import KerasReadable, KerasWritable
 from spark_keras_ml.ps.protocol import new_secret
 from spark_keras_ml.ps.server import ParameterServer
 from spark_keras_ml.serialization import model_from_bytes, model_to_bytes
-from spark_keras_ml.summary import format_epoch
+from spark_keras_ml.summary import TrainingSummary, format_epoch
 from spark_keras_ml.transformer import KerasTransformer
 from spark_keras_ml.tuning import FitMultipleIterator, SharedTrainingData
 from spark_keras_ml.worker import train_partition
@@ -121,9 +130,11 @@ class KerasEstimator(Estimator, HasTrainingParams, HasOutputParams, KerasReadabl
         rawPredictionCol: str = "rawPrediction",
         outputKind: str = "auto",
         customObjects: list[str] | None = None,
+        callbacks: list[Callback] | None = None,
     ) -> None:
         super().__init__()
         self._model_bytes: bytes | None = None
+        self._callbacks: list[Callback] = []
         self.setParams(**self._input_kwargs)
 
     @keyword_only
@@ -158,12 +169,35 @@ class KerasEstimator(Estimator, HasTrainingParams, HasOutputParams, KerasReadabl
         rawPredictionCol: str = "rawPrediction",
         outputKind: str = "auto",
         customObjects: list[str] | None = None,
+        callbacks: list[Callback] | None = None,
     ) -> KerasEstimator:
         """Set Params by keyword, exactly as the constructor does (no checking until ``fit``)."""
         kwargs = dict(self._input_kwargs)
         if "model" in kwargs:
             self.setKerasModel(kwargs.pop("model"))
+        if "callbacks" in kwargs:
+            self.setCallbacks(kwargs.pop("callbacks"))
         return self._set(**kwargs)
+
+    def setCallbacks(self, callbacks: list[Callback] | None) -> KerasEstimator:
+        """Driver-side callbacks (e.g. :class:`~spark_keras_ml.callbacks.EarlyStopping`).
+
+        They are code, not Params: ``fit(df)`` calls these very objects, ``copy()`` (and so
+        ``fit(df, params)`` and CrossValidator) gives each copy deep copies, and they are not
+        saved with the estimator.
+        """
+        self._callbacks = check_callbacks(callbacks)
+        return self
+
+    def getCallbacks(self) -> list[Callback]:
+        return list(self._callbacks)
+
+    def copy(self, extra: dict[Param, Any] | None = None) -> KerasEstimator:
+        """A copy with its own deep copies of the callbacks: callbacks keep state (such as
+        EarlyStopping's patience), and CrossValidator fits copies in parallel threads."""
+        that = super().copy(extra)
+        that._callbacks = copy.deepcopy(self._callbacks)
+        return that
 
     def setKerasModel(self, model: keras.Model | None) -> KerasEstimator:
         """Keep ``model`` as ``.keras`` bytes: Params and copies never share a live model."""
@@ -253,9 +287,15 @@ class KerasEstimator(Estimator, HasTrainingParams, HasOutputParams, KerasReadabl
             data = shared.get((*plan.key, num_workers), convert)
 
         epochs = self.getEpochs()
+        callbacks = self._callbacks
+        started = time.monotonic()
 
         def on_epoch(epoch: int, logs: dict[str, float]) -> None:
             logger.info(format_epoch(epoch, epochs, logs))
+            try:
+                run_epoch_end(callbacks, epoch, {k: v for k, v in logs.items() if k != "rows"})
+            except CallbackError as exc:
+                server.abort(str(exc))
 
         secret = new_secret()
         tag = f"spark_keras_ml-fit-{uuid.uuid4().hex}"
@@ -275,6 +315,9 @@ class KerasEstimator(Estimator, HasTrainingParams, HasOutputParams, KerasReadabl
             on_epoch=on_epoch,
             on_abort=functools.partial(_cancel_job, spark, tag),
         )
+        training = Training(server, epochs)
+        for callback in callbacks:
+            callback.on_train_begin(training)
         with server:
             config = TrainConfig(
                 host=cluster.driver_host(spark),
@@ -317,8 +360,23 @@ class KerasEstimator(Estimator, HasTrainingParams, HasOutputParams, KerasReadabl
             weights = server.final_weights()
             history = server.history
             counts = server.counts
+            for callback in callbacks:
+                callback.on_train_end(history)
+            kept = server.kept_weights()
+            training.close()
 
+        if training.restore_epoch is not None and kept is not None:
+            logger.info("Restoring the weights of epoch %d", kept[0] + 1)
+            weights = kept[1]
         model.set_weights(weights)
+        summary = TrainingSummary(
+            history=history,
+            rows_per_epoch=server.epoch_rows,
+            workers=[r.asDict() for r in sorted(results, key=lambda r: r["partition"])],
+            updates=counts,
+            wall_seconds=time.monotonic() - started,
+            stopped_early=training.stopped_at is not None,
+        )
         logger.info(
             "Trained %d rows per epoch in %.1f s (slowest worker); pushes applied %d, "
             "duplicates skipped %d, non-finite rejected %d",
@@ -331,6 +389,7 @@ class KerasEstimator(Estimator, HasTrainingParams, HasOutputParams, KerasReadabl
         return KerasTransformer(
             model=model,
             history=history,
+            summary=summary,
             featuresCol=self.getFeaturesCol(),
             featuresCols=self.getFeaturesCols(),
             predictionCol=self.getPredictionCol(),

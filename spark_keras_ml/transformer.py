@@ -32,6 +32,7 @@ from spark_keras_ml.serialization import (
     model_id,
     model_to_bytes,
 )
+from spark_keras_ml.summary import TrainingSummary
 from spark_keras_ml.worker import predict_batches
 
 _OUTPUT = "__skml_output"
@@ -67,6 +68,7 @@ class KerasTransformer(Model, HasInferenceParams, KerasReadable, KerasWritable):
         *,
         model: keras.Model | None = None,
         history: dict[str, list[float]] | None = None,
+        summary: TrainingSummary | None = None,
         featuresCol: str = "features",
         featuresCols: list[str] | None = None,
         predictionCol: str = "prediction",
@@ -85,6 +87,7 @@ class KerasTransformer(Model, HasInferenceParams, KerasReadable, KerasWritable):
         if model is not None:
             self._model_bytes = model_to_bytes(model)
         self._history = {k: list(v) for k, v in (kwargs.pop("history", None) or {}).items()}
+        self._summary: TrainingSummary | None = kwargs.pop("summary", None)
         self._set(**kwargs)
 
     @keyword_only
@@ -107,6 +110,22 @@ class KerasTransformer(Model, HasInferenceParams, KerasReadable, KerasWritable):
         """Per-epoch training metrics averaged over workers, shaped like ``History.history``."""
         return {k: list(v) for k, v in self._history.items()}
 
+    @property
+    def hasSummary(self) -> bool:
+        """Whether this model came out of ``KerasEstimator.fit`` (and so has a summary)."""
+        return self._summary is not None
+
+    @property
+    def summary(self) -> TrainingSummary:
+        """What the fit did: per-epoch metrics and rows, per-worker rows, steps and seconds,
+        updates applied and rejected, wall time. Saved and loaded with the model."""
+        if self._summary is None:
+            raise RuntimeError(
+                "Expected a KerasTransformer made by KerasEstimator.fit to have a training "
+                "summary. Check hasSummary first. Received: a transformer built from a model"
+            )
+        return self._summary
+
     def getKerasModel(self) -> keras.Model:
         """A fresh ``keras.Model`` with the trained weights."""
         if self._model_bytes is None:
@@ -116,10 +135,13 @@ class KerasTransformer(Model, HasInferenceParams, KerasReadable, KerasWritable):
         )
 
     def _extra_metadata(self) -> dict[str, Any]:
-        return {"history": self._history}
+        summary = None if self._summary is None else self._summary.to_dict()
+        return {"history": self._history, "summary": summary}
 
     def _restore_extra(self, metadata: dict[str, Any]) -> None:
         self._history = {k: list(v) for k, v in metadata.get("history", {}).items()}
+        summary = metadata.get("summary")
+        self._summary = None if summary is None else TrainingSummary.from_dict(summary)
 
     def _model_facts(self, model_bytes: bytes, key: str) -> tuple[str, list[Spec]]:
         """The output kind ``auto`` resolves to, and the model's inputs; cached per model."""

@@ -79,7 +79,7 @@ def train_partition(config: TrainConfig, batches: Iterable[pd.DataFrame]) -> Ite
     ) as client:
         schedule, weights = client.hello(**identity)
         steps = schedule["steps_per_epoch"] or own_steps(len(train), config)
-        _train_loop(
+        pushes = _train_loop(
             config,
             model,
             client,
@@ -93,6 +93,8 @@ def train_partition(config: TrainConfig, batches: Iterable[pd.DataFrame]) -> Ite
         {
             "partition": [partition],
             "rows": [len(train)],
+            "held_out": [len(held_out)],
+            "steps": [pushes],
             "seconds": [time.perf_counter() - started],
         }
     )
@@ -133,8 +135,10 @@ def _train_loop(
     steps: int,
     resume_step: int,
     partition: int,
-) -> None:
+) -> int:
     """Run the schedule from ``resume_step`` (0, or where an earlier attempt left off).
+
+    Returns how many pushes (steps) this attempt made.
 
     Step ``s`` is batch ``s % steps`` of epoch ``s // steps``; the shuffles come from a generator
     seeded by (seed, partition), so a retried attempt sees the same batches as the first one.
@@ -142,13 +146,20 @@ def _train_loop(
     train, held_out = data
     rows = len(train)
     rng = np.random.default_rng([config.seed & 0xFFFFFFFF, partition])
+    pushes = 0
+    stop = False  # a driver callback (early stopping) asked every worker to stop
 
     def push(delta: list[np.ndarray], **meta: Any) -> list[np.ndarray]:
+        nonlocal pushes, stop
         wire = compress_delta(delta, config.delta_precision)
-        _, new_weights = client.push(wire, precision=config.delta_precision, **meta)
+        reply, new_weights = client.push(wire, precision=config.delta_precision, **meta)
+        pushes += 1
+        stop = stop or bool(reply.get("stop"))
         return new_weights
 
     for epoch in range(config.epochs):
+        if stop:  # only ever set at an epoch's end: every worker stops at an epoch boundary
+            break
         order = rng.permutation(rows)
         if (epoch + 1) * steps <= resume_step:
             continue
@@ -183,6 +194,7 @@ def _train_loop(
                 meta = {"epoch": epoch, "epoch_rows": rows, "logs": _json_logs(epoch_logs)}
             weights = push(delta, step=step, rows=len(index), **meta)
     model.set_weights(weights)
+    return pushes
 
 
 def _fit_epoch(

@@ -65,7 +65,9 @@ class ParameterServer:
     max_bad_updates:
         Non-finite deltas are rejected; one more than this many fails the fit.
     on_epoch:
-        Called with ``(epoch, logs)`` once every worker has finished an epoch.
+        Called with ``(epoch, logs)`` once every worker has reported an epoch's logs, before the
+        push that completed the epoch is applied, so that what it decides (``request_stop``,
+        ``keep_weights``) reaches every worker of a sync round at the same time.
     on_abort:
         Called once, from a server thread, with the reason when training is aborted (the
         estimator cancels its Spark job there).
@@ -105,6 +107,9 @@ class ParameterServer:
         self._on_abort = on_abort
         self._abort_reported = False
         self._run = 0
+        self._stop_requested = False
+        self._keep_epoch: int | None = None  # keep the weights once this epoch is applied
+        self._kept: tuple[int, list[np.ndarray]] | None = None
         self._last_activity = time.monotonic()
         self._listener: socket.socket | None = None
         self._accept_thread: threading.Thread | None = None
@@ -171,6 +176,33 @@ class ParameterServer:
             threads.append(self._accept_thread)
         return [t for t in threads if t.is_alive()]
 
+    def abort(self, reason: str) -> None:
+        """Fail the fit: every waiting and later request gets ``reason``."""
+        self._rule.abort(reason)
+
+    def request_stop(self) -> None:
+        """Every worker stops at the end of its current epoch (used by early stopping)."""
+        self._stop_requested = True
+
+    def keep_weights(self, epoch: int) -> None:
+        """Keep a copy of the weights as they stand once ``epoch`` is applied."""
+        with self._lock:
+            self._keep_epoch = epoch
+
+    def kept_weights(self) -> tuple[int, list[np.ndarray]] | None:
+        """``(epoch, weights)`` kept by :meth:`keep_weights`, if any."""
+        with self._lock:
+            return self._kept
+
+    def _keep_if_asked(self, epoch: int) -> None:
+        with self._lock:
+            if self._keep_epoch != epoch:
+                return
+            self._keep_epoch = None
+        kept = (epoch, [np.array(w, copy=True) for w in self._rule.weights()[1]])
+        with self._lock:
+            self._kept = kept
+
     def prepare_rerun(self) -> int:
         """Called by the driver before it reruns a failed sync job (see ``syncRetries``).
 
@@ -198,6 +230,11 @@ class ParameterServer:
     @property
     def history(self) -> dict[str, list[float]]:
         return self._epochs.history
+
+    @property
+    def epoch_rows(self) -> list[int]:
+        """Rows trained in each completed epoch, summed over the workers."""
+        return list(self._epochs.rows)
 
     @property
     def counts(self) -> dict[str, int]:
@@ -346,6 +383,11 @@ class ParameterServer:
             rows = _int_field(meta, "rows")
             # A delta behind zero rows is never applied, so only the others need checking.
             usable = rows == 0 or self._finite(partition, delta)
+            epoch = _int_field(meta, "epoch") if "logs" in meta else None
+            if epoch is not None and self._rule.is_current(partition, attempt):
+                # Before the push: in sync, the round this push closes then carries whatever
+                # the epoch's callbacks decided to every worker at once.
+                self._epochs.add(epoch, partition, rows_of(meta), meta["logs"])
             version, weights = self._rule.push(
                 partition,
                 attempt,
@@ -354,11 +396,12 @@ class ParameterServer:
                 rows if usable else 0,
                 self._timeout,
             )
-            if "logs" in meta:
-                self._epochs.add(_int_field(meta, "epoch"), partition, rows_of(meta), meta["logs"])
-            protocol.send_message(
-                conn, Op.WEIGHTS, {"version": version, "rejected": not usable}, weights
-            )
+            if epoch is not None:
+                self._keep_if_asked(epoch)
+            reply = {"version": version, "rejected": not usable}
+            if self._stop_requested:
+                reply["stop"] = True
+            protocol.send_message(conn, Op.WEIGHTS, reply, weights)
             return worker
         if message.op is Op.PULL:
             version, weights = self._rule.weights()

@@ -127,6 +127,11 @@ class UpdateRule:
             self._version, self._weights, self._last_step.get(partition, -1) + 1, None
         )
 
+    def is_current(self, partition: int, attempt: int) -> bool:
+        """Whether ``attempt`` is the newest registered attempt of ``partition``."""
+        with self._cond:
+            return self._attempts.get(partition) == attempt
+
     def finish(self, partition: int, attempt: int) -> None:
         """The worker said goodbye: it no longer counts as a running worker."""
         with self._cond:

@@ -1,0 +1,204 @@
+"""Driver-side training callbacks, fed with the logs aggregated across workers after each epoch.
+
+Keras callbacks run inside one process next to the model; here the model is spread over the
+workers and the parameter server, so a callback gets a :class:`Training` handle instead: it can
+stop every worker at the end of the current epoch and keep the weights of a good epoch.
+
+Callbacks run on a parameter-server thread, while the push that completed the epoch waits: in a
+sync fit every worker learns the decision at the same round. Keep them quick.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Protocol
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingServer(Protocol):
+    """What a :class:`Training` handle needs of the parameter server."""
+
+    def request_stop(self) -> None: ...
+
+    def keep_weights(self, epoch: int) -> None: ...
+
+
+class Training:
+    """A running fit, as callbacks see it."""
+
+    def __init__(self, server: TrainingServer, epochs: int) -> None:
+        self._server: TrainingServer | None = server
+        self.epochs = epochs
+        self.stopped_at: int | None = None
+        self.restore_epoch: int | None = None
+
+    def stop(self, epoch: int) -> None:
+        """Stop every worker at the end of ``epoch`` (the epoch being reported)."""
+        if self.stopped_at is None:
+            self.stopped_at = epoch
+            self._running().request_stop()
+
+    def keep_weights(self, epoch: int) -> None:
+        """Keep the weights as they stand once ``epoch`` is applied (replacing older ones)."""
+        self._running().keep_weights(epoch)
+
+    def close(self) -> None:
+        """The fit is over: let go of the server (callbacks stay copyable and picklable)."""
+        self._server = None
+
+    def _running(self) -> TrainingServer:
+        if self._server is None:
+            raise RuntimeError("the fit this Training handle belonged to is over")
+        return self._server
+
+    def restore_kept_weights(self, epoch: int) -> None:
+        """End the fit with the weights kept at ``epoch`` instead of the last ones."""
+        self.restore_epoch = epoch
+
+
+class Callback:
+    """Base class: override what you need. ``self.training`` is set before the first epoch."""
+
+    training: Training
+
+    def on_train_begin(self, training: Training) -> None:
+        self.training = training
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, float]) -> None:
+        """``logs``: the epoch's metrics averaged over workers (``val_*`` included)."""
+
+    def on_train_end(self, history: dict[str, list[float]]) -> None:
+        """Called once the workers are done, with the whole history."""
+
+
+class EarlyStopping(Callback):
+    """Stop training when ``monitor`` stops improving, as ``keras.callbacks.EarlyStopping``.
+
+    Every worker stops at the end of the same epoch in sync mode; in async and hogwild each
+    worker stops at its first epoch end after the decision. With ``restore_best_weights`` the
+    fitted model gets the weights of the best epoch.
+    """
+
+    def __init__(
+        self,
+        monitor: str = "val_loss",
+        *,
+        patience: int = 0,
+        min_delta: float = 0.0,
+        mode: str = "auto",
+        baseline: float | None = None,
+        restore_best_weights: bool = False,
+        start_from_epoch: int = 0,
+    ) -> None:
+        if mode not in ("auto", "min", "max"):
+            raise ValueError(
+                f"Expected `mode` to be 'auto', 'min' or 'max'. Received: mode={mode!r}"
+            )
+        if patience < 0 or min_delta < 0:
+            raise ValueError(
+                "Expected `patience` >= 0 and `min_delta` >= 0. Received: "
+                f"patience={patience!r}, min_delta={min_delta!r}"
+            )
+        self.monitor = monitor
+        self.patience = patience
+        self.min_delta = abs(min_delta)
+        self.baseline = baseline
+        self.restore_best_weights = restore_best_weights
+        self.start_from_epoch = start_from_epoch
+        if mode == "auto":
+            higher = ("acc", "accuracy", "auc", "precision", "recall", "f1")
+            name = monitor.removeprefix("val_")
+            mode = "max" if any(name.endswith(h) for h in higher) else "min"
+        self.mode = mode
+        self.best: float = math.inf if mode == "min" else -math.inf
+        self.best_epoch: int | None = None
+        self.wait = 0
+        self.stopped_epoch: int | None = None
+        self._warned = False
+
+    def on_train_begin(self, training: Training) -> None:
+        super().on_train_begin(training)
+        self.best = math.inf if self.mode == "min" else -math.inf
+        self.best_epoch, self.wait, self.stopped_epoch = None, 0, None
+
+    def _improved(self, value: float, reference: float) -> bool:
+        if self.mode == "min":
+            return bool(np.less(value, reference - self.min_delta))
+        return bool(np.greater(value, reference + self.min_delta))
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, float]) -> None:
+        value = logs.get(self.monitor)
+        if value is None or math.isnan(value):
+            if not self._warned:
+                self._warned = True
+                logger.warning(
+                    "EarlyStopping monitors %r, which is not in the logs (%s); set "
+                    "validationSplit or validationCol for val_* metrics",
+                    self.monitor,
+                    ", ".join(sorted(logs)),
+                )
+            return
+        if epoch < self.start_from_epoch:
+            return
+        self.wait += 1
+        if self._improved(value, self.best) and (
+            self.baseline is None or self._improved(value, self.baseline)
+        ):
+            self.best, self.best_epoch, self.wait = value, epoch, 0
+            if self.restore_best_weights:
+                self.training.keep_weights(epoch)
+            return
+        if self.wait >= self.patience and epoch > 0:
+            self.stopped_epoch = epoch
+            logger.info(
+                "Early stopping after epoch %d: %s did not improve on %.4f (epoch %s) for %d "
+                "epochs",
+                epoch + 1,
+                self.monitor,
+                self.best,
+                None if self.best_epoch is None else self.best_epoch + 1,
+                self.wait,
+            )
+            self.training.stop(epoch)
+
+    def on_train_end(self, history: dict[str, list[float]]) -> None:
+        if self.restore_best_weights and self.best_epoch is not None:
+            self.training.restore_kept_weights(self.best_epoch)
+
+    def __repr__(self) -> str:
+        return (
+            f"EarlyStopping(monitor={self.monitor!r}, patience={self.patience}, "
+            f"min_delta={self.min_delta}, mode={self.mode!r}, "
+            f"restore_best_weights={self.restore_best_weights})"
+        )
+
+
+def run_epoch_end(callbacks: list[Callback], epoch: int, logs: dict[str, float]) -> None:
+    """Call every callback; a failing one is reported with its name."""
+    for callback in callbacks:
+        try:
+            callback.on_epoch_end(epoch, dict(logs))
+        except Exception as exc:
+            raise CallbackError(f"{type(callback).__name__}.on_epoch_end failed: {exc!r}") from exc
+
+
+class CallbackError(RuntimeError):
+    """A driver-side callback raised; the fit is aborted with this message."""
+
+
+def check_callbacks(callbacks: Any) -> list[Callback]:
+    if callbacks is None:
+        return []
+    if not isinstance(callbacks, list | tuple) or not all(
+        isinstance(c, Callback) for c in callbacks
+    ):
+        raise TypeError(
+            "Expected `callbacks` to be a list of spark_keras_ml.callbacks.Callback (for "
+            "example EarlyStopping). Keras callbacks need a live model, which a distributed fit "
+            f"does not have on the driver. Received: {callbacks!r}"
+        )
+    return list(callbacks)

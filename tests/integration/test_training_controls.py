@@ -1,0 +1,165 @@
+"""Driver callbacks and early stopping, the training summary, and rows never dropped."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from spark_keras_ml import KerasEstimator, KerasTransformer
+from spark_keras_ml.callbacks import Callback, EarlyStopping
+from tests.conftest import digits_model
+
+pytestmark = pytest.mark.usefixtures("spark")
+
+
+class Recorder(Callback):
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, dict[str, float]]] = []
+        self.ended_with: dict[str, list[float]] | None = None
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, float]) -> None:
+        self.seen.append((epoch, logs))
+
+    def on_train_end(self, history: dict[str, list[float]]) -> None:
+        self.ended_with = history
+
+
+def fit(df, **params):  # type: ignore[no-untyped-def]
+    params.setdefault("model", digits_model())
+    params.setdefault("numWorkers", 2)
+    params.setdefault("seed", 1)
+    return KerasEstimator(**params).fit(df)
+
+
+def test_summary_counts_every_row_each_epoch_and_is_saved(digits, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    train, _ = digits
+    rows = train.count()
+    fitted = fit(train, epochs=3, validationSplit=0.25)
+    summary = fitted.summary
+    assert fitted.hasSummary and summary.epochs == 3
+    assert summary.history == fitted.history
+    assert sorted(w["partition"] for w in summary.workers) == [0, 1]
+    # Rows trained per epoch plus the held-out rows are every row of the DataFrame.
+    trained = sum(w["rows"] for w in summary.workers)
+    held_out = sum(w["held_out"] for w in summary.workers)
+    assert summary.rows_per_epoch == [trained] * 3
+    assert trained + held_out == rows and 0.15 * rows < held_out < 0.35 * rows
+    assert [w["steps"] for w in summary.workers] == [3, 3]
+    assert summary.updates == {"applied": 6, "duplicates": 0, "rejected": 0}
+    assert summary.wall_seconds > 0 and not summary.stopped_early
+    assert list(summary.workers_frame().columns) == [
+        "partition",
+        "rows",
+        "held_out",
+        "steps",
+        "seconds",
+    ]
+
+    fitted.save(str(tmp_path / "m"))
+    loaded = KerasTransformer.load(str(tmp_path / "m"))
+    assert loaded.summary == summary
+    assert not KerasTransformer(model=digits_model()).hasSummary
+    with pytest.raises(RuntimeError, match="hasSummary"):
+        _ = KerasTransformer(model=digits_model()).summary
+
+
+@pytest.mark.parametrize("frequency", ["epoch", "batch"])
+def test_partitions_smaller_than_a_batch_and_empty_ones_still_train(
+    spark, digits, frequency
+) -> None:  # type: ignore[no-untyped-def]
+    train, _ = digits
+    for size in (5, 1):  # 5 rows over 2 workers; 1 row leaves one partition empty
+        tiny = train.limit(size).cache()
+        fitted = fit(tiny, epochs=2, batchSize=32, frequency=frequency)
+        assert fitted.summary.rows_per_epoch == [size, size], (size, fitted.summary)
+        assert len(fitted.history["loss"]) == 2
+
+
+def test_callbacks_see_the_aggregated_logs_of_every_epoch(digits) -> None:  # type: ignore[no-untyped-def]
+    train, _ = digits
+    recorder = Recorder()
+    est = KerasEstimator(model=digits_model(), epochs=3, numWorkers=2, validationSplit=0.2)
+    fitted = est.setCallbacks([recorder]).fit(train)
+    assert [epoch for epoch, _ in recorder.seen] == [0, 1, 2]
+    assert set(recorder.seen[0][1]) == {"loss", "accuracy", "val_loss", "val_accuracy"}
+    assert [logs["val_loss"] for _, logs in recorder.seen] == fitted.history["val_loss"]
+    assert recorder.ended_with == fitted.history
+    # Copies (as CrossValidator makes) get callbacks of their own.
+    copied = est.copy()
+    assert copied.getCallbacks()[0] is not recorder
+    assert isinstance(copied.getCallbacks()[0], Recorder)
+
+
+def test_early_stopping_stops_every_sync_worker_at_the_same_epoch(digits) -> None:  # type: ignore[no-untyped-def]
+    train, _ = digits
+    # No epoch improves loss by 10: patience 1 stops after the second epoch (index 1).
+    stop = EarlyStopping(monitor="loss", min_delta=10.0, patience=1)
+    fitted = fit(train, epochs=8, callbacks=[stop])
+    summary = fitted.summary
+    assert summary.stopped_early
+    assert len(fitted.history["loss"]) == 2
+    assert [w["steps"] for w in summary.workers] == [2, 2]
+
+    batch = fit(train, epochs=8, frequency="batch", callbacks=[stop])
+    assert len(batch.history["loss"]) == 2
+    steps = {w["steps"] for w in batch.summary.workers}
+    assert len(steps) == 1  # sync rounds: every worker stopped after the same step
+
+
+def test_early_stopping_in_async_stops_the_fit_early(digits) -> None:  # type: ignore[no-untyped-def]
+    train, _ = digits
+    stop = EarlyStopping(monitor="loss", min_delta=10.0, patience=1)
+    fitted = fit(train, epochs=10, mode="async", frequency="batch", callbacks=[stop])
+    assert fitted.summary.stopped_early
+    assert len(fitted.history["loss"]) < 10
+    assert all(w["steps"] < 10 * 23 for w in fitted.summary.workers)
+
+
+def test_restore_best_weights_ends_on_the_best_epoch(digits) -> None:  # type: ignore[no-untyped-def]
+    train, _ = digits
+    # "Best" is the highest loss, i.e. the first epoch: the fit must end on epoch 1's weights.
+    stop = EarlyStopping(monitor="loss", mode="max", patience=2, restore_best_weights=True)
+    restored = fit(train, epochs=6, callbacks=[stop])
+    assert len(restored.history["loss"]) == 3
+    one_epoch = fit(train, epochs=1)
+    for a, b in zip(
+        restored.getKerasModel().get_weights(), one_epoch.getKerasModel().get_weights(), strict=True
+    ):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_a_failing_callback_fails_the_fit_naming_it(digits) -> None:  # type: ignore[no-untyped-def]
+    class Broken(Callback):
+        def on_epoch_end(self, epoch: int, logs: dict[str, float]) -> None:
+            raise KeyError("no such metric")
+
+    train, _ = digits
+    with pytest.raises(RuntimeError, match=r"Broken.on_epoch_end failed: KeyError"):
+        fit(train, epochs=3, callbacks=[Broken()])
+
+
+def test_keras_callbacks_are_refused_with_the_reason() -> None:
+    import keras
+
+    with pytest.raises(TypeError, match=r"spark_keras_ml.callbacks.Callback.*live model"):
+        KerasEstimator(callbacks=[keras.callbacks.EarlyStopping()])
+
+
+def test_history_plots_with_pandas_and_plot_history(digits) -> None:  # type: ignore[no-untyped-def]
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import pandas as pd
+
+    from spark_keras_ml.plotting import plot_history
+
+    train, _ = digits
+    fitted = fit(train, epochs=2, validationSplit=0.2)
+    axes = pd.DataFrame(fitted.history).plot()
+    assert len(axes.get_lines()) == 4  # loss, accuracy, val_loss, val_accuracy
+    figure = plot_history(fitted, title="digits")
+    titles = [ax.get_title() for ax in figure.axes]
+    assert titles == ["loss", "accuracy"]
+    assert all(len(ax.get_lines()) == 2 for ax in figure.axes)  # train and validation
+    with pytest.raises(ValueError, match="at least one metric"):
+        plot_history({})
