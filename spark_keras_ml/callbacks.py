@@ -24,8 +24,6 @@ class TrainingServer(Protocol):
 
     def request_stop(self) -> None: ...
 
-    def keep_weights(self, epoch: int) -> None: ...
-
 
 class Training:
     """A running fit, as callbacks see it."""
@@ -35,6 +33,8 @@ class Training:
         self.epochs = epochs
         self.stopped_at: int | None = None
         self.restore_epoch: int | None = None
+        self.kept: tuple[int, list[np.ndarray]] | None = None
+        self._keep_epoch: int | None = None
 
     def stop(self, epoch: int) -> None:
         """Stop every worker at the end of ``epoch`` (the epoch being reported)."""
@@ -44,7 +44,12 @@ class Training:
 
     def keep_weights(self, epoch: int) -> None:
         """Keep the weights as they stand once ``epoch`` is applied (replacing older ones)."""
-        self._running().keep_weights(epoch)
+        self._keep_epoch = epoch
+
+    def epoch_applied(self, epoch: int, weights: list[np.ndarray]) -> None:
+        """The server applied ``epoch``: keep its weights if a callback asked for them."""
+        if self._keep_epoch == epoch:
+            self.kept = (epoch, weights)
 
     def close(self) -> None:
         """The fit is over: let go of the server (callbacks stay copyable and picklable)."""

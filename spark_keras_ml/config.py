@@ -40,6 +40,9 @@ class TrainConfig:
     #: Which run of the training job this is (0, then one more per ``syncRetries`` rerun): the
     #: server turns away a straggler of a failed run so it cannot join the rerun's rounds.
     run: int = 0
+    #: Epochs already done by an earlier fit (resumed from ``checkpointDir``): ``epochs`` more are
+    #: trained, and their logs are numbered from here.
+    first_epoch: int = 0
 
 
 @dataclass(frozen=True)

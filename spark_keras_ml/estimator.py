@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import keras
+import numpy as np
 from pyspark import keyword_only
 from pyspark.ml import Estimator
 from pyspark.ml.param import Param
@@ -36,6 +37,7 @@ from spark_keras_ml.callbacks import (
     check_callbacks,
     run_epoch_end,
 )
+from spark_keras_ml.checkpoint import Checkpoint, CheckpointStore, CheckpointWriter
 from spark_keras_ml.config import TrainConfig
 from spark_keras_ml.data import TRAIN_RESULT_SCHEMA
 from spark_keras_ml.inputs import check_first_row, training_columns
@@ -110,6 +112,7 @@ class KerasEstimator(Estimator, HasTrainingParams, HasOutputParams, KerasReadabl
         sampleWeightCol: str | None = None,
         validationSplit: float = 0.0,
         validationCol: str | None = None,
+        checkpointDir: str | None = None,
         mode: str = "sync",
         frequency: str = "epoch",
         epochs: int = 1,
@@ -149,6 +152,7 @@ class KerasEstimator(Estimator, HasTrainingParams, HasOutputParams, KerasReadabl
         sampleWeightCol: str | None = None,
         validationSplit: float = 0.0,
         validationCol: str | None = None,
+        checkpointDir: str | None = None,
         mode: str = "sync",
         frequency: str = "epoch",
         epochs: int = 1,
@@ -289,6 +293,20 @@ class KerasEstimator(Estimator, HasTrainingParams, HasOutputParams, KerasReadabl
         epochs = self.getEpochs()
         callbacks = self._callbacks
         started = time.monotonic()
+        store, resumed = self._resume_point(spark, model)
+        first_epoch = 0 if resumed is None else resumed.epoch + 1
+        earlier = {} if resumed is None else resumed.history
+        if resumed is not None:
+            model.set_weights(resumed.weights)
+            logger.info(
+                "Resuming from the checkpoint of epoch %d in %s",
+                first_epoch,
+                self.getCheckpointDir(),
+            )
+        if first_epoch >= epochs:
+            logger.info("All %d epochs are done in the checkpoint: nothing to train", epochs)
+            return self._transformer(model, earlier, None, kind, custom_objects)
+        writer = None if store is None else CheckpointWriter(store)
 
         def on_epoch(epoch: int, logs: dict[str, float]) -> None:
             logger.info(format_epoch(epoch, epochs, logs))
@@ -296,6 +314,12 @@ class KerasEstimator(Estimator, HasTrainingParams, HasOutputParams, KerasReadabl
                 run_epoch_end(callbacks, epoch, {k: v for k, v in logs.items() if k != "rows"})
             except CallbackError as exc:
                 server.abort(str(exc))
+
+        def on_epoch_applied(epoch: int, weights: list[np.ndarray]) -> None:
+            training.epoch_applied(epoch, weights)
+            if writer is not None:
+                so_far = _joined(earlier, server.history)
+                writer.put(Checkpoint(epoch, weights, so_far))
 
         secret = new_secret()
         tag = f"spark_keras_ml-fit-{uuid.uuid4().hex}"
@@ -306,13 +330,14 @@ class KerasEstimator(Estimator, HasTrainingParams, HasOutputParams, KerasReadabl
             mode=mode,
             frequency=self.getFrequency(),
             batch_size=self.getBatchSize(),
-            epochs=epochs,
+            epochs=epochs - first_epoch,
             host=cluster.bind_address(spark),
             timeout=self.getTimeout(),
             max_staleness=self.getMaxStaleness(),
             allow_rejoin=self.getSyncRetries() > 0,
             max_bad_updates=self.getMaxBadUpdates(),
             on_epoch=on_epoch,
+            on_epoch_applied=on_epoch_applied,
             on_abort=functools.partial(_cancel_job, spark, tag),
         )
         training = Training(server, epochs)
@@ -327,7 +352,8 @@ class KerasEstimator(Estimator, HasTrainingParams, HasOutputParams, KerasReadabl
                 compile_config=compile_config,
                 mode=mode,
                 frequency=self.getFrequency(),
-                epochs=epochs,
+                epochs=epochs - first_epoch,
+                first_epoch=first_epoch,
                 batch_size=self.getBatchSize(),
                 timeout=self.getTimeout(),
                 seed=self.getSeed(),
@@ -356,27 +382,23 @@ class KerasEstimator(Estimator, HasTrainingParams, HasOutputParams, KerasReadabl
                     barrier=mode == "sync",
                 )
 
-            results = self._run_job(spark, job, server, tag, mode)
+            try:
+                results = self._run_job(spark, job, server, tag, mode)
+            finally:
+                if writer is not None:
+                    writer.close()
             weights = server.final_weights()
-            history = server.history
+            history = _joined(earlier, server.history)
             counts = server.counts
             for callback in callbacks:
                 callback.on_train_end(history)
-            kept = server.kept_weights()
             training.close()
 
+        kept = training.kept
         if training.restore_epoch is not None and kept is not None:
             logger.info("Restoring the weights of epoch %d", kept[0] + 1)
             weights = kept[1]
         model.set_weights(weights)
-        summary = TrainingSummary(
-            history=history,
-            rows_per_epoch=server.epoch_rows,
-            workers=[r.asDict() for r in sorted(results, key=lambda r: r["partition"])],
-            updates=counts,
-            wall_seconds=time.monotonic() - started,
-            stopped_early=training.stopped_at is not None,
-        )
         logger.info(
             "Trained %d rows per epoch in %.1f s (slowest worker); pushes applied %d, "
             "duplicates skipped %d, non-finite rejected %d",
@@ -386,6 +408,31 @@ class KerasEstimator(Estimator, HasTrainingParams, HasOutputParams, KerasReadabl
             counts["duplicates"],
             counts["rejected"],
         )
+        summary = TrainingSummary(
+            history=history,
+            rows_per_epoch=server.epoch_rows,
+            workers=[r.asDict() for r in sorted(results, key=lambda r: r["partition"])],
+            updates=counts,
+            wall_seconds=time.monotonic() - started,
+            stopped_early=training.stopped_at is not None,
+            first_epoch=first_epoch,
+        )
+        if writer is not None and writer.error is not None:
+            logger.error(
+                "The fit finished, but its last checkpoint could not be written to %s: %r",
+                store.directory if store else None,
+                writer.error,
+            )
+        return self._transformer(model, history, summary, kind, custom_objects)
+
+    def _transformer(
+        self,
+        model: keras.Model,
+        history: dict[str, list[float]],
+        summary: TrainingSummary | None,
+        kind: str,
+        custom_objects: tuple[str, ...],
+    ) -> KerasTransformer:
         return KerasTransformer(
             model=model,
             history=history,
@@ -398,6 +445,17 @@ class KerasEstimator(Estimator, HasTrainingParams, HasOutputParams, KerasReadabl
             outputKind=kind,
             customObjects=list(custom_objects) or None,
         )
+
+    def _resume_point(
+        self, spark: Any, model: keras.Model
+    ) -> tuple[CheckpointStore | None, Checkpoint | None]:
+        directory = self.getCheckpointDir()
+        if directory is None:
+            return None, None
+        store = CheckpointStore(spark, directory)
+        store.prepare()
+        shapes = [tuple(w.shape) for w in model.get_weights()]
+        return store, store.read(shapes)
 
     def _run_job(
         self,
@@ -454,6 +512,14 @@ class KerasEstimator(Estimator, HasTrainingParams, HasOutputParams, KerasReadabl
                 f"executors/cores. Received: numWorkers={wanted}"
             )
         return wanted
+
+
+def _joined(
+    earlier: dict[str, list[float]], later: dict[str, list[float]]
+) -> dict[str, list[float]]:
+    """History of a resumed fit: the checkpoint's epochs, then this fit's."""
+    keys = list(earlier) + [k for k in later if k not in earlier]
+    return {k: list(earlier.get(k, [])) + list(later.get(k, [])) for k in keys}
 
 
 def _cancel_job(spark: Any, tag: str, reason: str) -> None:

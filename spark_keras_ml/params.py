@@ -156,6 +156,13 @@ class HasTrainingParams(HasFeaturesCol, HasLabelCol, HasSeed):
         "Boolean column: true rows are held out for val_* metrics, never trained on.",
         typeConverter=TypeConverters.toString,
     )
+    checkpointDir: Param[str] = Param(
+        Params._dummy(),
+        "checkpointDir",
+        "Hadoop path where the weights and the epoch are written after every epoch; fitting "
+        "again with the same directory resumes after the last completed epoch. None: off.",
+        typeConverter=TypeConverters.toString,
+    )
     deltaPrecision: Param[str] = Param(
         Params._dummy(),
         "deltaPrecision",
@@ -175,6 +182,7 @@ class HasTrainingParams(HasFeaturesCol, HasLabelCol, HasSeed):
             sampleWeightCol=None,
             validationSplit=0.0,
             validationCol=None,
+            checkpointDir=None,
             mode="sync",
             frequency="epoch",
             epochs=1,
@@ -237,6 +245,9 @@ class HasTrainingParams(HasFeaturesCol, HasLabelCol, HasSeed):
 
     def getValidationSplit(self) -> float:
         return self.getOrDefault(self.validationSplit)
+
+    def getCheckpointDir(self) -> str | None:
+        return self.getOrDefault(self.checkpointDir)
 
     def getValidationCol(self) -> str | None:
         return self.getOrDefault(self.validationCol)
@@ -426,6 +437,11 @@ RULES: dict[str, Rule] = {
         lambda v: isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v < 1,
         "a fraction >= 0 and < 1",
         "Use 0 for no held-out rows, or set validationCol instead.",
+    ),
+    "checkpointDir": Rule(
+        lambda v: v is None or (isinstance(v, str) and v != ""),
+        "a directory path (any Hadoop path), or None",
+        "Name a directory the driver can write, e.g. 'hdfs:///checkpoints/run1'.",
     ),
     "validationCol": Rule(
         lambda v: v is None or (isinstance(v, str) and v != ""),

@@ -35,7 +35,8 @@ class EpochAggregator:
         self.history: dict[str, list[float]] = {}
         self.rows: list[int] = []
 
-    def add(self, epoch: int, partition: int, rows: int, logs: Any) -> None:
+    def add(self, epoch: int, partition: int, rows: int, logs: Any) -> bool:
+        """Record one worker's logs; True when they complete the epoch."""
         if not isinstance(logs, dict):
             raise ValueError(f"epoch logs must be a dict of numbers, received {logs!r}")
         # A diverged metric travels as JSON null (the wire carries no NaN); keep it as NaN.
@@ -51,7 +52,7 @@ class EpochAggregator:
                 rows, int(held_out) if math.isfinite(held_out) else 0, clean
             )
             if len(reports) < self._num_workers:
-                return
+                return False
             del self._pending[epoch]
             total, means = weighted_mean(list(reports.values()))
             for key, value in means.items():
@@ -59,6 +60,7 @@ class EpochAggregator:
             self.rows.append(total)
         if self._on_epoch is not None:
             self._on_epoch(epoch, {"rows": float(total), **means})
+        return True
 
 
 class Report(NamedTuple):
@@ -111,6 +113,8 @@ class TrainingSummary:
     updates: dict[str, int] = field(default_factory=dict)
     wall_seconds: float = 0.0
     stopped_early: bool = False
+    #: The epoch (0-based) this fit started at when it resumed from ``checkpointDir``, else 0.
+    first_epoch: int = 0
 
     @property
     def epochs(self) -> int:

@@ -145,7 +145,7 @@ def _train_loop(
     """
     train, held_out = data
     rows = len(train)
-    rng = np.random.default_rng([config.seed & 0xFFFFFFFF, partition])
+    rng = np.random.default_rng([config.seed & 0xFFFFFFFF, partition, config.first_epoch])
     pushes = 0
     stop = False  # a driver callback (early stopping) asked every worker to stop
 
@@ -166,7 +166,11 @@ def _train_loop(
         if config.frequency == "epoch":
             logs = _fit_epoch(model, train.take(order), weights, config.batch_size)
             logs.update(_evaluate(model, held_out, config.batch_size))
-            end = {"epoch": epoch, "epoch_rows": rows, "logs": _json_logs(logs)}
+            end = {
+                "epoch": config.first_epoch + epoch,
+                "epoch_rows": rows,
+                "logs": _json_logs(logs),
+            }
             weights = push(_delta(model, weights), step=epoch, rows=rows, **end)
             continue
         # train_on_batch resets the metrics on every call: keep the epoch's row-weighted sums.
@@ -191,7 +195,11 @@ def _train_loop(
             if batch == steps - 1:
                 epoch_logs = {k: v / trained for k, v in sums.items()} if trained else {}
                 epoch_logs.update(_evaluate(model, held_out, config.batch_size))
-                meta = {"epoch": epoch, "epoch_rows": rows, "logs": _json_logs(epoch_logs)}
+                meta = {
+                    "epoch": config.first_epoch + epoch,
+                    "epoch_rows": rows,
+                    "logs": _json_logs(epoch_logs),
+                }
             weights = push(delta, step=step, rows=len(index), **meta)
     model.set_weights(weights)
     return pushes

@@ -66,8 +66,11 @@ class ParameterServer:
         Non-finite deltas are rejected; one more than this many fails the fit.
     on_epoch:
         Called with ``(epoch, logs)`` once every worker has reported an epoch's logs, before the
-        push that completed the epoch is applied, so that what it decides (``request_stop``,
-        ``keep_weights``) reaches every worker of a sync round at the same time.
+        push that completed the epoch is applied, so that what it decides (``request_stop``)
+        reaches every worker of a sync round at the same time.
+    on_epoch_applied:
+        Called with ``(epoch, weights)`` (a copy) once the push that completed the epoch is
+        applied: in sync, the weights after the epoch's last round (checkpoints, best weights).
     on_abort:
         Called once, from a server thread, with the reason when training is aborted (the
         estimator cancels its Spark job there).
@@ -89,6 +92,7 @@ class ParameterServer:
         allow_rejoin: bool = False,
         max_bad_updates: int = 3,
         on_epoch: EpochCallback | None = None,
+        on_epoch_applied: Callable[[int, list[np.ndarray]], None] | None = None,
         on_abort: Callable[[str], None] | None = None,
     ) -> None:
         self._rule = make_rule(
@@ -108,8 +112,7 @@ class ParameterServer:
         self._abort_reported = False
         self._run = 0
         self._stop_requested = False
-        self._keep_epoch: int | None = None  # keep the weights once this epoch is applied
-        self._kept: tuple[int, list[np.ndarray]] | None = None
+        self._on_epoch_applied = on_epoch_applied
         self._last_activity = time.monotonic()
         self._listener: socket.socket | None = None
         self._accept_thread: threading.Thread | None = None
@@ -183,25 +186,6 @@ class ParameterServer:
     def request_stop(self) -> None:
         """Every worker stops at the end of its current epoch (used by early stopping)."""
         self._stop_requested = True
-
-    def keep_weights(self, epoch: int) -> None:
-        """Keep a copy of the weights as they stand once ``epoch`` is applied."""
-        with self._lock:
-            self._keep_epoch = epoch
-
-    def kept_weights(self) -> tuple[int, list[np.ndarray]] | None:
-        """``(epoch, weights)`` kept by :meth:`keep_weights`, if any."""
-        with self._lock:
-            return self._kept
-
-    def _keep_if_asked(self, epoch: int) -> None:
-        with self._lock:
-            if self._keep_epoch != epoch:
-                return
-            self._keep_epoch = None
-        kept = (epoch, [np.array(w, copy=True) for w in self._rule.weights()[1]])
-        with self._lock:
-            self._kept = kept
 
     def prepare_rerun(self) -> int:
         """Called by the driver before it reruns a failed sync job (see ``syncRetries``).
@@ -384,10 +368,11 @@ class ParameterServer:
             # A delta behind zero rows is never applied, so only the others need checking.
             usable = rows == 0 or self._finite(partition, delta)
             epoch = _int_field(meta, "epoch") if "logs" in meta else None
+            completed = False
             if epoch is not None and self._rule.is_current(partition, attempt):
                 # Before the push: in sync, the round this push closes then carries whatever
                 # the epoch's callbacks decided to every worker at once.
-                self._epochs.add(epoch, partition, rows_of(meta), meta["logs"])
+                completed = self._epochs.add(epoch, partition, rows_of(meta), meta["logs"])
             version, weights = self._rule.push(
                 partition,
                 attempt,
@@ -396,8 +381,8 @@ class ParameterServer:
                 rows if usable else 0,
                 self._timeout,
             )
-            if epoch is not None:
-                self._keep_if_asked(epoch)
+            if completed and epoch is not None and self._on_epoch_applied is not None:
+                self._on_epoch_applied(epoch, [np.array(w, copy=True) for w in weights])
             reply = {"version": version, "rejected": not usable}
             if self._stop_requested:
                 reply["stop"] = True

@@ -30,6 +30,7 @@ BAD_VALUES = {
     "sampleWeightCol": "",
     "validationSplit": 1.0,
     "validationCol": "",
+    "checkpointDir": "",
 }
 
 
