@@ -28,9 +28,10 @@ class TrainingServer(Protocol):
 class Training:
     """A running fit, as callbacks see it."""
 
-    def __init__(self, server: TrainingServer, epochs: int) -> None:
+    def __init__(self, server: TrainingServer, epochs: int, first_epoch: int = 0) -> None:
         self._server: TrainingServer | None = server
-        self.epochs = epochs
+        self.epochs = epochs  # in all, counting those done before a resume
+        self.first_epoch = first_epoch
         self.stopped_at: int | None = None
         self.restore_epoch: int | None = None
         self.kept: tuple[int, list[np.ndarray]] | None = None
@@ -180,6 +181,47 @@ class EarlyStopping(Callback):
             f"min_delta={self.min_delta}, mode={self.mode!r}, "
             f"restore_best_weights={self.restore_best_weights})"
         )
+
+
+class ProgressBar(Callback):
+    """A tqdm progress bar over the epochs on the driver, showing the latest metrics.
+
+    ``tqdm.auto`` draws a widget in Jupyter and text elsewhere. Needs tqdm
+    (``pip install 'spark_keras_ml[progress]'``); ``KerasEstimator(progressBar=True)`` adds one.
+    """
+
+    def __init__(self, file: Any = None) -> None:
+        self.file = file
+        self._bar: Any = None
+
+    def on_train_begin(self, training: Training) -> None:
+        super().on_train_begin(training)
+        try:
+            from tqdm.auto import tqdm
+        except ImportError as exc:
+            raise ImportError(
+                "Expected tqdm for the progress bar. Install it with `pip install "
+                "'spark_keras_ml[progress]'`, or leave progressBar off. Received: no module "
+                "named tqdm"
+            ) from exc
+        self._bar = tqdm(
+            total=training.epochs,
+            initial=training.first_epoch,
+            unit="epoch",
+            desc="training",
+            file=self.file,
+            dynamic_ncols=True,
+        )
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, float]) -> None:
+        if self._bar is not None:
+            self._bar.set_postfix({k: f"{v:.4f}" for k, v in logs.items()}, refresh=False)
+            self._bar.update(1)
+
+    def on_train_end(self, history: dict[str, list[float]]) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None  # a closed bar holds a stream: keep the callback copyable
 
 
 def run_epoch_end(callbacks: list[Callback], epoch: int, logs: dict[str, float]) -> None:

@@ -105,8 +105,9 @@ def _jvm_slots(spark: SparkSession) -> int:
 
 
 @contextlib.contextmanager
-def tagged_jobs(spark: SparkSession, tag: str) -> Iterator[None]:
-    """Tag the Spark jobs this thread starts, so that :func:`cancel_jobs` can stop them."""
+def tagged_jobs(spark: SparkSession, tag: str, description: str = "") -> Iterator[None]:
+    """Tag the Spark jobs this thread starts, so that :func:`cancel_jobs` can stop them, and
+    give them ``description`` (what the Spark UI shows for the job)."""
     if is_remote():
         spark.addTag(tag)
         try:
@@ -117,15 +118,18 @@ def tagged_jobs(spark: SparkSession, tag: str) -> Iterator[None]:
     # Classic Spark: SparkSession.interruptTag does not reach jobs started from Python threads,
     # SparkContext job tags do. Interrupting on cancel also kills a stuck Python worker.
     sc = spark.sparkContext
-    interrupt = "spark.job.interruptOnCancel"
-    previous = sc.getLocalProperty(interrupt)
+    interrupt, describe = "spark.job.interruptOnCancel", "spark.job.description"
+    previous = {key: sc.getLocalProperty(key) for key in (interrupt, describe)}
     sc.addJobTag(tag)
     sc.setLocalProperty(interrupt, "true")
+    if description:
+        sc.setJobDescription(description)
     try:
         yield
     finally:
         sc.removeJobTag(tag)
-        sc.setLocalProperty(interrupt, previous)  # type: ignore[arg-type]
+        for key, value in previous.items():
+            sc.setLocalProperty(key, value)  # type: ignore[arg-type]
 
 
 def cancel_jobs(spark: SparkSession, tag: str) -> None:

@@ -87,6 +87,18 @@ def shaped(series: pd.Series, shape: Sequence[int], what: str) -> np.ndarray:
     return flat.reshape(rows, *shape)
 
 
+def check_class_indices(labels: np.ndarray, classes: int, what: str) -> None:
+    """Sparse losses take whole numbers in [0, classes): anything else trains on garbage."""
+    bad = (labels < 0) | (labels >= classes) | (labels != np.floor(labels))
+    if bad.any():
+        shown = ", ".join(f"{v:g}" for v in np.unique(labels[bad])[:5])
+        raise ValueError(
+            f"Expected class indices 0..{classes - 1} in {what} for a sparse loss. Index the "
+            "labels with StringIndexer, or give the output layer one unit per class. "
+            f"Received: {int(bad.sum())} rows with labels such as {shown}"
+        )
+
+
 @dataclass
 class Rows:
     """A partition's rows as the model takes them: one array per input and per output.
@@ -136,6 +148,9 @@ def partition_rows(batches: Iterable[pd.DataFrame], layout: Layout) -> Rows:
         shaped(data[label_name(i)], shape, layout.target_name(i))
         for i, shape in enumerate(layout.targets)
     ]
+    for i, count in enumerate(layout.classes):
+        if count is not None:
+            check_class_indices(targets[i], count, layout.target_name(i))
     weight_name = f"`{layout.weight_name}` (sampleWeightCol)"
     weights = column_to_numpy(data[WEIGHT], weight_name) if layout.weights else None
     held_out = data[HELD_OUT].to_numpy(dtype=bool) if layout.held_out else None
@@ -158,6 +173,8 @@ class Layout:
     weights: bool = False
     held_out: bool = False
     weight_name: str = ""
+    #: Per target: the number of classes when it holds class indices (a sparse loss), else None.
+    classes: tuple[int | None, ...] = ()
 
     def input_name(self, index: int) -> str:
         names = self.input_names

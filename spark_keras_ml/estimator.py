@@ -17,6 +17,7 @@ import copy
 import dataclasses
 import functools
 import logging
+import re
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -33,6 +34,7 @@ from spark_keras_ml import cluster
 from spark_keras_ml.callbacks import (
     Callback,
     CallbackError,
+    ProgressBar,
     Training,
     check_callbacks,
     run_epoch_end,
@@ -113,6 +115,7 @@ class KerasEstimator(Estimator, HasTrainingParams, HasOutputParams, KerasReadabl
         validationSplit: float = 0.0,
         validationCol: str | None = None,
         checkpointDir: str | None = None,
+        progressBar: bool = False,
         mode: str = "sync",
         frequency: str = "epoch",
         epochs: int = 1,
@@ -153,6 +156,7 @@ class KerasEstimator(Estimator, HasTrainingParams, HasOutputParams, KerasReadabl
         validationSplit: float = 0.0,
         validationCol: str | None = None,
         checkpointDir: str | None = None,
+        progressBar: bool = False,
         mode: str = "sync",
         frequency: str = "epoch",
         epochs: int = 1,
@@ -291,7 +295,7 @@ class KerasEstimator(Estimator, HasTrainingParams, HasOutputParams, KerasReadabl
             data = shared.get((*plan.key, num_workers), convert)
 
         epochs = self.getEpochs()
-        callbacks = self._callbacks
+        callbacks = self._callbacks + ([ProgressBar()] if self.getProgressBar() else [])
         started = time.monotonic()
         store, resumed = self._resume_point(spark, model)
         first_epoch = 0 if resumed is None else resumed.epoch + 1
@@ -340,7 +344,7 @@ class KerasEstimator(Estimator, HasTrainingParams, HasOutputParams, KerasReadabl
             on_epoch_applied=on_epoch_applied,
             on_abort=functools.partial(_cancel_job, spark, tag),
         )
-        training = Training(server, epochs)
+        training = Training(server, epochs, first_epoch)
         for callback in callbacks:
             callback.on_train_begin(training)
         with server:
@@ -383,7 +387,11 @@ class KerasEstimator(Estimator, HasTrainingParams, HasOutputParams, KerasReadabl
                 )
 
             try:
-                results = self._run_job(spark, job, server, tag, mode)
+                description = (
+                    f"spark_keras_ml: training {self.uid} ({mode}/{config.frequency}, epochs "
+                    f"{first_epoch + 1}-{epochs}, {num_workers} workers)"
+                )
+                results = self._run_job(spark, job, server, tag, mode, description)
             finally:
                 if writer is not None:
                     writer.close()
@@ -464,6 +472,7 @@ class KerasEstimator(Estimator, HasTrainingParams, HasOutputParams, KerasReadabl
         server: ParameterServer,
         tag: str,
         mode: str,
+        description: str = "",
     ) -> list[Row]:
         """Collect the training job; rerun a failed sync job when syncRetries allows it.
 
@@ -472,7 +481,7 @@ class KerasEstimator(Estimator, HasTrainingParams, HasOutputParams, KerasReadabl
         """
         retries = self.getSyncRetries() if mode == "sync" else 0
         attempt, run = 0, 0
-        with cluster.tagged_jobs(spark, tag):
+        with cluster.tagged_jobs(spark, tag, description):
             while True:
                 try:
                     # A fresh DataFrame per run: a failed adaptive plan remembers its failure.
@@ -528,11 +537,23 @@ def _cancel_job(spark: Any, tag: str, reason: str) -> None:
     cluster.cancel_jobs(spark, tag)
 
 
+#: The line of a Python traceback that says what went wrong, e.g. "ValueError: Expected ...".
+_PYTHON_ERROR = re.compile(r"^(?!(?:org|java|scala|py4j)\.)[A-Za-z_][\w.]*(?:Error|Exception): \S")
+
+
 def _job_failure(exc: BaseException, mode: str, retries: int) -> str:
-    """A short message for a training job that Spark failed (the cause stays chained)."""
+    """A short message for a training job that Spark failed (the cause stays chained).
+
+    The cause is the executor's own Python error when there is one (its traceback is inside
+    Spark's exception text), else the first line that names an error.
+    """
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     cause = next(
-        (line for line in lines if "Error" in line or "exited" in line), lines[0] if lines else ""
+        (line for line in lines if _PYTHON_ERROR.match(line)),
+        next(
+            (line for line in lines if "Error" in line or "exited" in line),
+            lines[0] if lines else "",
+        ),
     )
     if mode == "sync":
         hint = (

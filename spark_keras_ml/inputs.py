@@ -38,6 +38,7 @@ class Slot:
     shape: Shape  # per row, without the batch dimension
     columns: tuple[str, ...]
     column: Column  # the JVM expression: float, or array<float> of prod(shape) values
+    classes: int | None = None  # class indices in [0, classes) (a sparse loss's label)
 
     def describe(self) -> str:
         cols = ", ".join(f"`{c}`" for c in self.columns)
@@ -103,9 +104,17 @@ def label_slots(
     groups = _match(specs, columns, "output", param)
     slots = []
     for index, ((name, shape), col) in enumerate(zip(specs, groups, strict=True)):
-        if _is_sparse(_loss_for(loss, name, index)):
+        classes = None
+        output_loss = _loss_for(loss, name, index)
+        if _is_sparse(output_loss):
+            classes = shape[-1] if shape and shape[-1] > 1 else None
             shape = ()
-        slots.append(Slot(name, shape, (col,), flat_column(df, col, param, shape)))
+        elif not _is_builtin(output_loss) and _size(shape) > 1:
+            # A custom loss says nothing about its labels: a number per row is taken as is
+            # (a class index, say), anything wider must fill the output's shape.
+            if isinstance(require_column(df, col, param), NumericType):
+                shape = ()
+        slots.append(Slot(name, shape, (col,), flat_column(df, col, param, shape), classes))
     return slots
 
 
@@ -157,6 +166,7 @@ def training_columns(
         weights=weight is not None,
         held_out=held_out is not None,
         weight_name=weight or "",
+        classes=tuple(s.classes for s in outputs),
     )
     key = (tuple(features), tuple(labels), weight, held_out)
     return TrainingColumns([*inputs, *outputs], columns, layout, key)
@@ -247,6 +257,15 @@ def _loss_for(loss: Any, name: str, index: int) -> Any:
 def _is_sparse(loss: Any) -> bool:
     text = loss.get("class_name", "") if isinstance(loss, dict) else str(loss)
     return "sparse" in text.replace("_", "").lower()
+
+
+def _is_builtin(loss: Any) -> bool:
+    """Whether ``loss`` is one of Keras' own losses (whose label shapes are known)."""
+    if isinstance(loss, str):
+        return ">" not in loss  # "package>name" is a registered custom loss
+    if isinstance(loss, dict):
+        return str(loss.get("module", "keras")).startswith("keras")
+    return False
 
 
 def _is_array(df: DataFrame, slot: Slot) -> bool:

@@ -102,7 +102,10 @@ def output_kind(model: keras.Model, loss: Any) -> str:
     shape = tuple(model.outputs[0].shape)
     activation = getattr(getattr(model.layers[-1], "activation", None), "__name__", "")
     loss_name = str(loss.get("class_name", "") if isinstance(loss, dict) else loss or "").lower()
-    crossentropy = "crossentropy" in loss_name or loss is None
+    # A custom loss (registered "package>name", or a serialized function) is trusted to suit
+    # the output layer: a softmax or sigmoid output is a classifier's.
+    custom = ">" in loss_name or (isinstance(loss, dict) and loss.get("class_name") == "function")
+    crossentropy = "crossentropy" in loss_name or loss is None or custom
     if len(shape) == 2 and activation in _CLASSIFIER_ACTIVATIONS and crossentropy:
         if activation == "softmax" and (shape[1] or 0) >= 2:
             return "classifier"

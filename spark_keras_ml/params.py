@@ -156,6 +156,12 @@ class HasTrainingParams(HasFeaturesCol, HasLabelCol, HasSeed):
         "Boolean column: true rows are held out for val_* metrics, never trained on.",
         typeConverter=TypeConverters.toString,
     )
+    progressBar: Param[bool] = Param(
+        Params._dummy(),
+        "progressBar",
+        "Show a tqdm progress bar over the epochs on the driver (needs the 'progress' extra).",
+        typeConverter=TypeConverters.toBoolean,
+    )
     checkpointDir: Param[str] = Param(
         Params._dummy(),
         "checkpointDir",
@@ -183,6 +189,7 @@ class HasTrainingParams(HasFeaturesCol, HasLabelCol, HasSeed):
             validationSplit=0.0,
             validationCol=None,
             checkpointDir=None,
+            progressBar=False,
             mode="sync",
             frequency="epoch",
             epochs=1,
@@ -245,6 +252,9 @@ class HasTrainingParams(HasFeaturesCol, HasLabelCol, HasSeed):
 
     def getValidationSplit(self) -> float:
         return self.getOrDefault(self.validationSplit)
+
+    def getProgressBar(self) -> bool:
+        return self.getOrDefault(self.progressBar)
 
     def getCheckpointDir(self) -> str | None:
         return self.getOrDefault(self.checkpointDir)

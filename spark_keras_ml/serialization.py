@@ -62,17 +62,45 @@ def model_from_bytes(
         try:
             model = keras.saving.load_model(path, compile=False, safe_mode=True)
         except (TypeError, ValueError) as exc:
-            if "locate" not in str(exc) and "Unknown" not in str(exc):
+            custom = custom_names(data)
+            if not custom and "locate" not in str(exc) and "Unknown" not in str(exc):
                 raise
+            listed = ", ".join(custom) or "none found"
             raise ValueError(
-                "Expected every custom layer, loss and metric of the model to be registered "
-                "(keras.saving.register_keras_serializable) in a module listed in customObjects. "
-                f"Received: {str(exc).splitlines()[0]}"
+                f"Expected the model's custom objects ({listed}) to be registered here "
+                f"({socket.gethostname()}): list the modules that register them "
+                "(keras.saving.register_keras_serializable) in customObjects, and install them "
+                "on every executor or ship them with SparkContext.addPyFile. "
+                f"Received: {str(exc).splitlines()[0][:300]}"
             ) from exc
     config = compile_config_of(data)
     if compile and config:
         model.compile_from_config(config)
     return model
+
+
+def custom_names(data: bytes) -> list[str]:
+    """Registered names ("package>Name") of the custom classes and functions in an archive."""
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        config = json.loads(archive.read("config.json"))
+    found: list[str] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            names = [node.get("registered_name")]
+            if node.get("class_name") == "function":
+                names.append(node.get("config"))
+            for name in names:
+                if isinstance(name, str) and ">" in name and name not in found:
+                    found.append(name)
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(config)
+    return found
 
 
 def compile_config_of(data: bytes) -> dict[str, Any] | None:

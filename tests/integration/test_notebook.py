@@ -1,4 +1,4 @@
-"""notebooks/quickstart.ipynb runs top to bottom in a fresh kernel on this interpreter."""
+"""Every notebook in notebooks/ runs top to bottom in a fresh kernel on this interpreter."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ import sys
 from pathlib import Path
 
 import nbformat
+import pytest
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import KernelManager
 from nbclient import NotebookClient
 
 NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
-QUICKSTART = NOTEBOOKS / "quickstart.ipynb"
 ACCURACY_CELL = "evaluate"  # the id of the cell that prints the holdout accuracy
 
 
@@ -39,8 +39,9 @@ def stream_text(cell: nbformat.NotebookNode) -> str:
     return "".join(out.get("text", "") for out in cell.outputs if out.output_type == "stream")
 
 
-def test_quickstart_notebook_runs(tmp_path: Path) -> None:
-    nb = nbformat.read(QUICKSTART, as_version=4)
+@pytest.mark.parametrize("name", ["quickstart", "training_controls"])
+def test_notebook_runs(tmp_path: Path, name: str) -> None:
+    nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
     km = this_interpreter_kernel(tmp_path / "kernels")
     client = NotebookClient(
         nb,

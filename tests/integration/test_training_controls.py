@@ -163,3 +163,30 @@ def test_history_plots_with_pandas_and_plot_history(digits) -> None:  # type: ig
     assert all(len(ax.get_lines()) == 2 for ax in figure.axes)  # train and validation
     with pytest.raises(ValueError, match="at least one metric"):
         plot_history({})
+
+
+def test_progress_bar_and_a_readable_job_description(spark, digits, capsys) -> None:  # type: ignore[no-untyped-def]
+    import io
+
+    from spark_keras_ml.callbacks import ProgressBar
+
+    train, _ = digits
+    out = io.StringIO()
+    est = KerasEstimator(model=digits_model(), epochs=3, numWorkers=2, callbacks=[ProgressBar(out)])
+    est.fit(train)
+    text = out.getvalue()
+    assert "3/3" in text and "loss=" in text, text
+
+    fit(train, epochs=2, progressBar=True)
+    assert "2/2" in capsys.readouterr().err
+
+    jvm = spark.sparkContext._jvm
+    seq = spark.sparkContext._jsc.sc().statusStore().jobsList(None)
+    jobs = jvm.scala.jdk.javaapi.CollectionConverters.asJava(seq)
+    descriptions = [
+        jobs.get(i).description().get()
+        for i in range(jobs.size())
+        if jobs.get(i).description().isDefined()
+    ]
+    wanted = f"spark_keras_ml: training {est.uid} (sync/epoch, epochs 1-3, 2 workers)"
+    assert wanted in descriptions, descriptions[:5]

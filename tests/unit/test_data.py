@@ -137,3 +137,19 @@ def test_regressor_and_raw_outputs() -> None:
     assert regressor_columns(np.array([[1.5], [2.0]]))["prediction"].tolist() == [1.5, 2.0]
     raw = raw_columns(np.arange(12, dtype=np.float32).reshape(2, 2, 3))
     np.testing.assert_array_equal(raw["prediction"][1], np.arange(6, 12))
+
+
+def test_class_indices_outside_the_output_or_fractional_are_refused() -> None:
+    from spark_keras_ml.data import check_class_indices
+
+    check_class_indices(np.array([0.0, 9.0, 3.0]), 10, "`label`")
+    with pytest.raises(ValueError, match=r"0..9 in `label`.*2 rows with labels such as -1, 10"):
+        check_class_indices(np.array([0.0, 10.0, -1.0]), 10, "`label`")
+    with pytest.raises(ValueError, match=r"labels such as 1.5"):
+        check_class_indices(np.array([1.5]), 10, "`label`")
+
+
+def test_partition_rows_checks_sparse_labels_against_the_class_count() -> None:
+    layout = Layout(((2,),), ((),), target_names=("`label` -> output (3,)",), classes=(3,))
+    with pytest.raises(ValueError, match=r"0..2 in `label` -> output \(3,\)"):
+        partition_rows(iter([batch([[1, 2]], [3])]), layout)
