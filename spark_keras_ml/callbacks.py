@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 class TrainingServer(Protocol):
     """What a :class:`Training` handle needs of the parameter server."""
 
-    def request_stop(self) -> None: ...
+    def request_stop(self, epoch: int) -> None: ...
 
 
 class Training:
@@ -41,7 +41,7 @@ class Training:
         """Stop every worker at the end of ``epoch`` (the epoch being reported)."""
         if self.stopped_at is None:
             self.stopped_at = epoch
-            self._running().request_stop()
+            self._running().request_stop(epoch)
 
     def keep_weights(self, epoch: int) -> None:
         """Keep the weights as they stand once ``epoch`` is applied (replacing older ones)."""

@@ -16,7 +16,10 @@ WEIGHT = "weight"
 HELD_OUT = "held_out"
 
 #: Schema of the one summary row each training task returns.
-TRAIN_RESULT_SCHEMA = "partition int, rows long, held_out long, steps long, seconds double"
+TRAIN_RESULT_SCHEMA = (
+    "partition int, rows long, held_out long, epochs long, steps long, seconds double, "
+    "data_bytes long, rss_before_data long, peak_rss_bytes long"
+)
 
 #: Probabilities are clipped this far from 0 and 1 before taking logs for rawPrediction.
 _EPSILON = 1e-7
@@ -113,6 +116,12 @@ class Rows:
 
     def __len__(self) -> int:
         return len(self.inputs[0])
+
+    @property
+    def nbytes(self) -> int:
+        arrays = [*self.inputs, *self.targets]
+        arrays += [a for a in (self.weights, self.held_out) if a is not None]
+        return sum(a.nbytes for a in arrays)
 
     def take(self, index: np.ndarray) -> Rows:
         return Rows(

@@ -62,6 +62,7 @@ def train_partition(config: TrainConfig, batches: Iterable[pd.DataFrame]) -> Ite
         raise RuntimeError("train_partition must run inside a Spark task")
     partition = context.partitionId()
     configure_threads(config.task_cpus)
+    rss_before_data = current_rss()
     rows = partition_rows(batches, config.layout)
     train, held_out = split_held_out(rows, config, partition)
     model = build_training_model(config)
@@ -79,7 +80,7 @@ def train_partition(config: TrainConfig, batches: Iterable[pd.DataFrame]) -> Ite
     ) as client:
         schedule, weights = client.hello(**identity)
         steps = schedule["steps_per_epoch"] or own_steps(len(train), config)
-        pushes = _train_loop(
+        pushes, epochs_done = _train_loop(
             config,
             model,
             client,
@@ -94,10 +95,31 @@ def train_partition(config: TrainConfig, batches: Iterable[pd.DataFrame]) -> Ite
             "partition": [partition],
             "rows": [len(train)],
             "held_out": [len(held_out)],
+            "epochs": [epochs_done],
             "steps": [pushes],
             "seconds": [time.perf_counter() - started],
+            "data_bytes": [rows.nbytes],
+            "rss_before_data": [rss_before_data],
+            "peak_rss_bytes": [peak_rss()],
         }
     )
+
+
+def current_rss() -> int:
+    """Resident memory of this process now, in bytes (0 where /proc is missing)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def peak_rss() -> int:
+    """The most resident memory this process has had, in bytes."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)  # macOS: bytes; Linux: KiB
 
 
 def split_held_out(rows: Rows, config: TrainConfig, partition: int) -> tuple[Rows, Rows]:
@@ -135,10 +157,10 @@ def _train_loop(
     steps: int,
     resume_step: int,
     partition: int,
-) -> int:
+) -> tuple[int, int]:
     """Run the schedule from ``resume_step`` (0, or where an earlier attempt left off).
 
-    Returns how many pushes (steps) this attempt made.
+    Returns how many pushes (steps) this attempt made, and the epochs completed.
 
     Step ``s`` is batch ``s % steps`` of epoch ``s // steps``; the shuffles come from a generator
     seeded by (seed, partition), so a retried attempt sees the same batches as the first one.
@@ -147,21 +169,25 @@ def _train_loop(
     rows = len(train)
     rng = np.random.default_rng([config.seed & 0xFFFFFFFF, partition, config.first_epoch])
     pushes = 0
-    stop = False  # a driver callback (early stopping) asked every worker to stop
+    completed = config.first_epoch  # epochs done, counting those before a resume
+    # Early stopping: the server names the last epoch every worker must finish.
+    stop_after: int | None = None
 
     def push(delta: list[np.ndarray], **meta: Any) -> list[np.ndarray]:
-        nonlocal pushes, stop
+        nonlocal pushes, stop_after
         wire = compress_delta(delta, config.delta_precision)
         reply, new_weights = client.push(wire, precision=config.delta_precision, **meta)
         pushes += 1
-        stop = stop or bool(reply.get("stop"))
+        if reply.get("stop_after") is not None:
+            stop_after = int(reply["stop_after"])
         return new_weights
 
     for epoch in range(config.epochs):
-        if stop:  # only ever set at an epoch's end: every worker stops at an epoch boundary
+        if stop_after is not None and completed > stop_after:
             break
         order = rng.permutation(rows)
         if (epoch + 1) * steps <= resume_step:
+            completed = config.first_epoch + epoch + 1  # done by an earlier attempt
             continue
         if config.frequency == "epoch":
             logs = _fit_epoch(model, train.take(order), weights, config.batch_size)
@@ -172,6 +198,7 @@ def _train_loop(
                 "logs": _json_logs(logs),
             }
             weights = push(_delta(model, weights), step=epoch, rows=rows, **end)
+            completed = config.first_epoch + epoch + 1
             continue
         # train_on_batch resets the metrics on every call: keep the epoch's row-weighted sums.
         sums: dict[str, float] = {}
@@ -190,7 +217,7 @@ def _train_loop(
                 for key, value in logs.items():
                     sums[key] = sums.get(key, 0.0) + float(value) * len(index)
                 trained += len(index)
-            meta: dict[str, Any] = {}
+            meta: dict[str, Any] = {"epoch": config.first_epoch + epoch}
             delta = _delta(model, weights)
             if batch == steps - 1:
                 epoch_logs = {k: v / trained for k, v in sums.items()} if trained else {}
@@ -201,8 +228,9 @@ def _train_loop(
                     "logs": _json_logs(epoch_logs),
                 }
             weights = push(delta, step=step, rows=len(index), **meta)
+        completed = config.first_epoch + epoch + 1
     model.set_weights(weights)
-    return pushes
+    return pushes, completed - config.first_epoch
 
 
 def _fit_epoch(

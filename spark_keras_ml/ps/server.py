@@ -111,7 +111,10 @@ class ParameterServer:
         self._on_abort = on_abort
         self._abort_reported = False
         self._run = 0
-        self._stop_requested = False
+        # Early stopping: the last epoch every worker finishes, once a callback asked to stop.
+        self._stop_after: int | None = None
+        # The epoch each partition's worker is in, as of the last reply it was sent.
+        self._current_epoch: dict[int, int] = {}
         self._on_epoch_applied = on_epoch_applied
         self._last_activity = time.monotonic()
         self._listener: socket.socket | None = None
@@ -183,9 +186,16 @@ class ParameterServer:
         """Fail the fit: every waiting and later request gets ``reason``."""
         self._rule.abort(reason)
 
-    def request_stop(self) -> None:
-        """Every worker stops at the end of its current epoch (used by early stopping)."""
-        self._stop_requested = True
+    def request_stop(self, epoch: int) -> None:
+        """Stop training after ``epoch`` (the epoch the callbacks just saw), or after a later
+        one that some worker has already started, so that every worker finishes the same epochs.
+
+        In sync the others still wait in the round that completes ``epoch``: they stop with it.
+        In async a worker may be an epoch ahead: everyone then finishes that epoch too.
+        """
+        with self._lock:
+            if self._stop_after is None:
+                self._stop_after = max([epoch, *self._current_epoch.values()])
 
     def prepare_rerun(self) -> int:
         """Called by the driver before it reruns a failed sync job (see ``syncRetries``).
@@ -384,8 +394,12 @@ class ParameterServer:
             if completed and epoch is not None and self._on_epoch_applied is not None:
                 self._on_epoch_applied(epoch, [np.array(w, copy=True) for w in weights])
             reply = {"version": version, "rejected": not usable}
-            if self._stop_requested:
-                reply["stop"] = True
+            with self._lock:
+                if "epoch" in meta:  # the worker goes on with the next epoch after an epoch end
+                    at = _int_field(meta, "epoch")
+                    self._current_epoch[partition] = at + 1 if "logs" in meta else at
+                if self._stop_after is not None:
+                    reply["stop_after"] = self._stop_after
             protocol.send_message(conn, Op.WEIGHTS, reply, weights)
             return worker
         if message.op is Op.PULL:

@@ -51,9 +51,16 @@ def test_summary_counts_every_row_each_epoch_and_is_saved(digits, tmp_path) -> N
         "partition",
         "rows",
         "held_out",
+        "epochs",
         "steps",
         "seconds",
+        "data_bytes",
+        "rss_before_data",
+        "peak_rss_bytes",
     ]
+    for worker in summary.workers:  # float32: 64 features + 1 label per row, and held-out flags
+        assert worker["data_bytes"] >= (worker["rows"] + worker["held_out"]) * 65 * 4
+        assert worker["peak_rss_bytes"] >= worker["rss_before_data"] > 0
 
     fitted.save(str(tmp_path / "m"))
     loaded = KerasTransformer.load(str(tmp_path / "m"))
@@ -99,6 +106,8 @@ def test_early_stopping_stops_every_sync_worker_at_the_same_epoch(digits) -> Non
     assert summary.stopped_early
     assert len(fitted.history["loss"]) == 2
     assert [w["steps"] for w in summary.workers] == [2, 2]
+    assert [w["epochs"] for w in summary.workers] == [2, 2]
+    assert [w["epochs"] for w in summary.workers] == [2, 2]
 
     batch = fit(train, epochs=8, frequency="batch", callbacks=[stop])
     assert len(batch.history["loss"]) == 2
@@ -109,10 +118,15 @@ def test_early_stopping_stops_every_sync_worker_at_the_same_epoch(digits) -> Non
 def test_early_stopping_in_async_stops_the_fit_early(digits) -> None:  # type: ignore[no-untyped-def]
     train, _ = digits
     stop = EarlyStopping(monitor="loss", min_delta=10.0, patience=1)
-    fitted = fit(train, epochs=10, mode="async", frequency="batch", callbacks=[stop])
-    assert fitted.summary.stopped_early
-    assert len(fitted.history["loss"]) < 10
-    assert all(w["steps"] < 10 * 23 for w in fitted.summary.workers)
+    for frequency in ("batch", "epoch"):
+        fitted = fit(train, epochs=10, mode="async", frequency=frequency, callbacks=[stop])
+        summary = fitted.summary
+        assert summary.stopped_early
+        # Every worker finished the same epochs (one more than the decision if a worker had
+        # already started it), and the history has each of them.
+        done = {w["epochs"] for w in summary.workers}
+        assert len(done) == 1 and 2 <= done.pop() <= 3, summary.workers
+        assert len(fitted.history["loss"]) == summary.workers[0]["epochs"]
 
 
 def test_restore_best_weights_ends_on_the_best_epoch(digits) -> None:  # type: ignore[no-untyped-def]
