@@ -84,9 +84,9 @@ class Callback:
 class EarlyStopping(Callback):
     """Stop training when ``monitor`` stops improving, as ``keras.callbacks.EarlyStopping``.
 
-    Every worker stops at the end of the same epoch in sync mode; in async and hogwild each
-    worker stops at its first epoch end after the decision. With ``restore_best_weights`` the
-    fitted model gets the weights of the best epoch.
+    Every worker finishes the same epochs: in sync the epoch the decision was made on; in async
+    and hogwild, when a worker has already started the next epoch, everyone finishes that one
+    too. With ``restore_best_weights`` the fitted model gets the weights of the best epoch.
     """
 
     def __init__(

@@ -18,7 +18,7 @@ HELD_OUT = "held_out"
 #: Schema of the one summary row each training task returns.
 TRAIN_RESULT_SCHEMA = (
     "partition int, rows long, held_out long, epochs long, steps long, seconds double, "
-    "data_bytes long, rss_before_data long, peak_rss_bytes long"
+    "data_bytes long, rss_before_data long, peak_rss_data long, peak_rss_bytes long"
 )
 
 #: Probabilities are clipped this far from 0 and 1 before taking logs for rawPrediction.
@@ -143,12 +143,31 @@ def partition_rows(batches: Iterable[pd.DataFrame], layout: Layout) -> Rows:
     """All rows of a training partition, shaped for the model, as float32.
 
     The batches hold the columns the driver selected: ``x0..`` (inputs), ``y0..`` (outputs),
-    and optionally ``WEIGHT`` and ``HELD_OUT``.
+    and optionally ``WEIGHT`` and ``HELD_OUT``. Each Arrow batch becomes float32 arrays as it
+    arrives and is dropped, so the partition is held about twice (the per-batch arrays and their
+    concatenation) at the peak, never as pandas objects.
     """
-    frames = [batch for batch in batches if len(batch)]
-    if not frames:
-        frames = [pd.DataFrame({name: pd.Series([], dtype=np.float32) for name in layout.names})]
-    data = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+    parts = [_batch_rows(batch, layout) for batch in batches if len(batch)]
+    if not parts:
+        empty = pd.DataFrame({name: pd.Series([], dtype=np.float32) for name in layout.names})
+        return _batch_rows(empty, layout)
+    if len(parts) == 1:
+        return parts[0]
+
+    def joined(arrays: list[np.ndarray | None]) -> np.ndarray | None:
+        return None if arrays[0] is None else np.concatenate(arrays)  # type: ignore[arg-type]
+
+    inputs = [np.concatenate([p.inputs[i] for p in parts]) for i in range(len(layout.inputs))]
+    targets = [np.concatenate([p.targets[i] for p in parts]) for i in range(len(layout.targets))]
+    return Rows(
+        inputs,
+        targets,
+        joined([p.weights for p in parts]),
+        joined([p.held_out for p in parts]),
+    )
+
+
+def _batch_rows(data: pd.DataFrame, layout: Layout) -> Rows:
     inputs = [
         shaped(data[feature_name(i)], shape, layout.input_name(i))
         for i, shape in enumerate(layout.inputs)

@@ -64,6 +64,7 @@ def train_partition(config: TrainConfig, batches: Iterable[pd.DataFrame]) -> Ite
     configure_threads(config.task_cpus)
     rss_before_data = current_rss()
     rows = partition_rows(batches, config.layout)
+    peak_after_data = peak_rss()
     train, held_out = split_held_out(rows, config, partition)
     model = build_training_model(config)
     identity = {
@@ -100,6 +101,7 @@ def train_partition(config: TrainConfig, batches: Iterable[pd.DataFrame]) -> Ite
             "seconds": [time.perf_counter() - started],
             "data_bytes": [rows.nbytes],
             "rss_before_data": [rss_before_data],
+            "peak_rss_data": [peak_after_data],
             "peak_rss_bytes": [peak_rss()],
         }
     )

@@ -56,11 +56,12 @@ def test_summary_counts_every_row_each_epoch_and_is_saved(digits, tmp_path) -> N
         "seconds",
         "data_bytes",
         "rss_before_data",
+        "peak_rss_data",
         "peak_rss_bytes",
     ]
     for worker in summary.workers:  # float32: 64 features + 1 label per row, and held-out flags
         assert worker["data_bytes"] >= (worker["rows"] + worker["held_out"]) * 65 * 4
-        assert worker["peak_rss_bytes"] >= worker["rss_before_data"] > 0
+        assert worker["peak_rss_bytes"] >= worker["peak_rss_data"] >= worker["rss_before_data"] > 0
 
     fitted.save(str(tmp_path / "m"))
     loaded = KerasTransformer.load(str(tmp_path / "m"))
