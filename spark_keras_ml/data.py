@@ -15,6 +15,9 @@ import pandas as pd
 WEIGHT = "weight"
 HELD_OUT = "held_out"
 
+#: The key under which a worker reports how many rows its val_* metrics were measured on.
+VAL_ROWS = "val_rows"
+
 #: Schema of the one summary row each training task returns.
 TRAIN_RESULT_SCHEMA = (
     "partition int, rows long, held_out long, epochs long, steps long, seconds double, "

@@ -10,10 +10,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, NamedTuple
 
-logger = logging.getLogger(__name__)
+from spark_keras_ml.data import VAL_ROWS
 
-#: The key under which a worker reports how many rows its val_* metrics were measured on.
-VAL_ROWS = "val_rows"
+logger = logging.getLogger(__name__)
 
 
 class EpochAggregator:

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from spark_keras_ml.config import PredictConfig, TrainConfig
-from spark_keras_ml.data import OUTPUT_COLUMNS, Rows, partition_rows, shaped
+from spark_keras_ml.data import OUTPUT_COLUMNS, VAL_ROWS, Rows, partition_rows, shaped
 from spark_keras_ml.ps.client import ParameterClient
 from spark_keras_ml.ps.protocol import compress_delta
 from spark_keras_ml.serialization import model_from_bytes
@@ -268,7 +268,7 @@ def _evaluate(model: keras.Model, rows: Rows, batch_size: int) -> dict[str, floa
         verbose=0,
         return_dict=True,
     )
-    return {"val_rows": float(len(rows)), **{f"val_{k}": float(v) for k, v in logs.items()}}
+    return {VAL_ROWS: float(len(rows)), **{f"val_{k}": float(v) for k, v in logs.items()}}
 
 
 def _json_logs(logs: dict[str, float]) -> dict[str, float | None]:
