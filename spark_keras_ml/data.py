@@ -21,7 +21,9 @@ VAL_ROWS = "val_rows"
 #: Schema of the one summary row each training task returns.
 TRAIN_RESULT_SCHEMA = (
     "partition int, rows long, held_out long, epochs long, steps long, seconds double, "
-    "data_bytes long, rss_before_data long, peak_rss_data long, peak_rss_bytes long"
+    "data_bytes long, rss_before_data long, peak_rss_data long, peak_rss_bytes long, "
+    "started_at double, import_seconds double, data_seconds double, build_seconds double, "
+    "register_seconds double, train_seconds double, finished_at double"
 )
 
 #: Probabilities are clipped this far from 0 and 1 before taking logs for rawPrediction.

@@ -54,7 +54,7 @@ from spark_keras_ml.persistence import KerasReadable, KerasWritable
 from spark_keras_ml.ps.protocol import new_secret
 from spark_keras_ml.ps.server import ParameterServer
 from spark_keras_ml.serialization import model_from_bytes, model_to_bytes
-from spark_keras_ml.summary import TrainingSummary, format_epoch
+from spark_keras_ml.summary import TrainingSummary, fit_phases, format_epoch
 from spark_keras_ml.transformer import KerasTransformer
 from spark_keras_ml.tuning import FitMultipleIterator, SharedTrainingData
 from spark_keras_ml.worker import train_partition
@@ -296,7 +296,7 @@ class KerasEstimator(Estimator, HasTrainingParams, HasOutputParams, KerasReadabl
 
         epochs = self.getEpochs()
         callbacks = self._callbacks + ([ProgressBar()] if self.getProgressBar() else [])
-        started = time.monotonic()
+        started = time.time()
         store, resumed = self._resume_point(spark, model)
         first_epoch = 0 if resumed is None else resumed.epoch + 1
         earlier = {} if resumed is None else resumed.history
@@ -391,6 +391,7 @@ class KerasEstimator(Estimator, HasTrainingParams, HasOutputParams, KerasReadabl
                     f"spark_keras_ml: training {self.uid} ({mode}/{config.frequency}, epochs "
                     f"{first_epoch + 1}-{epochs}, {num_workers} workers)"
                 )
+                submitted = time.time()
                 results = self._run_job(spark, job, server, tag, mode, description)
             finally:
                 if writer is not None:
@@ -421,9 +422,10 @@ class KerasEstimator(Estimator, HasTrainingParams, HasOutputParams, KerasReadabl
             rows_per_epoch=server.epoch_rows,
             workers=[r.asDict() for r in sorted(results, key=lambda r: r["partition"])],
             updates=counts,
-            wall_seconds=time.monotonic() - started,
+            wall_seconds=time.time() - started,
             stopped_early=training.stopped_at is not None,
             first_epoch=first_epoch,
+            phases=fit_phases(started, submitted, time.time(), [r.asDict() for r in results]),
         )
         if writer is not None and writer.error is not None:
             logger.error(

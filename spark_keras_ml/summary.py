@@ -114,6 +114,8 @@ class TrainingSummary:
     stopped_early: bool = False
     #: The epoch (0-based) this fit started at when it resumed from ``checkpointDir``, else 0.
     first_epoch: int = 0
+    #: Seconds of the fit by phase (see :func:`fit_phases`).
+    phases: dict[str, float] = field(default_factory=dict)
 
     @property
     def epochs(self) -> int:
@@ -132,3 +134,27 @@ class TrainingSummary:
         import pandas as pd
 
         return pd.DataFrame(self.workers)
+
+
+#: Per-task phases, in the order a training task goes through them.
+TASK_PHASES = ("import", "data", "build", "register", "train")
+
+
+def fit_phases(
+    started: float, submitted: float, ended: float, workers: list[dict[str, Any]]
+) -> dict[str, float]:
+    """Where a fit's wall time went, from driver timestamps and what every task reported.
+
+    ``prepare``: the driver before the job (checks, conversion plan, server start); ``launch``:
+    job submission to the first task starting; then the slowest task's ``import`` (TensorFlow in
+    a fresh Python worker), ``data`` (reading and converting its partition), ``build`` (model),
+    ``register`` (in sync, waiting for every worker) and ``train``; ``teardown``: the last task
+    ending to the fit returning. Task phases overlap across tasks, so they need not add up.
+    """
+    phases = {"prepare": submitted - started}
+    if workers:
+        phases["launch"] = min(w["started_at"] for w in workers) - submitted
+        for name in TASK_PHASES:
+            phases[name] = max(w[f"{name}_seconds"] for w in workers)
+        phases["teardown"] = ended - max(w["finished_at"] for w in workers)
+    return {k: round(max(v, 0.0), 4) for k, v in phases.items()}

@@ -56,17 +56,20 @@ def train_partition(config: TrainConfig, batches: Iterable[pd.DataFrame]) -> Ite
     """
     from pyspark import TaskContext
 
-    started = time.perf_counter()
+    started_at, clock = time.time(), Stopwatch()
     context = TaskContext.get()
     if context is None:
         raise RuntimeError("train_partition must run inside a Spark task")
     partition = context.partitionId()
-    configure_threads(config.task_cpus)
+    configure_threads(config.task_cpus)  # imports TensorFlow in a fresh Python worker
+    import_seconds = clock.lap()
     rss_before_data = current_rss()
     rows = partition_rows(batches, config.layout)
+    data_seconds = clock.lap()
     peak_after_data = peak_rss()
     train, held_out = split_held_out(rows, config, partition)
     model = build_training_model(config)
+    build_seconds = clock.lap()
     identity = {
         "partition": partition,
         # Unique and increasing within the application: a retry always outranks its predecessor.
@@ -80,6 +83,7 @@ def train_partition(config: TrainConfig, batches: Iterable[pd.DataFrame]) -> Ite
         config.host, config.port, config.secret, like=model.get_weights(), timeout=config.timeout
     ) as client:
         schedule, weights = client.hello(**identity)
+        register_seconds = clock.lap()  # in sync, the wait for every worker to arrive
         steps = schedule["steps_per_epoch"] or own_steps(len(train), config)
         pushes, epochs_done = _train_loop(
             config,
@@ -91,6 +95,7 @@ def train_partition(config: TrainConfig, batches: Iterable[pd.DataFrame]) -> Ite
             schedule["resume_step"],
             partition,
         )
+        train_seconds = clock.lap()
     yield pd.DataFrame(
         {
             "partition": [partition],
@@ -98,13 +103,35 @@ def train_partition(config: TrainConfig, batches: Iterable[pd.DataFrame]) -> Ite
             "held_out": [len(held_out)],
             "epochs": [epochs_done],
             "steps": [pushes],
-            "seconds": [time.perf_counter() - started],
+            "seconds": [clock.total()],
             "data_bytes": [rows.nbytes],
             "rss_before_data": [rss_before_data],
             "peak_rss_data": [peak_after_data],
             "peak_rss_bytes": [peak_rss()],
+            "started_at": [started_at],
+            "import_seconds": [import_seconds],
+            "data_seconds": [data_seconds],
+            "build_seconds": [build_seconds],
+            "register_seconds": [register_seconds],
+            "train_seconds": [train_seconds],
+            "finished_at": [time.time()],
         }
     )
+
+
+class Stopwatch:
+    """Seconds between laps, for the phases a training task reports."""
+
+    def __init__(self) -> None:
+        self._start = self._last = time.perf_counter()
+
+    def lap(self) -> float:
+        now = time.perf_counter()
+        seconds, self._last = now - self._last, now
+        return seconds
+
+    def total(self) -> float:
+        return time.perf_counter() - self._start
 
 
 def current_rss() -> int:
@@ -117,11 +144,16 @@ def current_rss() -> int:
 
 
 def peak_rss() -> int:
-    """The most resident memory this process has had, in bytes."""
+    """The most resident memory this process has had, in bytes.
+
+    The kernel's high-water mark and /proc's current figure count pages slightly differently;
+    the larger of the two keeps "peak >= any earlier current reading" true.
+    """
     import resource
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)  # macOS: bytes; Linux: KiB
+    peak = peak if sys.platform == "darwin" else peak * 1024  # macOS: bytes; Linux: KiB
+    return int(max(peak, current_rss()))
 
 
 def split_held_out(rows: Rows, config: TrainConfig, partition: int) -> tuple[Rows, Rows]:

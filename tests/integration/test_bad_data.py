@@ -58,6 +58,12 @@ def test_nan_or_inf_features_fail_naming_the_column(flat, value) -> None:  # typ
         fit(poisoned)
 
 
+def test_null_feature_rows_fail_naming_the_column(flat) -> None:  # type: ignore[no-untyped-def]
+    holes = flat.withColumn("pixels", F.when(F.col("label") == 2, None).otherwise(F.col("pixels")))
+    with pytest.raises(RuntimeError, match=r"no null values in `pixels`"):
+        fit(holes)
+
+
 def test_transform_refuses_nan_features_naming_the_column(flat) -> None:  # type: ignore[no-untyped-def]
     scorer = KerasTransformer(model=digits_model(), featuresCol="pixels")
     poisoned = flat.withColumn("pixels", F.transform("pixels", lambda x: x * F.lit(float("nan"))))

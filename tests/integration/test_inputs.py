@@ -177,6 +177,11 @@ def test_one_hot_labels_multi_target_arrays_and_multi_output_models(arrays) -> N
     one_hot = F.transform(
         F.sequence(F.lit(0), F.lit(9)), lambda i: (i == F.col("label")).cast("double")
     )
+    # Integer class indices work as doubles do.
+    as_int = fit(
+        train.withColumn("label", F.col("label").cast("int")), dense_classifier(), epochs=2
+    )
+    assert len(as_int.history["loss"]) == 2
     hot_train = train.withColumn("hot", one_hot)
     model = dense_classifier()
     model.compile(optimizer="adam", loss="categorical_crossentropy", metrics=["accuracy"])

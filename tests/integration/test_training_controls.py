@@ -47,6 +47,17 @@ def test_summary_counts_every_row_each_epoch_and_is_saved(digits, tmp_path) -> N
     assert [w["steps"] for w in summary.workers] == [3, 3]
     assert summary.updates == {"applied": 6, "duplicates": 0, "rejected": 0}
     assert summary.wall_seconds > 0 and not summary.stopped_early
+    assert list(summary.phases) == [
+        "prepare",
+        "launch",
+        "import",
+        "data",
+        "build",
+        "register",
+        "train",
+        "teardown",
+    ]
+    assert 0 < summary.phases["train"] < summary.wall_seconds
     assert list(summary.workers_frame().columns) == [
         "partition",
         "rows",
@@ -58,10 +69,20 @@ def test_summary_counts_every_row_each_epoch_and_is_saved(digits, tmp_path) -> N
         "rss_before_data",
         "peak_rss_data",
         "peak_rss_bytes",
+        "started_at",
+        "import_seconds",
+        "data_seconds",
+        "build_seconds",
+        "register_seconds",
+        "train_seconds",
+        "finished_at",
     ]
     for worker in summary.workers:  # float32: 64 features + 1 label per row, and held-out flags
         assert worker["data_bytes"] >= (worker["rows"] + worker["held_out"]) * 65 * 4
         assert worker["peak_rss_bytes"] >= worker["peak_rss_data"] >= worker["rss_before_data"] > 0
+        phases = ("import", "data", "build", "register", "train")
+        assert sum(worker[f"{p}_seconds"] for p in phases) <= worker["seconds"]
+        assert worker["finished_at"] - worker["started_at"] >= worker["seconds"] * 0.99
 
     fitted.save(str(tmp_path / "m"))
     loaded = KerasTransformer.load(str(tmp_path / "m"))
