@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST := $(PY) -m pytest -p no:cacheprovider
 
-.PHONY: venv demo test test-unit test-integration test-cluster lint format typecheck clean
+.PHONY: venv demo test test-unit test-integration test-cluster lint format typecheck clean bench bench-quick
 
 $(STAMP): pyproject.toml setup.cfg
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,6 +40,13 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(VENV)/bin/ruff format spark_keras_ml tests benchmarks
 	$(VENV)/bin/ruff check --fix spark_keras_ml tests benchmarks
+
+## Benchmarks: ratios against references measured in the same run (docs/benchmarks.md).
+bench: $(STAMP)
+	$(PY) -m benchmarks.run
+
+bench-quick: $(STAMP)
+	$(PY) -m benchmarks.run --quick
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy

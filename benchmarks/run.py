@@ -1,0 +1,82 @@
+"""Run every benchmark and write the combined table, chart and docs/benchmarks.md.
+
+    make bench         # .venv/bin/python -m benchmarks.run
+    make bench-quick   # .venv/bin/python -m benchmarks.run --quick  (under 5 minutes)
+
+Each section runs in its own Python process (its own SparkSession and JVM, so no section's
+memory or warm caches leak into the next), writes benchmarks/results/<section>[-quick].json,
+and this script merges them into benchmarks/results/bench[-quick].{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.common import RESULTS, Report, Result, log, machine, setup_logging
+
+SECTIONS = ["parameter_server", "inference", "training", "quality"]
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--sections", nargs="*", default=SECTIONS, choices=SECTIONS)
+    args = parser.parse_args()
+    setup_logging()
+    started = time.time()
+    suffix = "-quick" if args.quick else ""
+    combined = Report("bench", quick=args.quick)
+    for section in args.sections:
+        log(f"=== {section}")
+        command = [sys.executable, "-m", f"benchmarks.{section}"] + (
+            ["--quick"] if args.quick else []
+        )
+        subprocess.run(command, check=True)
+        data = json.loads((RESULTS / f"{section}{suffix}.json").read_text())
+        for r in data["results"]:
+            fields = {k: r[k] for k in Result.__dataclass_fields__}
+            combined.results.append(Result(**fields))
+        for name, rows in data["series"].items():
+            combined.rows.setdefault(name, []).extend(rows)
+    stem = combined.write()
+    write_docs(combined, stem, time.time() - started, args.quick)
+
+
+def write_docs(report: Report, stem: Path, seconds: float, quick: bool) -> None:
+    command = "make bench-quick" if quick else "make bench"
+    chart = Path("..") / stem.relative_to(DOCS.parents[1]).with_suffix(".png")
+    info = machine()
+    missed = [r for r in report.results if r.met is False]
+    lines = [
+        "# Benchmarks",
+        "",
+        "Every figure with a reference is measured against it in the same run, on the same",
+        "machine, and reported as a ratio. Produced by `" + command + "` in "
+        f"{seconds / 60:.1f} minutes on {info['cpus']} CPUs, {info['memory_gib']} GiB "
+        f"(Python {info['python']}, {info['platform']}).",
+        "",
+        "What each section measures, and how, is in the docstring of its module in",
+        "`benchmarks/` (`training.py`, `inference.py`, `parameter_server.py`, `quality.py`);",
+        "the workloads are in `benchmarks/workloads.py`."
+        + (" This is the quick variant: smaller data, fewer modes." if quick else ""),
+        "",
+        report.markdown(),
+        f"![ratios against their references]({chart.as_posix()})",
+        "",
+        f"Targets met: {sum(r.met is True for r in report.results)} of "
+        f"{sum(r.met is not None for r in report.results)}.",
+    ]
+    if missed:
+        lines += ["", "Missed: " + "; ".join(f"{r.section} {r.name}" for r in missed) + "."]
+    DOCS.write_text("\n".join(lines) + "\n")
+    log(f"wrote {DOCS}")
+
+
+if __name__ == "__main__":
+    main()

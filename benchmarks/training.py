@@ -1,0 +1,167 @@
+"""Training throughput and accuracy: KerasEstimator against single-process ``keras.Model.fit``.
+
+    .venv/bin/python -m benchmarks.training [--quick]
+
+The reference is ``model.fit`` on numpy in this process, measured in the same run, on the same
+rows, epochs and batch size. Ours: 2 workers on local[2], for each mode and frequency. The
+first fit of the session is the cold one (Python workers start and import TensorFlow); every
+configuration is then fitted warm. Each fit reports its phases (``fitted.summary.phases``), and
+the process tree's peak memory (driver, JVM, Python workers) is sampled during the dense fits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+from benchmarks import workloads
+from benchmarks.common import Report, TreeMemory, log, setup_logging, spark_session
+from benchmarks.workloads import Workload
+
+MODES = [
+    ("sync", "epoch"),
+    ("sync", "batch"),
+    ("async", "epoch"),
+    ("async", "batch"),
+    ("hogwild", "epoch"),
+    ("hogwild", "batch"),
+]
+QUICK_MODES = [("sync", "epoch"), ("async", "batch")]
+WORKERS = 2
+
+
+def reference_fit(w: Workload) -> dict[str, float]:
+    """Single-process Keras on numpy: the same model, rows, epochs and batch size."""
+    w.model(seed=1).fit(w.x_train[:256], w.y_train[:256], epochs=1, verbose=0)  # TF warm-up
+    model = w.model()
+    started = time.perf_counter()
+    model.fit(w.x_train, w.y_train, batch_size=w.batch_size, epochs=w.epochs, verbose=0)
+    seconds = time.perf_counter() - started
+    _, accuracy = model.evaluate(w.x_test, w.y_test, batch_size=1024, verbose=0)
+    return {
+        "seconds": seconds,
+        "samples_per_s": len(w.x_train) * w.epochs / seconds,
+        "accuracy": float(accuracy),
+    }
+
+
+def our_fit(w: Workload, train: Any, mode: str, frequency: str) -> dict[str, Any]:
+    from spark_keras_ml import KerasEstimator
+
+    # Whole-epoch deltas of N workers add up in async/hogwild: scale the rate by 1/N (README).
+    rate = w.learning_rate / WORKERS if mode != "sync" and frequency == "epoch" else None
+    est = KerasEstimator(
+        model=w.model(),
+        mode=mode,
+        frequency=frequency,
+        epochs=w.epochs,
+        batchSize=w.batch_size,
+        numWorkers=WORKERS,
+        learningRate=rate,
+        seed=1,
+    )
+    started = time.perf_counter()
+    fitted = est.fit(train)
+    seconds = time.perf_counter() - started
+    _, accuracy = fitted.getKerasModel().evaluate(w.x_test, w.y_test, batch_size=1024, verbose=0)
+    return {
+        "seconds": seconds,
+        "samples_per_s": len(w.x_train) * w.epochs / seconds,
+        "accuracy": float(accuracy),
+        "phases": fitted.summary.phases,
+    }
+
+
+def run(report: Report, quick: bool) -> None:
+    spark = spark_session()
+    scale = 0.2 if quick else 1.0
+    chosen = [workloads.dense(scale), workloads.wide(scale), workloads.digits()]
+    cold_done = False
+    for w in chosen:
+        train, _ = w.frames(spark)
+        reference = reference_fit(w)
+        log(
+            f"{w.name}: single-process {reference['samples_per_s']:,.0f} samples/s, "
+            f"{reference['seconds']:.1f} s, accuracy {reference['accuracy']:.4f}"
+        )
+        modes = MODES if not quick or w.name == "digits" else QUICK_MODES
+        for mode, frequency in modes:
+            if not cold_done:
+                cold = our_fit(w, train, mode, frequency)
+                cold_done = True
+                report.series("training_cold", {"workload": w.name, "mode": mode, **cold})
+                log(
+                    f"cold first fit {w.name} {mode}/{frequency}: {cold['seconds']:.1f} s, "
+                    f"phases {cold['phases']}"
+                )
+            with TreeMemory() as memory:
+                warm = our_fit(w, train, mode, frequency)
+            row = {
+                "workload": w.name,
+                "mode": mode,
+                "frequency": frequency,
+                **warm,
+                "reference_samples_per_s": reference["samples_per_s"],
+                "reference_accuracy": reference["accuracy"],
+                "peak_tree_bytes": memory.peak,
+            }
+            report.series("training", row)
+            log(
+                f"{w.name} {mode}/{frequency}: {warm['samples_per_s']:,.0f} samples/s "
+                f"({warm['samples_per_s'] / reference['samples_per_s']:.2f}x), "
+                f"{warm['seconds']:.1f} s, accuracy {warm['accuracy']:.4f}, "
+                f"tree peak {memory.peak / 2**30:.2f} GiB, phases {warm['phases']}"
+            )
+            target = _throughput_target(w.name, mode, frequency)
+            report.add(
+                "training",
+                f"{w.name} {mode}/{frequency} samples/s (warm)",
+                ours=warm["samples_per_s"],
+                unit="samples/s",
+                reference=reference["samples_per_s"],
+                reference_name="single-process model.fit",
+                target=target,
+            )
+            if w.name == "digits" and (mode, frequency) == ("sync", "epoch"):
+                report.add(
+                    "training",
+                    "digits whole fit (warm, sync/epoch)",
+                    ours=warm["seconds"],
+                    unit="s",
+                    target=8.0,
+                    limit=True,
+                )
+            if w.name == "dense" and (mode, frequency) == ("sync", "epoch"):
+                report.add(
+                    "memory",
+                    "process-tree peak during the dense fit",
+                    ours=memory.peak / 1e9,
+                    unit="GB",
+                    target=3.0,
+                    limit=True,
+                )
+        train.unpersist()
+    spark.stop()
+
+
+def _throughput_target(workload: str, mode: str, frequency: str) -> float | None:
+    if (mode, frequency) == ("sync", "epoch") and workload in ("dense", "wide"):
+        return 0.9
+    if (mode, frequency) == ("async", "batch") and workload == "dense":
+        return 0.5
+    return None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    setup_logging()
+    report = Report("training", quick=args.quick)
+    run(report, args.quick)
+    report.write()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""The benchmark workloads: generated (seeded) or shipped with scikit-learn, never downloaded.
+
+- dense: 200,000 train + 20,000 holdout rows of 64 float features, 10 classes from a fixed
+  random teacher network; MLP 64-256-256-10, Adam 1e-3, batch 128, 3 epochs.
+- wide: 20,000 rows of 256 features; MLP 256-1024-1024-10 (about 1.3M parameters), 2 epochs.
+- digits: scikit-learn's digits, 80/20 split; MLP 64-64-10, 20 epochs, batch 32.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class Workload:
+    name: str
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    hidden: tuple[int, ...]
+    epochs: int
+    batch_size: int
+    learning_rate: float = 1e-3
+
+    @property
+    def features(self) -> int:
+        return int(self.x_train.shape[1])
+
+    def model(self, seed: int = 0) -> Any:
+        import keras
+
+        keras.utils.set_random_seed(seed)
+        layers = [keras.layers.Dense(h, activation="relu") for h in self.hidden]
+        model = keras.Sequential(
+            [keras.Input((self.features,)), *layers, keras.layers.Dense(10, activation="softmax")]
+        )
+        model.compile(
+            optimizer=keras.optimizers.Adam(self.learning_rate),
+            loss="sparse_categorical_crossentropy",
+            metrics=["accuracy"],
+        )
+        return model
+
+    def frames(self, spark: Any) -> tuple[Any, Any]:
+        """(train, test) as cached DataFrames of (features: Vector, label: double), read back
+        from parquet as a production table would be."""
+        return to_frame(spark, self.x_train, self.y_train), to_frame(
+            spark, self.x_test, self.y_test
+        )
+
+
+def teacher_labels(x: np.ndarray, rng: np.random.Generator, hidden: int = 32) -> np.ndarray:
+    """Labels from a fixed random two-layer network: learnable, but not linearly separable."""
+    w1 = rng.normal(size=(x.shape[1], hidden)) / np.sqrt(x.shape[1])
+    w2 = rng.normal(size=(hidden, 10)) / np.sqrt(hidden)
+    return (np.tanh(x @ w1) @ w2).argmax(axis=1).astype(np.float64)
+
+
+def generated(name: str, rows: int, holdout: int, features: int, **model: Any) -> Workload:
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(rows + holdout, features)).astype(np.float32)
+    y = teacher_labels(x, rng)
+    return Workload(name, x[:rows], y[:rows], x[rows:], y[rows:], **model)
+
+
+def dense(scale: float = 1.0) -> Workload:
+    return generated(
+        "dense",
+        int(200_000 * scale),
+        int(20_000 * scale),
+        64,
+        hidden=(256, 256),
+        epochs=3,
+        batch_size=128,
+    )
+
+
+def wide(scale: float = 1.0) -> Workload:
+    rows = int(20_000 * scale)
+    return generated("wide", rows, rows // 10, 256, hidden=(1024, 1024), epochs=2, batch_size=128)
+
+
+def digits() -> Workload:
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    order = np.random.default_rng(11).permutation(len(x))
+    x, y = (x[order] / 16.0).astype(np.float32), y[order].astype(np.float64)
+    cut = int(0.8 * len(x))
+    return Workload(
+        "digits", x[:cut], y[:cut], x[cut:], y[cut:], hidden=(64,), epochs=20, batch_size=32
+    )
+
+
+def to_frame(spark: Any, x: np.ndarray, y: np.ndarray) -> Any:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from pyspark.ml.functions import array_to_vector
+
+    folder = tempfile.mkdtemp(prefix="skml-bench-")
+    path = os.path.join(folder, "table.parquet")
+    offsets = pa.array(np.arange(0, x.size + 1, x.shape[1], dtype=np.int32))
+    column = pa.ListArray.from_arrays(offsets, pa.array(x.ravel()))
+    pq.write_table(pa.table({"x": column, "label": y}), path)
+    frame = spark.read.parquet(path).select(array_to_vector("x").alias("features"), "label")
+    frame = frame.cache()
+    frame.count()
+    return frame
