@@ -1,5 +1,5 @@
-"""Executor-safe data handling: Arrow-backed pandas batches to numpy, and model outputs back to
-the rows Spark expects. No SparkSession, no Keras: this module is tested with plain pandas.
+"""Executor-safe data handling: Arrow-backed pandas batches to float32 numpy for training, and
+model outputs to the output kind's columns. No SparkSession, no Keras: tested with plain pandas.
 """
 
 from __future__ import annotations
@@ -224,7 +224,7 @@ class Layout:
         return names + ([WEIGHT] if self.weights else []) + ([HELD_OUT] if self.held_out else [])
 
 
-def classifier_columns(probs: np.ndarray) -> pd.DataFrame:
+def classifier_outputs(probs: np.ndarray) -> dict[str, np.ndarray]:
     """prediction, probability and rawPrediction for a classifier's output.
 
     One sigmoid unit means P(class 1); it becomes the pair ``[1 - p, p]`` with logits ``[-z, z]``.
@@ -239,31 +239,29 @@ def classifier_columns(probs: np.ndarray) -> pd.DataFrame:
         raw = np.stack([-logit, logit], axis=1)
     else:
         raw = np.log(np.clip(probs, _EPSILON, None))
-    return pd.DataFrame(
-        {
-            "prediction": probs.argmax(axis=1).astype(np.float64),
-            "probability": list(probs),
-            "rawPrediction": list(raw),
-        }
-    )
+    return {
+        "prediction": probs.argmax(axis=1).astype(np.float64),
+        "probability": probs,
+        "rawPrediction": raw,
+    }
 
 
-def regressor_columns(outputs: np.ndarray) -> pd.DataFrame:
-    return pd.DataFrame({"prediction": outputs.reshape(len(outputs)).astype(np.float64)})
+def regressor_outputs(outputs: np.ndarray) -> dict[str, np.ndarray]:
+    return {"prediction": outputs.reshape(len(outputs)).astype(np.float64)}
 
 
-def raw_columns(outputs: np.ndarray) -> pd.DataFrame:
-    flat = outputs.astype(np.float64, copy=False).reshape(len(outputs), -1)
-    return pd.DataFrame({"prediction": list(flat)})
+def raw_outputs(outputs: np.ndarray) -> dict[str, np.ndarray]:
+    return {"prediction": outputs.astype(np.float64, copy=False).reshape(len(outputs), -1)}
 
 
-OUTPUT_COLUMNS = {
-    "classifier": classifier_columns,
-    "regressor": regressor_columns,
-    "raw": raw_columns,
+#: Model outputs -> the output kind's columns: a 1-D array is a double column, a 2-D one an
+#: array<double> column.
+OUTPUTS = {
+    "classifier": classifier_outputs,
+    "regressor": regressor_outputs,
+    "raw": raw_outputs,
 }
 
-#: The struct each output kind's UDF returns; the transformer unpacks it into columns.
 OUTPUT_SCHEMAS = {
     "classifier": "prediction double, probability array<double>, rawPrediction array<double>",
     "regressor": "prediction double",

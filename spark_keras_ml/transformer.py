@@ -1,6 +1,6 @@
 """KerasTransformer: driver-side set-up of distributed, batched inference.
 
-Only the feature column goes through Python, in an Arrow-backed pandas iterator UDF
+Only the feature columns go through Python, in an Arrow iterator UDF
 (``worker.predict_batches``); every other column stays in the JVM. The UDF returns a struct that
 is unpacked here into Spark ML's usual columns, with Vectors rebuilt by ``array_to_vector``.
 """
@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import keras
-import pandas as pd
+import pyarrow as pa
 from pyspark import keyword_only
 from pyspark.ml import Model
 from pyspark.ml.functions import array_to_vector
@@ -209,16 +209,16 @@ class KerasTransformer(Model, HasInferenceParams, KerasReadable, KerasWritable):
 
 
 def _prediction_udf(config: PredictConfig, inputs: int, schema: str) -> Any:
-    """The pandas iterator UDF; pyspark reads its kind from the type hints, so one column and
+    """The Arrow iterator UDF; pyspark reads its kind from the type hints, so one column and
     several columns need differently annotated functions. Both capture only ``config``."""
     if inputs == 1:
 
-        def predict(batches: Iterator[pd.Series]) -> Iterator[pd.DataFrame]:
+        def predict(batches: Iterator[pa.Array]) -> Iterator[pa.Array]:
             return predict_batches(config, batches)
 
-        return F.pandas_udf(predict, returnType=schema)  # type: ignore[call-overload]
+        return F.arrow_udf(predict, returnType=schema)  # type: ignore[call-overload]
 
-    def predict_many(batches: Iterator[tuple[pd.Series, ...]]) -> Iterator[pd.DataFrame]:
+    def predict_many(batches: Iterator[tuple[pa.Array, ...]]) -> Iterator[pa.Array]:
         return predict_batches(config, batches)
 
-    return F.pandas_udf(predict_many, returnType=schema)  # type: ignore[call-overload]
+    return F.arrow_udf(predict_many, returnType=schema)  # type: ignore[call-overload]

@@ -19,9 +19,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
+from spark_keras_ml.arrow_io import to_arrow, to_numpy
 from spark_keras_ml.config import PredictConfig, TrainConfig
-from spark_keras_ml.data import OUTPUT_COLUMNS, VAL_ROWS, Rows, partition_rows, shaped
+from spark_keras_ml.data import OUTPUTS, VAL_ROWS, Rows, partition_rows
 from spark_keras_ml.ps.client import ParameterClient
 from spark_keras_ml.ps.protocol import compress_delta
 from spark_keras_ml.serialization import model_from_bytes
@@ -344,19 +346,19 @@ _MODELS = _ModelCache()
 
 
 def predict_batches(
-    config: PredictConfig, batches: Iterable[pd.Series | tuple[pd.Series, ...]]
-) -> Iterator[pd.DataFrame]:
-    """Predict each Arrow batch of the feature columns; yield the kind's output columns.
+    config: PredictConfig, batches: Iterable[pa.Array | tuple[pa.Array, ...]]
+) -> Iterator[pa.Array]:
+    """Predict each Arrow batch of the feature columns; yield the kind's output struct array.
 
-    One feature column arrives as a Series, several (a multi-input model) as a tuple of them.
+    One feature column arrives as an array, several (a multi-input model) as a tuple of them.
     """
     configure_threads(config.task_cpus)
     model = _MODELS.get(config.model_id, config.model_bytes, config.custom_objects)
-    to_columns = OUTPUT_COLUMNS[config.kind]
+    to_columns = OUTPUTS[config.kind]
     layout = config.layout
     for batch in batches:
         columns = batch if isinstance(batch, tuple) else (batch,)
-        xs = [shaped(s, layout.inputs[i], layout.input_name(i)) for i, s in enumerate(columns)]
+        xs = [to_numpy(a, layout.inputs[i], layout.input_name(i)) for i, a in enumerate(columns)]
         rows = len(xs[0])
         size = config.batch_size
         chunks = [
@@ -364,7 +366,7 @@ def predict_batches(
             for i in range(0, rows, size)
         ]
         outputs = np.concatenate(chunks) if chunks else np.zeros((0, 1), dtype=np.float32)
-        yield to_columns(outputs)
+        yield to_arrow(to_columns(outputs))
 
 
 def _model_input(arrays: list[np.ndarray]) -> np.ndarray | list[np.ndarray]:

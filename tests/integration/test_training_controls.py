@@ -144,10 +144,11 @@ def test_early_stopping_in_async_stops_the_fit_early(digits) -> None:  # type: i
         fitted = fit(train, epochs=10, mode="async", frequency=frequency, callbacks=[stop])
         summary = fitted.summary
         assert summary.stopped_early
-        # Every worker finished the same epochs (one more than the decision if a worker had
-        # already started it), and the history has each of them.
+        # Every worker finished the same epochs: those up to the decision (2), or more when a
+        # worker had already run ahead (async has no bound without maxStaleness), and the
+        # history has each of them.
         done = {w["epochs"] for w in summary.workers}
-        assert len(done) == 1 and 2 <= done.pop() <= 3, summary.workers
+        assert len(done) == 1 and 2 <= done.pop() < 10, summary.workers
         assert len(fitted.history["loss"]) == summary.workers[0]["epochs"]
 
 

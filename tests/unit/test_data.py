@@ -11,11 +11,11 @@ from spark_keras_ml.data import (
     WEIGHT,
     Layout,
     check_width,
-    classifier_columns,
+    classifier_outputs,
     column_to_numpy,
     partition_rows,
-    raw_columns,
-    regressor_columns,
+    raw_outputs,
+    regressor_outputs,
     shaped,
 )
 
@@ -119,14 +119,14 @@ def test_missing_or_negative_weights_are_refused_naming_the_column() -> None:
 
 
 def test_softmax_outputs_become_prediction_probability_and_log_scores() -> None:
-    out = classifier_columns(np.array([[0.1, 0.7, 0.2], [0.5, 0.25, 0.25]], dtype=np.float32))
+    out = classifier_outputs(np.array([[0.1, 0.7, 0.2], [0.5, 0.25, 0.25]], dtype=np.float32))
     assert out["prediction"].tolist() == [1.0, 0.0]
     np.testing.assert_allclose(out["probability"][0], [0.1, 0.7, 0.2], rtol=1e-6)
     np.testing.assert_allclose(out["rawPrediction"][1], np.log([0.5, 0.25, 0.25]), rtol=1e-6)
 
 
 def test_one_sigmoid_unit_becomes_two_class_probability_and_logits() -> None:
-    out = classifier_columns(np.array([[0.8], [0.1]]))
+    out = classifier_outputs(np.array([[0.8], [0.1]]))
     assert out["prediction"].tolist() == [1.0, 0.0]
     np.testing.assert_allclose(out["probability"][0], [0.2, 0.8])
     logit = np.log(0.8 / 0.2)
@@ -134,8 +134,8 @@ def test_one_sigmoid_unit_becomes_two_class_probability_and_logits() -> None:
 
 
 def test_regressor_and_raw_outputs() -> None:
-    assert regressor_columns(np.array([[1.5], [2.0]]))["prediction"].tolist() == [1.5, 2.0]
-    raw = raw_columns(np.arange(12, dtype=np.float32).reshape(2, 2, 3))
+    assert regressor_outputs(np.array([[1.5], [2.0]]))["prediction"].tolist() == [1.5, 2.0]
+    raw = raw_outputs(np.arange(12, dtype=np.float32).reshape(2, 2, 3))
     np.testing.assert_array_equal(raw["prediction"][1], np.arange(6, 12))
 
 

@@ -6,7 +6,7 @@ import threading
 
 import keras
 import numpy as np
-import pandas as pd
+import pyarrow as pa
 import pytest
 
 from spark_keras_ml.config import PredictConfig, TrainConfig
@@ -116,10 +116,10 @@ def test_predict_batches_matches_keras_predict_and_caches_the_model() -> None:
         model_id(data), data, "classifier", batch_size=3, task_cpus=1, layout=Layout(((4,),))
     )
     x = np.random.default_rng(1).normal(size=(10, 4)).astype("float32")
-    series = [pd.Series(list(x[:7])), pd.Series(list(x[7:]))]
-    frames = list(predict_batches(config, iter(series)))
-    assert [len(f) for f in frames] == [7, 3]
-    probs = np.stack(pd.concat(frames)["probability"].to_list())
+    batches = [pa.array(list(x[:7]), pa.list_(pa.float32())), pa.array(list(x[7:]))]
+    outputs = list(predict_batches(config, iter(batches)))
+    assert [len(o) for o in outputs] == [7, 3]
+    probs = np.array([row["probability"] for o in outputs for row in o.to_pylist()])
     np.testing.assert_allclose(probs, model.predict(x, verbose=0), rtol=1e-5, atol=1e-7)
     from spark_keras_ml.worker import _MODELS
 
