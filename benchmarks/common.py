@@ -7,6 +7,7 @@ ratio; targets are ratios (or, for wall time and memory, limits).
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -14,6 +15,7 @@ import platform
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -234,3 +236,14 @@ def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("py4j").setLevel(logging.WARNING)
     logging.getLogger("spark_keras_ml").setLevel(logging.WARNING)
+
+
+def section_main(name: str, run: Callable[[Report, bool], None], description: str) -> None:
+    """The command line of one benchmark section: ``python -m benchmarks.<name> [--quick]``."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    setup_logging()
+    report = Report(name, quick=args.quick)
+    run(report, args.quick)
+    report.write()

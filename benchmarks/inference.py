@@ -11,14 +11,13 @@ cache) and is then timed. Rows/s on the dense holdout (20,000 rows) and on the d
 
 from __future__ import annotations
 
-import argparse
 import os
 import tempfile
 import time
 from typing import Any
 
 from benchmarks import workloads
-from benchmarks.common import Report, log, setup_logging, spark_session
+from benchmarks.common import Report, log, section_main, spark_session
 
 BATCH = 1024
 
@@ -114,13 +113,7 @@ def run(report: Report, quick: bool) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args()
-    setup_logging()
-    report = Report("inference", quick=args.quick)
-    run(report, args.quick)
-    report.write()
+    section_main("inference", run, __doc__.splitlines()[0])
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ the weights back. The reference moves the same bytes each way over a raw loopbac
 
 from __future__ import annotations
 
-import argparse
 import multiprocessing
 import socket
 import statistics
@@ -21,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import Report, log, setup_logging
+from benchmarks.common import Report, log, section_main
 from spark_keras_ml.ps.client import ParameterClient
 from spark_keras_ml.ps.protocol import new_secret
 from spark_keras_ml.ps.server import ParameterServer
@@ -205,13 +204,7 @@ def run(report: Report, quick: bool) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args()
-    setup_logging()
-    report = Report("parameter_server", quick=args.quick)
-    run(report, args.quick)
-    report.write()
+    section_main("parameter_server", run, __doc__.splitlines()[0])
 
 
 if __name__ == "__main__":

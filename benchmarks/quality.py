@@ -10,11 +10,10 @@ data-parallel setting closest to single-process mini-batch training.
 
 from __future__ import annotations
 
-import argparse
 from typing import Any
 
 from benchmarks import workloads
-from benchmarks.common import Report, log, setup_logging, spark_session
+from benchmarks.common import Report, log, section_main, spark_session
 from benchmarks.training import reference_fit
 from benchmarks.workloads import Workload
 
@@ -76,13 +75,7 @@ def run(report: Report, quick: bool) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args()
-    setup_logging()
-    report = Report("quality", quick=args.quick)
-    run(report, args.quick)
-    report.write()
+    section_main("quality", run, __doc__.splitlines()[0])
 
 
 if __name__ == "__main__":

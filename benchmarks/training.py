@@ -11,12 +11,11 @@ the process tree's peak memory (driver, JVM, Python workers) is sampled during t
 
 from __future__ import annotations
 
-import argparse
 import time
 from typing import Any
 
 from benchmarks import workloads
-from benchmarks.common import Report, TreeMemory, log, setup_logging, spark_session
+from benchmarks.common import Report, TreeMemory, log, section_main, spark_session
 from benchmarks.workloads import Workload
 
 MODES = [
@@ -154,13 +153,7 @@ def _throughput_target(workload: str, mode: str, frequency: str) -> float | None
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args()
-    setup_logging()
-    report = Report("training", quick=args.quick)
-    run(report, args.quick)
-    report.write()
+    section_main("training", run, __doc__.splitlines()[0])
 
 
 if __name__ == "__main__":
