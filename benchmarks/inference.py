@@ -5,13 +5,14 @@ single-process ``model.predict``, with the same model, data and batch size (1024
 
 Both Spark paths write to the no-op sink (``write.format("noop")``), so that collecting rows to
 the driver does not dominate; each runs once to warm up (Python workers, TensorFlow, the model
-cache) and is then timed. Rows/s on the dense holdout (20,000 rows) and on the dense train set
-(200,000 rows).
+cache). Then the three paths take turns for three rounds, and each figure is the median of its
+three timings. Rows/s on the dense holdout (20,000 rows) and on the dense train set (200,000).
 """
 
 from __future__ import annotations
 
 import os
+import statistics
 import tempfile
 import time
 from typing import Any
@@ -22,10 +23,19 @@ from benchmarks.common import Report, log, section_main, spark_session
 BATCH = 1024
 
 
-def timed(action: Any) -> float:
-    started = time.perf_counter()
-    action()
-    return time.perf_counter() - started
+REPEATS = 3
+
+
+def timed(*actions: Any) -> list[float]:
+    """Median seconds of each action over ``REPEATS`` rounds, the actions taking turns within a
+    round: single runs on a shared machine swing widely, and in turn they swing together."""
+    seconds: list[list[float]] = [[] for _ in actions]
+    for _ in range(REPEATS):
+        for i, action in enumerate(actions):
+            started = time.perf_counter()
+            action()
+            seconds[i].append(time.perf_counter() - started)
+    return [statistics.median(s) for s in seconds]
 
 
 def noop(df: Any) -> None:
@@ -71,12 +81,15 @@ def run(report: Report, quick: bool) -> None:
     for label, frame, x in (("holdout", test, w.x_test), ("train set", train, w.x_train)):
         rows = len(x)
         model.predict(x[:BATCH], batch_size=BATCH, verbose=0)  # warm-up
-        single = rows / timed(lambda x=x: model.predict(x, batch_size=BATCH, verbose=0))
         transform = ours.transform(frame)
         udf_frame = frame.select("*", theirs(vector_to_array("features")).alias("prediction"))
         noop(transform), noop(udf_frame)  # warm-up: workers, TensorFlow, model caches
-        our_rate = rows / timed(lambda t=transform: noop(t))
-        udf_rate = rows / timed(lambda u=udf_frame: noop(u))
+        seconds = timed(
+            lambda t=transform: noop(t),
+            lambda u=udf_frame: noop(u),
+            lambda x=x: model.predict(x, batch_size=BATCH, verbose=0),
+        )
+        our_rate, udf_rate, single = (rows / s for s in seconds)
         log(
             f"{label} ({rows:,} rows): transform {our_rate:,.0f} rows/s, predict_batch_udf "
             f"{udf_rate:,.0f} rows/s, single-process predict {single:,.0f} rows/s"
