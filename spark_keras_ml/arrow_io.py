@@ -14,39 +14,24 @@ from collections.abc import Sequence
 import numpy as np
 import pyarrow as pa
 
-from spark_keras_ml.data import check_width
+from spark_keras_ml.data import refuse_non_finite, refuse_nulls, refuse_ragged, to_shape
 
 
 def to_numpy(array: pa.Array, shape: Sequence[int], what: str) -> np.ndarray:
     """A batch of a transported column (float, or lists of floats) as ``(rows, *shape)``."""
     rows = len(array)
-    if array.null_count:
-        raise ValueError(
-            f"Expected no null values in {what}. Drop or impute those rows first (e.g. "
-            f"df.dropna() or pyspark.ml.feature.Imputer). Received: {array.null_count} null rows"
-        )
+    refuse_nulls(array.null_count, what)
     if pa.types.is_list(array.type) or pa.types.is_large_list(array.type):
         offsets = array.offsets.to_numpy()
         widths = np.diff(offsets)
         if rows and (widths != widths[0]).any():
-            raise ValueError(
-                f"Expected every row of {what} to have the same length. Pad or filter the rows. "
-                f"Received lengths {sorted(set(widths.tolist()))[:5]}"
-            )
+            refuse_ragged(set(widths.tolist()), what)
         width = int(widths[0]) if rows else 0
         flat = array.values.slice(offsets[0], offsets[-1] - offsets[0]) if rows else array.values
         values = _floats(flat).reshape(rows, width)
     else:
-        values, width = _floats(array), 1
-    if not np.isfinite(values).all():
-        bad = int((~np.isfinite(values.reshape(rows, -1))).any(axis=1).sum())
-        raise ValueError(
-            f"Expected finite numbers in {what}. Drop or impute the rows holding NaN or inf "
-            f"(or values too large for float32). Received: {bad} such rows"
-        )
-    if rows:
-        check_width(shape, width, what)
-    return values.reshape(rows, *shape)
+        values = _floats(array)
+    return to_shape(refuse_non_finite(values, what), shape, what)
 
 
 def _floats(array: pa.Array) -> np.ndarray:

@@ -35,12 +35,7 @@ def column_to_numpy(series: pd.Series, what: str) -> np.ndarray:
 
     ``what`` names the column(s) in errors, e.g. "`age`, `income` -> input (2,)".
     """
-    nulls = int(series.isna().sum())
-    if nulls:
-        raise ValueError(
-            f"Expected no null values in {what}. Drop or impute those rows first (e.g. "
-            f"df.dropna() or pyspark.ml.feature.Imputer). Received: {nulls} null rows"
-        )
+    refuse_nulls(int(series.isna().sum()), what)
     if series.dtype != object:
         with np.errstate(over="ignore"):  # too large for float32 becomes inf, refused below
             values = series.to_numpy(dtype=np.float32)
@@ -48,14 +43,33 @@ def column_to_numpy(series: pd.Series, what: str) -> np.ndarray:
         rows = series.to_list()
         if not rows:
             return np.zeros((0, 0), dtype=np.float32)
-        widths = {len(v) for v in rows}
-        if len(widths) != 1:
-            raise ValueError(
-                f"Expected every row of {what} to have the same length. Pad or filter the rows. "
-                f"Received lengths {sorted(widths)[:5]}"
-            )
+        refuse_ragged({len(v) for v in rows}, what)
         with np.errstate(over="ignore"):
             values = np.concatenate(rows).astype(np.float32, copy=False).reshape(len(rows), -1)
+    return refuse_non_finite(values, what)
+
+
+# The checks every transported column passes, whether it arrives as pandas (training) or as
+# Arrow (inference): one wording for each bad-data error.
+
+
+def refuse_nulls(nulls: int, what: str) -> None:
+    if nulls:
+        raise ValueError(
+            f"Expected no null values in {what}. Drop or impute those rows first (e.g. "
+            f"df.dropna() or pyspark.ml.feature.Imputer). Received: {nulls} null rows"
+        )
+
+
+def refuse_ragged(widths: set[int], what: str) -> None:
+    if len(widths) > 1:
+        raise ValueError(
+            f"Expected every row of {what} to have the same length. Pad or filter the rows. "
+            f"Received lengths {sorted(widths)[:5]}"
+        )
+
+
+def refuse_non_finite(values: np.ndarray, what: str) -> np.ndarray:
     if not np.isfinite(values).all():
         bad = int((~np.isfinite(values.reshape(len(values), -1))).any(axis=1).sum())
         raise ValueError(
@@ -87,11 +101,14 @@ def check_width(shape: Sequence[int], width: int, what: str) -> None:
 
 def shaped(series: pd.Series, shape: Sequence[int], what: str) -> np.ndarray:
     """A transported column (float, or flat float arrays) as ``(rows, *shape)`` float32."""
-    flat = column_to_numpy(series, what)
+    return to_shape(column_to_numpy(series, what), shape, what)
+
+
+def to_shape(flat: np.ndarray, shape: Sequence[int], what: str) -> np.ndarray:
+    """``(rows,)`` or ``(rows, width)`` values as ``(rows, *shape)``, once the width fits."""
     rows = len(flat)
-    width = 1 if flat.ndim == 1 else flat.shape[1]
     if rows:
-        check_width(shape, width, what)
+        check_width(shape, 1 if flat.ndim == 1 else flat.shape[1], what)
     return flat.reshape(rows, *shape)
 
 
