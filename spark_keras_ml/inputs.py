@@ -23,6 +23,7 @@ from pyspark.sql.types import ArrayType, BooleanType, DataType, NumericType
 
 from spark_keras_ml.columns import require_column
 from spark_keras_ml.data import HELD_OUT, WEIGHT, Layout, check_width, feature_name, label_name
+from spark_keras_ml.model_info import is_custom_loss
 
 #: A per-row shape; ``-1`` marks the one dimension (a sequence length) taken from the row width.
 Shape = tuple[int, ...]
@@ -109,7 +110,7 @@ def label_slots(
         if _is_sparse(output_loss):
             classes = shape[-1] if shape and shape[-1] > 1 else None
             shape = ()
-        elif not _is_builtin(output_loss) and _size(shape) > 1:
+        elif is_custom_loss(output_loss) and _size(shape) > 1:
             # A custom loss says nothing about its labels: a number per row is taken as is
             # (a class index, say), anything wider must fill the output's shape.
             if isinstance(require_column(df, col, param), NumericType):
@@ -257,15 +258,6 @@ def _loss_for(loss: Any, name: str, index: int) -> Any:
 def _is_sparse(loss: Any) -> bool:
     text = loss.get("class_name", "") if isinstance(loss, dict) else str(loss)
     return "sparse" in text.replace("_", "").lower()
-
-
-def _is_builtin(loss: Any) -> bool:
-    """Whether ``loss`` is one of Keras' own losses (whose label shapes are known)."""
-    if isinstance(loss, str):
-        return ">" not in loss  # "package>name" is a registered custom loss
-    if isinstance(loss, dict):
-        return str(loss.get("module", "keras")).startswith("keras")
-    return False
 
 
 def _is_array(df: DataFrame, slot: Slot) -> bool:

@@ -104,8 +104,7 @@ def output_kind(model: keras.Model, loss: Any) -> str:
     loss_name = str(loss.get("class_name", "") if isinstance(loss, dict) else loss or "").lower()
     # A custom loss (registered "package>name", or a serialized function) is trusted to suit
     # the output layer: a softmax or sigmoid output is a classifier's.
-    custom = ">" in loss_name or (isinstance(loss, dict) and loss.get("class_name") == "function")
-    crossentropy = "crossentropy" in loss_name or loss is None or custom
+    crossentropy = "crossentropy" in loss_name or loss is None or is_custom_loss(loss)
     if len(shape) == 2 and activation in _CLASSIFIER_ACTIVATIONS and crossentropy:
         if activation == "softmax" and (shape[1] or 0) >= 2:
             return "classifier"
@@ -114,3 +113,13 @@ def output_kind(model: keras.Model, loss: Any) -> str:
     if shape[1:] in ((), (1,)):
         return "regressor"
     return "raw"
+
+
+def is_custom_loss(loss: Any) -> bool:
+    """Whether ``loss`` is not one of Keras' own, whose labels and outputs are known: a
+    registered "package>name", or a serialized function or class from another module."""
+    if isinstance(loss, str):
+        return ">" in loss
+    if isinstance(loss, dict):
+        return not str(loss.get("module", "keras")).startswith("keras")
+    return loss is not None
