@@ -97,7 +97,9 @@ def _client(
     part in every round, so none may stop on its own clock)."""
     weights = weights_of(parameters)
     delta = [np.full_like(w, 1e-6) for w in weights]
-    with ParameterClient(*address, secret, like=weights, timeout=120.0) as client:
+    with ParameterClient(
+        *address, secret, like=weights, timeout=120.0, reuse_buffers=True
+    ) as client:
         client.hello(partition=partition, attempt=1, rows=1000)
         start.wait()
         latencies = []

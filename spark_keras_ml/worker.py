@@ -82,7 +82,12 @@ def train_partition(config: TrainConfig, batches: Iterable[pd.DataFrame]) -> Ite
         "rows": len(train),
     }
     with ParameterClient(
-        config.host, config.port, config.secret, like=model.get_weights(), timeout=config.timeout
+        config.host,
+        config.port,
+        config.secret,
+        like=model.get_weights(),
+        timeout=config.timeout,
+        reuse_buffers=True,  # _train_loop is done with each reply's weights after one push
     ) as client:
         schedule, weights = client.hello(**identity)
         register_seconds = clock.lap()  # in sync, the wait for every worker to arrive

@@ -23,6 +23,11 @@ class ParameterClient:
     """Talks to one :class:`~spark_keras_ml.ps.server.ParameterServer` (executor side).
 
     ``like`` is the model's own weights: they bound the size of any reply the client accepts.
+
+    With ``reuse_buffers``, replies are read into two buffers in turn, so the arrays a call
+    returns stay valid only until the second call after it: enough for a worker, which needs the
+    weights of one reply only until it has pushed the delta against them. It spares a model-size
+    allocation per reply, which for large models costs more than the read itself.
     """
 
     def __init__(
@@ -32,12 +37,17 @@ class ParameterClient:
         secret: bytes,
         like: Sequence[np.ndarray],
         timeout: float = 600.0,
+        reuse_buffers: bool = False,
     ) -> None:
         self._address = (host, port)
         self._secret = secret
         self._max_body = protocol.message_bytes_limit(like)
         self._timeout = timeout + _CLIENT_GRACE_SECONDS
         self._sock: socket.socket | None = None
+        self._buffers = (
+            (protocol.ReceiveBuffer(), protocol.ReceiveBuffer()) if reuse_buffers else None
+        )
+        self._calls = 0
 
     def connect(self) -> ParameterClient:
         sock = socket.create_connection(self._address, timeout=self._timeout)
@@ -93,7 +103,9 @@ class ParameterClient:
         if self._sock is None:
             raise RuntimeError("the parameter client is not connected")
         protocol.send_message(self._sock, op, meta, arrays)
-        reply = protocol.recv_message(self._sock, self._max_body)
+        self._calls += 1
+        buffer = None if self._buffers is None else self._buffers[self._calls % 2]
+        reply = protocol.recv_message(self._sock, self._max_body, buffer)
         if reply.op is not Op.WEIGHTS:
             raise ProtocolError(f"expected WEIGHTS in reply to {op.name}, received {reply.op.name}")
         return reply.meta, reply.arrays

@@ -90,9 +90,15 @@ class Message:
 # Exact-length reads and frames
 
 
-def recv_exactly(sock: socket.socket, n: int) -> bytearray:
-    """Read exactly ``n`` bytes; the end of the stream inside them is an error, never short data."""
-    buf = bytearray(n)
+def recv_exactly(
+    sock: socket.socket, n: int, into: ReceiveBuffer | None = None
+) -> bytearray | memoryview:
+    """Read exactly ``n`` bytes; the end of the stream inside them is an error, never short data.
+
+    With ``into``, the bytes land in its reused buffer and the returned view is valid only until
+    the next read into it.
+    """
+    buf: bytearray | memoryview = bytearray(n) if into is None else into.view(n)
     view = memoryview(buf)
     got = 0
     while got < n:
@@ -103,6 +109,23 @@ def recv_exactly(sock: socket.socket, n: int) -> bytearray:
     return buf
 
 
+class ReceiveBuffer:
+    """One connection's receive buffer, grown to the largest frame seen and then reused.
+
+    ``bytearray(n)`` zero-fills: for a 40 MB frame the fresh allocation (memset plus page faults)
+    costs more than reading the bytes off the socket. A peer that is done with each message
+    before it reads the next one (the server's handlers) reads every frame into one buffer.
+    """
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+    def view(self, n: int) -> memoryview:
+        if len(self._buffer) < n:
+            self._buffer = bytearray(n)
+        return memoryview(self._buffer)[:n]
+
+
 def send_frame(sock: socket.socket, op: Op, parts: Sequence[bytes | memoryview] = ()) -> None:
     """Send one frame whose body is the concatenation of ``parts`` (sent without joining)."""
     length = sum(memoryview(p).nbytes for p in parts)
@@ -111,7 +134,9 @@ def send_frame(sock: socket.socket, op: Op, parts: Sequence[bytes | memoryview] 
         sock.sendall(part)
 
 
-def recv_frame(sock: socket.socket, max_body: int) -> tuple[Op, bytearray]:
+def recv_frame(
+    sock: socket.socket, max_body: int, into: ReceiveBuffer | None = None
+) -> tuple[Op, bytearray | memoryview]:
     """Read one frame; a bad header or a body over ``max_body`` is refused before allocating."""
     magic, version, op, flags, length = HEADER.unpack(recv_exactly(sock, HEADER.size))
     if magic != MAGIC:
@@ -129,7 +154,7 @@ def recv_frame(sock: socket.socket, max_body: int) -> tuple[Op, bytearray]:
         raise ProtocolError(f"unsupported frame flags {flags:#x}")
     if length > max_body:
         raise ProtocolError(f"frame body of {length} bytes exceeds the limit of {max_body} bytes")
-    return opcode, recv_exactly(sock, length)
+    return opcode, recv_exactly(sock, length, into)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,7 +175,7 @@ def encode_message(
     return parts
 
 
-def decode_message(op: Op, body: bytearray) -> Message:
+def decode_message(op: Op, body: bytearray | memoryview) -> Message:
     """Parse a body made by :func:`encode_message`; every length is checked against the body."""
     if len(body) < META_LENGTH.size:
         raise ProtocolError(f"{op.name} body of {len(body)} bytes is too short for its meta length")
@@ -204,9 +229,12 @@ def send_message(
     send_frame(sock, op, encode_message(meta or {}, arrays))
 
 
-def recv_message(sock: socket.socket, max_body: int) -> Message:
-    """Read one message; an ERROR frame from the peer becomes :class:`RemoteError`."""
-    op, body = recv_frame(sock, max_body)
+def recv_message(sock: socket.socket, max_body: int, into: ReceiveBuffer | None = None) -> Message:
+    """Read one message; an ERROR frame from the peer becomes :class:`RemoteError`.
+
+    With ``into``, the message's arrays are views of that buffer: use them before the next read.
+    """
+    op, body = recv_frame(sock, max_body, into)
     message = decode_message(op, body)
     if message.op is Op.ERROR:
         raise RemoteError(str(message.meta.get("message", "the peer reported an error")))
@@ -263,7 +291,7 @@ def new_secret() -> bytes:
     return secrets.token_bytes(32)
 
 
-def _digest(secret: bytes, challenge: bytes | bytearray) -> bytes:
+def _digest(secret: bytes, challenge: bytes | bytearray | memoryview) -> bytes:
     return hmac.new(secret, bytes(challenge), hashlib.sha256).digest()
 
 

@@ -294,11 +294,13 @@ class ParameterServer:
 
     def _serve(self, conn: socket.socket, peer: Any) -> None:
         worker: tuple[int, int] | None = None  # (partition, attempt) once registered
+        # Each message is handled (its delta applied or copied) before the next one is read.
+        buffer = protocol.ReceiveBuffer()
         try:
             protocol.deliver_challenge(conn, self._secret)
             protocol.answer_challenge(conn, self._secret)
             while not self._stopping.is_set():
-                message = protocol.recv_message(conn, self._max_body)
+                message = protocol.recv_message(conn, self._max_body, buffer)
                 self._last_activity = time.monotonic()
                 if message.op is Op.BYE:
                     if worker is not None:
@@ -410,8 +412,12 @@ class ParameterServer:
 
     def _finite(self, partition: int, delta: list[np.ndarray]) -> bool:
         """Reject (and count) a delta holding NaN or inf; too many fail the fit."""
-        if all(np.isfinite(d).all() for d in delta):
-            return True
+        # A finite sum proves every element finite (NaN and inf propagate) without the
+        # model-size boolean temporary of isfinite(); only a non-finite sum needs the full check,
+        # as large finite values can overflow it.
+        with np.errstate(over="ignore", invalid="ignore"):
+            if all(np.isfinite(d.sum()) or np.isfinite(d).all() for d in delta):
+                return True
         rejected = self._rule.count("rejected")
         logger.warning(
             "rejected a non-finite delta from partition %d (%d so far)", partition, rejected

@@ -155,6 +155,30 @@ def test_round_trip_over_a_socket_pair() -> None:
     assert (third.op, third.meta, third.arrays) == (Op.HELLO, {"partition": 2, "rows": 10}, [])
 
 
+def test_a_reused_receive_buffer_reads_frames_of_any_size_in_turn() -> None:
+    big = [np.arange(1000, dtype=np.float32), np.array(7, dtype=np.int64)]
+    small = [np.array([1.5, -2.5], dtype=np.float32)]
+    buffer = protocol.ReceiveBuffer()
+    with socket_pair() as (a, b):
+        protocol.send_message(a, Op.WEIGHTS, {"n": 1}, small)
+        protocol.send_message(a, Op.WEIGHTS, {"n": 2}, big)
+        protocol.send_message(a, Op.WEIGHTS, {"n": 3}, small)
+        protocol.send_message(a, Op.PULL)
+        limit = protocol.message_bytes_limit(big)
+        # Each message is checked before the next read overwrites the buffer.
+        first = protocol.recv_message(b, limit, buffer)
+        assert (first.meta, len(first.arrays)) == ({"n": 1}, 1)
+        assert_same_arrays(first.arrays, small)
+        second = protocol.recv_message(b, limit, buffer)
+        assert second.meta == {"n": 2}
+        assert_same_arrays(second.arrays, big)
+        third = protocol.recv_message(b, limit, buffer)  # shorter than the buffer now is
+        assert third.meta == {"n": 3}
+        assert_same_arrays(third.arrays, small)
+        fourth = protocol.recv_message(b, limit, buffer)
+        assert (fourth.op, fourth.meta, fourth.arrays) == (Op.PULL, {}, [])
+
+
 def test_encoded_arrays_are_raw_little_endian_buffers() -> None:
     arrays = [np.array([1.0, 2.0], dtype=">f4"), np.array(5, dtype=np.int64)]
     body = body_bytes({}, arrays)

@@ -176,6 +176,38 @@ def test_pull_returns_current_weights_without_a_round() -> None:
     assert_weights(pulled, delta)
 
 
+def test_reused_client_buffers_keep_a_reply_valid_through_the_next_call() -> None:
+    """What a worker relies on: the weights of one reply until it has pushed against them."""
+    step = [np.full((3, 2), 0.25, np.float32), np.ones(4, np.float32)]
+    with ParameterServer(initial_weights(), num_workers=1, secret=SECRET, timeout=5.0) as server:
+        host, port = server.address
+        like = initial_weights()
+        with ParameterClient(host, port, SECRET, like=like, timeout=5.0, reuse_buffers=True) as c:
+            _, weights = c.hello(partition=0, rows=4)
+            for k in range(1, 6):
+                before = [w.copy() for w in weights]
+                _, new = c.push(step, rows=4, step=k - 1)
+                assert_weights(weights, before)  # the previous reply is untouched
+                assert_weights(new, [k * d for d in step])
+                weights = new
+
+
+def test_huge_finite_deltas_are_applied_and_non_finite_ones_rejected() -> None:
+    """The finiteness check sums each tensor first; a sum that overflows must not reject."""
+    huge = [np.full((3, 2), 3e38, np.float32), np.zeros(4, np.float32)]
+    with ParameterServer(initial_weights(), num_workers=1, secret=SECRET, timeout=5.0) as server:
+        with client_for(server) as client:
+            client.hello(partition=0, rows=4)
+            meta, got = client.push(huge, rows=4, step=0)
+            assert meta == {"version": 1, "rejected": False}
+            assert_weights(got, huge)
+            for k, bad in enumerate([np.nan, np.inf, -np.inf], start=1):
+                delta = [np.zeros((3, 2), np.float32), np.array([0, bad, 0, 0], np.float32)]
+                meta, got = client.push(delta, rows=4, step=k)
+                assert meta == {"version": 1 + k, "rejected": True}  # an empty round
+                assert_weights(got, huge)
+
+
 @pytest.mark.parametrize(
     ("rows", "batch_size", "steps"),
     [([10, 7, 0], 4, 3), ([8, 8, 8], 4, 2), ([0, 0, 0], 4, 1), ([1, 33, 2], 32, 2)],
