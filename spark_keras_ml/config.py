@@ -40,6 +40,9 @@ class TrainConfig:
     #: Which run of the training job this is (0, then one more per ``syncRetries`` rerun): the
     #: server turns away a straggler of a failed run so it cannot join the rerun's rounds.
     run: int = 0
+    #: Sync/batch: push gradients (the server steps the optimizer) instead of deltas, with
+    #: ``batch_size`` already this worker's share of the global batch.
+    gradients: bool = False
     #: Epochs already done by an earlier fit (resumed from ``checkpointDir``): ``epochs`` more are
     #: trained, and their logs are numbered from here.
     first_epoch: int = 0

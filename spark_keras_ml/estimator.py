@@ -17,6 +17,7 @@ import copy
 import dataclasses
 import functools
 import logging
+import math
 import re
 import time
 import uuid
@@ -51,6 +52,7 @@ from spark_keras_ml.params import (
     validate,
 )
 from spark_keras_ml.persistence import KerasReadable, KerasWritable
+from spark_keras_ml.ps.optimizer import server_optimizer
 from spark_keras_ml.ps.protocol import new_secret
 from spark_keras_ml.ps.server import ParameterServer
 from spark_keras_ml.serialization import model_from_bytes, model_to_bytes
@@ -327,13 +329,20 @@ class KerasEstimator(Estimator, HasTrainingParams, HasOutputParams, KerasReadabl
 
         secret = new_secret()
         tag = f"spark_keras_ml-fit-{uuid.uuid4().hex}"
+        # Sync/batch is synchronous SGD: each round is one step of the model's optimizer, run by
+        # the server on the mean gradient of a global batch of batchSize rows split over the
+        # workers (as Keras's MirroredStrategy splits the batch given to fit).
+        gradients = mode == "sync" and self.getFrequency() == "batch"
+        batch_size = self.getBatchSize()
+        if gradients:
+            batch_size = math.ceil(batch_size / num_workers)
         server = ParameterServer(
             model.get_weights(),
             num_workers=num_workers,
             secret=secret,
             mode=mode,
             frequency=self.getFrequency(),
-            batch_size=self.getBatchSize(),
+            batch_size=batch_size,
             epochs=epochs - first_epoch,
             host=cluster.bind_address(spark),
             timeout=self.getTimeout(),
@@ -343,6 +352,7 @@ class KerasEstimator(Estimator, HasTrainingParams, HasOutputParams, KerasReadabl
             on_epoch=on_epoch,
             on_epoch_applied=on_epoch_applied,
             on_abort=functools.partial(_cancel_job, spark, tag),
+            optimizer=server_optimizer(model, compile_config) if gradients else None,
         )
         training = Training(server, epochs, first_epoch)
         for callback in callbacks:
@@ -358,7 +368,8 @@ class KerasEstimator(Estimator, HasTrainingParams, HasOutputParams, KerasReadabl
                 frequency=self.getFrequency(),
                 epochs=epochs - first_epoch,
                 first_epoch=first_epoch,
-                batch_size=self.getBatchSize(),
+                batch_size=batch_size,
+                gradients=gradients,
                 timeout=self.getTimeout(),
                 seed=self.getSeed(),
                 task_cpus=cluster.task_cpus(spark),
@@ -374,7 +385,7 @@ class KerasEstimator(Estimator, HasTrainingParams, HasOutputParams, KerasReadabl
                 mode,
                 config.frequency,
                 epochs,
-                config.batch_size,
+                self.getBatchSize(),
                 config.host,
                 config.port,
             )

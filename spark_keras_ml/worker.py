@@ -31,6 +31,8 @@ from spark_keras_ml.serialization import model_from_bytes
 if TYPE_CHECKING:
     import keras
 
+    from spark_keras_ml.gradient_capture import GradientCapture
+
 logger = logging.getLogger(__name__)
 
 
@@ -70,7 +72,7 @@ def train_partition(config: TrainConfig, batches: Iterable[pd.DataFrame]) -> Ite
     data_seconds = clock.lap()
     peak_after_data = peak_rss()
     train, held_out = split_held_out(rows, config, partition)
-    model = build_training_model(config)
+    model, capture = build_training_model(config)
     build_seconds = clock.lap()
     identity = {
         "partition": partition,
@@ -94,7 +96,7 @@ def train_partition(config: TrainConfig, batches: Iterable[pd.DataFrame]) -> Ite
         steps = schedule["steps_per_epoch"] or own_steps(len(train), config)
         pushes, epochs_done = _train_loop(
             config,
-            model,
+            (model, capture),
             client,
             (train, held_out),
             weights,
@@ -182,16 +184,24 @@ def own_steps(rows: int, config: TrainConfig) -> int:
     return max(1, math.ceil(rows / config.batch_size))
 
 
-def build_training_model(config: TrainConfig) -> keras.Model:
-    """A fresh model per task: its optimizer state then lives exactly as long as the fit."""
+def build_training_model(config: TrainConfig) -> tuple[keras.Model, GradientCapture | None]:
+    """A fresh model per task: its optimizer state then lives exactly as long as the fit.
+
+    In sync/batch (``config.gradients``) the model gets a :class:`GradientCapture` instead of
+    its optimizer, which then runs on the server; it is returned beside the model.
+    """
     model = model_from_bytes(config.model_bytes, custom_objects=config.custom_objects)
+    if config.gradients:
+        from spark_keras_ml.gradient_capture import compile_for_gradients
+
+        return model, compile_for_gradients(model, config.compile_config)
     model.compile_from_config(config.compile_config)
-    return model
+    return model, None
 
 
 def _train_loop(
     config: TrainConfig,
-    model: keras.Model,
+    trainee: tuple[keras.Model, GradientCapture | None],
     client: ParameterClient,
     data: tuple[Rows, Rows],
     weights: list[np.ndarray],
@@ -205,7 +215,11 @@ def _train_loop(
 
     Step ``s`` is batch ``s % steps`` of epoch ``s // steps``; the shuffles come from a generator
     seeded by (seed, partition), so a retried attempt sees the same batches as the first one.
+    With a gradient capture (sync/batch) a batch step pushes gradients, not a delta.
     """
+    from spark_keras_ml.gradient_capture import gradient_update  # Keras is loaded by now
+
+    model, capture = trainee
     train, held_out = data
     rows = len(train)
     rng = np.random.default_rng([config.seed & 0xFFFFFFFF, partition, config.first_epoch])
@@ -259,16 +273,16 @@ def _train_loop(
                     sums[key] = sums.get(key, 0.0) + float(value) * len(index)
                 trained += len(index)
             meta: dict[str, Any] = {"epoch": config.first_epoch + epoch}
-            delta = _delta(model, weights)
+            if capture is None:
+                update = _delta(model, weights)
+            else:
+                update = gradient_update(model, capture, weights)
+                meta["gradients"] = True
             if batch == steps - 1:
                 epoch_logs = {k: v / trained for k, v in sums.items()} if trained else {}
                 epoch_logs.update(_evaluate(model, held_out, config.batch_size))
-                meta = {
-                    "epoch": config.first_epoch + epoch,
-                    "epoch_rows": rows,
-                    "logs": _json_logs(epoch_logs),
-                }
-            weights = push(delta, step=step, rows=len(index), **meta)
+                meta.update(epoch_rows=rows, logs=_json_logs(epoch_logs))
+            weights = push(update, step=step, rows=len(index), **meta)
         completed = config.first_epoch + epoch + 1
     model.set_weights(weights)
     return pushes, completed - config.first_epoch

@@ -18,7 +18,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -26,6 +26,9 @@ from spark_keras_ml.ps import protocol
 from spark_keras_ml.ps.protocol import Message, Op, ProtocolError, RemoteError
 from spark_keras_ml.ps.updates import Superseded, TrainingAborted, make_rule
 from spark_keras_ml.summary import EpochAggregator
+
+if TYPE_CHECKING:
+    from spark_keras_ml.ps.optimizer import ServerOptimizer
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +77,9 @@ class ParameterServer:
     on_abort:
         Called once, from a server thread, with the reason when training is aborted (the
         estimator cancels its Spark job there).
+    optimizer:
+        Sync only: pushes are then gradients (flagged ``gradients`` in their meta), and each
+        round applies their row-weighted mean with this optimizer (sync/batch).
     """
 
     def __init__(
@@ -94,10 +100,17 @@ class ParameterServer:
         on_epoch: EpochCallback | None = None,
         on_epoch_applied: Callable[[int, list[np.ndarray]], None] | None = None,
         on_abort: Callable[[str], None] | None = None,
+        optimizer: ServerOptimizer | None = None,
     ) -> None:
         self._rule = make_rule(
-            mode, weights, num_workers, max_staleness=max_staleness, allow_rejoin=allow_rejoin
+            mode,
+            weights,
+            num_workers,
+            max_staleness=max_staleness,
+            allow_rejoin=allow_rejoin,
+            optimizer=optimizer,
         )
+        self._gradients = optimizer is not None
         self._secret = secret
         self._frequency = frequency
         self._batch_size = batch_size
@@ -373,6 +386,12 @@ class ParameterServer:
             raise ProtocolError(f"{message.op.name} before HELLO")
         partition, attempt = worker
         if message.op is Op.PUSH:
+            if bool(meta.get("gradients", False)) != self._gradients:
+                # Applying a gradient as a delta (or the reverse) would train silently wrong.
+                wanted, got = (
+                    ("gradients", "a delta") if self._gradients else ("deltas", "gradients")
+                )
+                raise ProtocolError(f"this server takes {wanted} (sync/batch), received {got}")
             precision = meta.get("precision", "float32")
             delta = protocol.decompress_delta(message.arrays, str(precision))
             self._check_delta(delta)

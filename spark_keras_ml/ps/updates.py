@@ -21,8 +21,12 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from spark_keras_ml.ps.optimizer import ServerOptimizer
 
 logger = logging.getLogger(__name__)
 
@@ -242,10 +246,17 @@ class SyncRule(UpdateRule):
     mode = "sync"
 
     def __init__(
-        self, weights: Sequence[np.ndarray], num_workers: int, *, allow_rejoin: bool = False
+        self,
+        weights: Sequence[np.ndarray],
+        num_workers: int,
+        *,
+        allow_rejoin: bool = False,
+        optimizer: ServerOptimizer | None = None,
     ) -> None:
         super().__init__(weights, num_workers)
         self._allow_rejoin = allow_rejoin
+        # With an optimizer, pushes are gradients and a round is one step of it (sync/batch).
+        self.optimizer = optimizer
         self._generation = 0
         self._registered_rows: dict[int, int] = {}
         # The open round: which partitions pushed, and the row-weighted sum of their deltas.
@@ -351,7 +362,10 @@ class SyncRule(UpdateRule):
             return self._version, self._weights
 
     def _close_round(self) -> None:
-        if self._rows > 0:
+        if self._rows > 0 and self.optimizer is not None:
+            mean = [acc / self._rows for acc in self._acc]
+            self._weights = self.optimizer.step(self._weights, mean)
+        elif self._rows > 0:
             self._weights = [
                 (w + acc / self._rows).astype(w.dtype, copy=False)
                 for w, acc in zip(self._weights, self._acc, strict=True)
@@ -464,9 +478,12 @@ def make_rule(
     *,
     max_staleness: int | None = None,
     allow_rejoin: bool = False,
+    optimizer: ServerOptimizer | None = None,
 ) -> UpdateRule:
+    if optimizer is not None and mode != "sync":
+        raise ValueError(f"Expected mode 'sync' for a server-side optimizer. Received: {mode!r}")
     if mode == "sync":
-        return SyncRule(weights, num_workers, allow_rejoin=allow_rejoin)
+        return SyncRule(weights, num_workers, allow_rejoin=allow_rejoin, optimizer=optimizer)
     if mode == "async":
         return AsyncRule(weights, num_workers, max_staleness=max_staleness)
     if mode == "hogwild":

@@ -71,7 +71,8 @@ def test_workers_end_on_the_server_weights_with_one_history_entry_per_epoch(freq
 
         def work(partition: int) -> None:
             try:
-                worker_model = build_training_model(config)
+                worker_model, capture = build_training_model(config)
+                assert capture is None
                 x, y = parts[partition]
                 rows = Rows([x], [y])
                 with ParameterClient(
@@ -80,7 +81,7 @@ def test_workers_end_on_the_server_weights_with_one_history_entry_per_epoch(freq
                     schedule, weights = client.hello(partition=partition, attempt=1, rows=len(x))
                     _train_loop(
                         config,
-                        worker_model,
+                        (worker_model, capture),
                         client,
                         (rows, rows.take(np.zeros(0, dtype=np.int64))),
                         weights,

@@ -1,0 +1,90 @@
+"""Driver side of synchronous SGD: the model's optimizer, stepped by the server once per round.
+
+In sync/batch every worker pushes the gradients of its share of the global batch
+(:mod:`spark_keras_ml.gradient_capture`); the sync rule takes their row-weighted mean, which is
+the gradient of the whole batch, and hands it here. One optimizer with one state then makes
+the step a single process would have made, so the number of workers changes the speed of a
+fit, not what it learns. Non-trainable weights (batch-norm statistics) are not optimized:
+their mean change is added, as in every other mode.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+
+class ServerOptimizer:
+    """A Keras optimizer over the server's copy of the trainable weights.
+
+    ``trainable`` flags each entry of ``weights`` (``model.weights`` order). Only the sync
+    rule's round closer calls :meth:`step`, under the rule's lock, so one thread at a time.
+    """
+
+    def __init__(
+        self,
+        optimizer_config: str | dict[str, Any],
+        weights: Sequence[np.ndarray],
+        trainable: list[bool],
+    ) -> None:
+        import keras
+
+        if len(trainable) != len(weights):
+            raise ValueError(
+                f"Expected one trainable flag per weight ({len(weights)}). "
+                f"Received: {len(trainable)} flags"
+            )
+        self._trainable = list(trainable)
+        self._optimizer = keras.optimizers.get(optimizer_config)
+        self._variables = [
+            keras.Variable(np.array(w, dtype=np.float32), name=f"w{i}")
+            for i, (w, t) in enumerate(zip(weights, trainable, strict=True))
+            if t
+        ]
+        self._optimizer.build(self._variables)
+        self._apply = _compiled(self._optimizer, self._variables)
+
+    @property
+    def iterations(self) -> int:
+        return int(self._optimizer.iterations.numpy())
+
+    def step(self, weights: Sequence[np.ndarray], mean: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """New weights from the round's mean update (gradients where trainable, else deltas)."""
+        gradients = [
+            np.asarray(u, dtype=np.float32) for u, t in zip(mean, self._trainable, strict=True) if t
+        ]
+        self._apply(gradients)
+        stepped = iter(v.numpy() for v in self._variables)
+        return [
+            next(stepped) if t else (w + u).astype(w.dtype, copy=False)
+            for w, u, t in zip(weights, mean, self._trainable, strict=True)
+        ]
+
+
+def server_optimizer(model: Any, compile_config: dict[str, Any]) -> ServerOptimizer:
+    """The optimizer of ``compile_config`` over ``model``'s current weights."""
+    # A copy: Keras's optimizer deserialization rewrites the config it is given in place.
+    return ServerOptimizer(
+        copy.deepcopy(compile_config["optimizer"]),
+        model.get_weights(),
+        [v.trainable for v in model.weights],
+    )
+
+
+def _compiled(optimizer: Any, variables: list[Any]) -> Callable[[list[np.ndarray]], None]:
+    """``optimizer.apply`` as one TensorFlow graph: eager, a round would pay Python overhead
+    per variable and per slot, which for a small model costs more than the arithmetic."""
+    import keras
+
+    def apply(gradients: list[Any]) -> None:
+        optimizer.apply(gradients, variables)
+
+    if keras.backend.backend() != "tensorflow":
+        return apply
+    import tensorflow as tf
+
+    signature = [[tf.TensorSpec(tuple(v.shape), tf.float32) for v in variables]]
+    return tf.function(apply, input_signature=signature)  # type: ignore[no-any-return]
