@@ -186,12 +186,20 @@ def spark_session(master: str = "local[2]", **conf: str) -> Any:
 
 
 class TreeMemory:
-    """Samples the resident memory of this process and all its descendants (JVM, Python
-    workers) every ``interval`` seconds; ``peak`` is the largest sum seen."""
+    """Samples the memory of this process and all its descendants (JVM, Python workers) every
+    ``interval`` seconds, and keeps the largest sums seen.
+
+    ``peak`` is the proportional set size (PSS): a page shared by k processes counts 1/k in
+    each, so the sum is the memory the tree really holds. ``peak_rss`` sums resident sets, which
+    counts TensorFlow's shared-library pages (about 380 MB) once per Python process that loaded
+    it. ``peak_by_process`` is the (pid, command, rss, pss) of every process at the PSS peak.
+    """
 
     def __init__(self, interval: float = 0.2) -> None:
         self.interval = interval
         self.peak = 0
+        self.peak_rss = 0
+        self.peak_by_process: list[tuple[int, str, int, int]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="tree-memory", daemon=True)
 
@@ -205,31 +213,42 @@ class TreeMemory:
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
-            self.peak = max(self.peak, tree_rss(os.getpid()))
+            processes = tree_memory(os.getpid())
+            self.peak_rss = max(self.peak_rss, sum(p[2] for p in processes))
+            pss = sum(p[3] for p in processes)
+            if pss > self.peak:
+                self.peak, self.peak_by_process = pss, processes
 
 
-def tree_rss(root: int) -> int:
-    """Bytes resident in ``root`` and its descendants (Linux /proc)."""
+def tree_memory(root: int) -> list[tuple[int, str, int, int]]:
+    """(pid, command, rss bytes, pss bytes) of ``root`` and its descendants (Linux /proc)."""
     children: dict[int, list[int]] = {}
-    rss: dict[int, int] = {}
-    page = os.sysconf("SC_PAGE_SIZE")
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             with open(f"/proc/{entry}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
-            with open(f"/proc/{entry}/statm") as f:
-                rss[int(entry)] = int(f.read().split()[1]) * page
-        except (OSError, IndexError, ValueError):
+        except (OSError, IndexError):
             continue
         children.setdefault(int(fields[1]), []).append(int(entry))
-    total, stack = 0, [root]
+    out, stack = [], [root]
     while stack:
         pid = stack.pop()
-        total += rss.get(pid, 0)
         stack.extend(children.get(pid, []))
-    return total
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                sizes = {
+                    line.split(":")[0]: int(line.split()[1]) * 1024
+                    for line in f
+                    if line.startswith(("Rss:", "Pss:"))
+                }
+            with open(f"/proc/{pid}/cmdline") as f:
+                command = f.read().replace("\0", " ").strip()[:100]
+        except (OSError, IndexError, ValueError):
+            continue
+        out.append((pid, command, sizes.get("Rss", 0), sizes.get("Pss", 0)))
+    return out
 
 
 def setup_logging() -> None:

@@ -98,6 +98,13 @@ def digits() -> Workload:
     )
 
 
+def make(name: str, scale: float = 1.0) -> Workload:
+    """A workload by name (how a reference subprocess rebuilds the same seeded data)."""
+    if name == "digits":
+        return digits()
+    return {"dense": dense, "wide": wide}[name](scale)
+
+
 def to_frame(spark: Any, x: np.ndarray, y: np.ndarray) -> Any:
     import pyarrow as pa
     import pyarrow.parquet as pq

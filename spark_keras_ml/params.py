@@ -69,7 +69,8 @@ class HasTrainingParams(HasFeaturesCol, HasLabelCol, HasSeed):
     batchSize: Param[int] = Param(
         Params._dummy(),
         "batchSize",
-        "Rows per training mini-batch on each worker.",
+        "Rows per training mini-batch on each worker; in sync/batch, the global batch of one "
+        "synchronous step, split over the workers.",
         typeConverter=TypeConverters.toInt,
     )
     numWorkers: Param[int] = Param(
