@@ -175,7 +175,6 @@ def spark_session(master: str = "local[2]", **conf: str) -> Any:
         SparkSession.builder.master(master)
         .appName("spark_keras_ml benchmarks")
         .config("spark.ui.showConsoleProgress", "false")
-        .config("spark.driver.memory", "2g")
         .config("spark.sql.shuffle.partitions", "4")
     )
     for key, value in conf.items():
@@ -210,6 +209,13 @@ class TreeMemory:
     def __exit__(self, *exc: Any) -> None:
         self._stop.set()
         self._thread.join()
+
+    def breakdown(self) -> list[dict[str, Any]]:
+        """Every process at the PSS peak, as JSON-ready rows."""
+        return [
+            {"pid": pid, "command": command, "rss": rss, "pss": pss}
+            for pid, command, rss, pss in self.peak_by_process
+        ]
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
