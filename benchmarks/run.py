@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from benchmarks.common import RESULTS, Report, Result, log, machine, setup_logging
 
@@ -27,11 +28,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--sections", nargs="*", default=SECTIONS, choices=SECTIONS)
+    parser.add_argument(
+        "--docs-only",
+        action="store_true",
+        help="rewrite docs/benchmarks.md from the last run's results, without running anything",
+    )
     args = parser.parse_args()
     setup_logging()
     started = time.time()
     suffix = "-quick" if args.quick else ""
     combined = Report("bench", quick=args.quick)
+    if args.docs_only:
+        data = json.loads((RESULTS / f"bench{suffix}.json").read_text())
+        combined.results = [_result(r) for r in data["results"]]
+        write_docs(combined, RESULTS / f"bench{suffix}", data["seconds"], args.quick)
+        return
     for section in args.sections:
         log(f"=== {section}")
         command = [sys.executable, "-m", f"benchmarks.{section}"] + (
@@ -39,13 +50,15 @@ def main() -> None:
         )
         subprocess.run(command, check=True)
         data = json.loads((RESULTS / f"{section}{suffix}.json").read_text())
-        for r in data["results"]:
-            fields = {k: r[k] for k in Result.__dataclass_fields__}
-            combined.results.append(Result(**fields))
+        combined.results.extend(_result(r) for r in data["results"])
         for name, rows in data["series"].items():
             combined.rows.setdefault(name, []).extend(rows)
     stem = combined.write()
     write_docs(combined, stem, time.time() - started, args.quick)
+
+
+def _result(row: dict[str, Any]) -> Result:
+    return Result(**{k: row[k] for k in Result.__dataclass_fields__})
 
 
 def write_docs(report: Report, stem: Path, seconds: float, quick: bool) -> None:
@@ -54,8 +67,6 @@ def write_docs(report: Report, stem: Path, seconds: float, quick: bool) -> None:
     info = machine()
     missed = [r for r in report.results if r.met is False]
     lines = [
-        "# Benchmarks",
-        "",
         "Every figure with a reference is measured against it in the same run, on the same",
         "machine, and reported as a ratio. Produced by `" + command + "` in "
         f"{seconds / 60:.1f} minutes on {info['cpus']} CPUs, {info['memory_gib']} GiB "
@@ -74,8 +85,21 @@ def write_docs(report: Report, stem: Path, seconds: float, quick: bool) -> None:
     ]
     if missed:
         lines += ["", "Missed: " + "; ".join(f"{r.section} {r.name}" for r in missed) + "."]
-    DOCS.write_text("\n".join(lines) + "\n")
+    DOCS.write_text(with_results(DOCS.read_text() if DOCS.exists() else "", "\n".join(lines)))
     log(f"wrote {DOCS}")
+
+
+#: docs/benchmarks.md is written by hand around these markers; a run replaces what is between.
+START, END = "<!-- results: start -->", "<!-- results: end -->"
+
+
+def with_results(document: str, results: str) -> str:
+    """``document`` with its generated section replaced by ``results`` (or made of it alone)."""
+    block = f"{START}\n{results}\n{END}"
+    if START in document and END in document:
+        head, rest = document.split(START, 1)
+        return head + block + rest.split(END, 1)[1]
+    return block + "\n"
 
 
 if __name__ == "__main__":
