@@ -32,21 +32,22 @@ QUICK_MODES = [("sync", "epoch"), ("async", "batch")]
 WORKERS = 2
 
 
-def reference_fit(w: Workload, scale: float = 1.0) -> dict[str, float]:
+def reference_fit(w: Workload, scale: float = 1.0, seed: int = 0) -> dict[str, float]:
     """Single-process Keras on numpy: the same model, rows, epochs and batch size.
 
     It runs in a child process (the same seeded data, rebuilt there), so that its TensorFlow
     runtime neither counts against our process tree's memory nor shares this process with it.
+    ``seed`` sets the initial weights and Keras's shuffles.
     """
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
-        return pool.submit(_reference_fit, w.name, scale).result()
+        return pool.submit(_reference_fit, w.name, scale, seed).result()
 
 
-def _reference_fit(name: str, scale: float) -> dict[str, float]:
+def _reference_fit(name: str, scale: float, seed: int) -> dict[str, float]:
     w = workloads.make(name, scale)
-    w.model(seed=1).fit(w.x_train[:256], w.y_train[:256], epochs=1, verbose=0)  # TF warm-up
-    model = w.model()
+    w.model(seed=seed + 1).fit(w.x_train[:256], w.y_train[:256], epochs=1, verbose=0)  # warm-up
+    model = w.model(seed=seed)
     started = time.perf_counter()
     model.fit(w.x_train, w.y_train, batch_size=w.batch_size, epochs=w.epochs, verbose=0)
     seconds = time.perf_counter() - started

@@ -115,6 +115,8 @@ def to_frame(spark: Any, x: np.ndarray, y: np.ndarray) -> Any:
     offsets = pa.array(np.arange(0, x.size + 1, x.shape[1], dtype=np.int32))
     column = pa.ListArray.from_arrays(offsets, pa.array(x.ravel()))
     pq.write_table(pa.table({"x": column, "label": y}), path)
+    del offsets, column
+    pa.default_memory_pool().release_unused()  # the table's buffers are not part of any fit
     frame = spark.read.parquet(path).select(array_to_vector("x").alias("features"), "label")
     frame = frame.cache()
     frame.count()

@@ -56,8 +56,7 @@ class ServerOptimizer:
         gradients = [
             np.asarray(u, dtype=np.float32) for u, t in zip(mean, self._trainable, strict=True) if t
         ]
-        self._apply(gradients)
-        stepped = iter(v.numpy() for v in self._variables)
+        stepped = iter(np.asarray(v) for v in self._apply(gradients))
         return [
             next(stepped) if t else (w + u).astype(w.dtype, copy=False)
             for w, u, t in zip(weights, mean, self._trainable, strict=True)
@@ -74,13 +73,15 @@ def server_optimizer(model: Any, compile_config: dict[str, Any]) -> ServerOptimi
     )
 
 
-def _compiled(optimizer: Any, variables: list[Any]) -> Callable[[list[np.ndarray]], None]:
-    """``optimizer.apply`` as one TensorFlow graph: eager, a round would pay Python overhead
-    per variable and per slot, which for a small model costs more than the arithmetic."""
+def _compiled(optimizer: Any, variables: list[Any]) -> Callable[[list[np.ndarray]], list[Any]]:
+    """``optimizer.apply``, returning the new values, as one TensorFlow graph: eager, a round
+    would pay Python overhead per variable and per slot, which for a small model costs more than
+    the arithmetic."""
     import keras
 
-    def apply(gradients: list[Any]) -> None:
+    def apply(gradients: list[Any]) -> list[Any]:
         optimizer.apply(gradients, variables)
+        return [keras.ops.convert_to_tensor(v) for v in variables]
 
     if keras.backend.backend() != "tensorflow":
         return apply
