@@ -7,14 +7,12 @@ reaches with ``train_on_batch`` over the same global batches.
 
 from __future__ import annotations
 
-import threading
-
 import keras
 import numpy as np
 import pytest
 
 from spark_keras_ml.config import TrainConfig
-from spark_keras_ml.data import Layout, Rows
+from spark_keras_ml.data import Layout
 from spark_keras_ml.gradient_capture import compile_for_gradients, gradient_update
 from spark_keras_ml.model_info import resolve_compile_config
 from spark_keras_ml.ps.client import ParameterClient
@@ -22,7 +20,7 @@ from spark_keras_ml.ps.optimizer import ServerOptimizer, server_optimizer
 from spark_keras_ml.ps.protocol import ProtocolError, new_secret
 from spark_keras_ml.ps.server import ParameterServer
 from spark_keras_ml.serialization import model_to_bytes
-from spark_keras_ml.worker import _train_loop, build_training_model
+from tests.unit.worker_support import train_partitions
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -66,8 +64,6 @@ def train_with_server(model: keras.Model) -> list[np.ndarray]:
         model, optimizer=None, learning_rate=None, loss=None, metrics=None
     )
     secret = new_secret()
-    parts = partitions()
-    errors: list[BaseException] = []
     with ParameterServer(
         model.get_weights(),
         num_workers=2,
@@ -94,36 +90,7 @@ def train_with_server(model: keras.Model) -> list[np.ndarray]:
             task_cpus=1,
             layout=Layout(inputs=((4,),), targets=((),)),
         )
-
-        def work(partition: int) -> None:
-            try:
-                worker_model, capture = build_training_model(config)
-                assert capture is not None
-                x, y = parts[partition]
-                rows = Rows([x], [y])
-                with ParameterClient(
-                    *server.address, secret, worker_model.get_weights(), reuse_buffers=True
-                ) as client:
-                    schedule, weights = client.hello(partition=partition, attempt=1, rows=len(x))
-                    _train_loop(
-                        config,
-                        (worker_model, capture),
-                        client,
-                        (rows, rows.take(np.zeros(0, dtype=np.int64))),
-                        weights,
-                        schedule["steps_per_epoch"],
-                        schedule["resume_step"],
-                        partition,
-                    )
-            except BaseException as exc:  # surfaced below
-                errors.append(exc)
-
-        threads = [threading.Thread(target=work, args=(p,)) for p in range(2)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(100)
-        assert not errors, errors
+        train_partitions(server, config, partitions())
         assert server.version == EPOCHS * 5
         return server.final_weights()
 

@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import threading
-
 import keras
 import numpy as np
 import pyarrow as pa
 import pytest
 
 from spark_keras_ml.config import PredictConfig, TrainConfig
-from spark_keras_ml.data import Layout, Rows
-from spark_keras_ml.ps.client import ParameterClient
+from spark_keras_ml.data import Layout
 from spark_keras_ml.ps.protocol import new_secret
 from spark_keras_ml.ps.server import ParameterServer
 from spark_keras_ml.serialization import model_id, model_to_bytes
-from spark_keras_ml.worker import _train_loop, build_training_model, predict_batches
+from spark_keras_ml.worker import predict_batches
+from tests.unit.worker_support import train_partitions
 
 
 def tiny_model() -> keras.Model:
@@ -56,8 +54,6 @@ def test_workers_end_on_the_server_weights_with_one_history_entry_per_epoch(freq
         for n in (5, 30)
     ]
     secret = new_secret()
-    finals: dict[int, list[np.ndarray]] = {}
-    errors: list[BaseException] = []
     with ParameterServer(
         model.get_weights(),
         num_workers=2,
@@ -68,37 +64,7 @@ def test_workers_end_on_the_server_weights_with_one_history_entry_per_epoch(freq
         timeout=30.0,
     ) as server:
         config = make_config(frequency, *server.address, secret, data)
-
-        def work(partition: int) -> None:
-            try:
-                worker_model, capture = build_training_model(config)
-                assert capture is None
-                x, y = parts[partition]
-                rows = Rows([x], [y])
-                with ParameterClient(
-                    *server.address, secret, worker_model.get_weights(), timeout=30.0
-                ) as client:
-                    schedule, weights = client.hello(partition=partition, attempt=1, rows=len(x))
-                    _train_loop(
-                        config,
-                        (worker_model, capture),
-                        client,
-                        (rows, rows.take(np.zeros(0, dtype=np.int64))),
-                        weights,
-                        schedule["steps_per_epoch"],
-                        schedule["resume_step"],
-                        partition,
-                    )
-                finals[partition] = worker_model.get_weights()
-            except BaseException as exc:  # surfaced below
-                errors.append(exc)
-
-        threads = [threading.Thread(target=work, args=(p,)) for p in range(2)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
-        assert not errors, errors
+        finals = train_partitions(server, config, parts)
         expected_rounds = 3 if frequency == "epoch" else 3 * 4
         assert server.version == expected_rounds
         final = server.final_weights()
