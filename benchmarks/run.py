@@ -67,21 +67,16 @@ def write_docs(report: Report, stem: Path, seconds: float, quick: bool) -> None:
     info = machine()
     missed = [r for r in report.results if r.met is False]
     lines = [
-        "Every figure with a reference is measured against it in the same run, on the same",
-        "machine, and reported as a ratio. Produced by `" + command + "` in "
-        f"{seconds / 60:.1f} minutes on {info['cpus']} CPUs, {info['memory_gib']} GiB "
-        f"(Python {info['python']}, {info['platform']}).",
-        "",
-        "What each section measures, and how, is in the docstring of its module in",
-        "`benchmarks/` (`training.py`, `inference.py`, `parameter_server.py`, `quality.py`);",
-        "the workloads are in `benchmarks/workloads.py`."
+        f"Produced by `{command}` in {seconds / 60:.1f} minutes on {info['cpus']} CPUs, "
+        f"{info['memory_gib']} GiB (Python {info['python']}, {info['platform']})."
         + (" This is the quick variant: smaller data, fewer modes." if quick else ""),
         "",
         report.markdown(),
         f"![ratios against their references]({chart.as_posix()})",
         "",
-        f"Targets met: {sum(r.met is True for r in report.results)} of "
-        f"{sum(r.met is not None for r in report.results)}.",
+        f"Rows that meet their target: {sum(r.met is True for r in report.results)} of "
+        f"{sum(r.met is not None for r in report.results)} (every quality configuration is a "
+        "row of its own).",
     ]
     if missed:
         lines += ["", "Missed: " + "; ".join(f"{r.section} {r.name}" for r in missed) + "."]
