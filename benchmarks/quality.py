@@ -78,7 +78,7 @@ def run(report: Report, quick: bool) -> None:
                     },
                 )
                 mean_of = f"mean of {len(seeds)} seeds, " if len(seeds) > 1 else ""
-                # Within `points` accuracy points of the reference: a ratio target on accuracy.
+                # "Within N points" read as a loss of at most N points: a ratio target.
                 report.add(
                     "quality",
                     f"{w.name} {mode}/batch holdout accuracy, {workers} workers",
@@ -87,7 +87,7 @@ def run(report: Report, quick: bool) -> None:
                     reference=100 * reference,
                     reference_name=f"single-process, {mean_of}same epochs",
                     target=1 - points / (100 * reference),
-                    target_note=f"within {points:g} point{'s' if points > 1 else ''}",
+                    target_note=f"at most {points:g} point{'s' if points > 1 else ''} below",
                 )
         train.unpersist()
     spark.stop()
