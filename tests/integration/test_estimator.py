@@ -122,7 +122,9 @@ def test_sync_batch_reaches_holdout_accuracy(digits) -> None:  # type: ignore[no
 
 
 def test_uneven_partitions_do_not_deadlock_batch_rounds(spark) -> None:  # type: ignore[no-untyped-def]
-    # 3 rows and 61 rows: with batchSize=8 the partitions need 1 and 8 rounds per epoch.
+    # One input partition: the estimator's round-robin repartition spreads the rows over the
+    # 2 workers. Rounds of workers with different batch counts are covered without Spark by
+    # tests/unit/test_worker.py and tests/unit/test_sync_sgd.py (5/30 and 10/20 rows).
     rng = np.random.default_rng(0)
     rows = [(Vectors.dense(rng.normal(size=2)), float(i % 2)) for i in range(64)]
     df = spark.createDataFrame(rows, ["features", "label"]).coalesce(1)
