@@ -108,7 +108,7 @@ def train_partition(config: TrainConfig, batches: Iterable[pd.DataFrame]) -> Ite
         )
         train_seconds = clock.lap()
     trained_rows, held_out_rows, data_bytes = len(train), len(held_out), rows.nbytes
-    del model, capture, weights, rows, train, held_out
+    del model, capture, client, weights, rows, train, held_out  # the client holds reply buffers
     release_memory()
     yield pd.DataFrame(
         {
