@@ -25,6 +25,9 @@ class GradientCapture(keras.optimizers.Optimizer):
     def __init__(self) -> None:
         super().__init__(learning_rate=0.0, name="gradient_capture")
         self.gradients: list[Any] = []
+        #: Per entry of ``model.weights``: (what to read after a step, whether it is a gradient).
+        #: Set once by :func:`compile_for_gradients`, so a step does not pair variables again.
+        self.sources: list[tuple[Any, bool]] = []
 
     def build(self, variables: list[Any]) -> None:
         if self.built:
@@ -46,20 +49,16 @@ def compile_for_gradients(model: keras.Model, compile_config: dict[str, Any]) ->
     compiled["optimizer"] = capture
     model.compile(**compiled)
     capture.build(model.trainable_variables)
+    slot = {id(v): g for v, g in zip(model.trainable_variables, capture.gradients, strict=True)}
+    capture.sources = [(slot[id(v)], True) if id(v) in slot else (v, False) for v in model.weights]
     return capture
 
 
-def gradient_update(
-    model: keras.Model, capture: GradientCapture, before: list[np.ndarray]
-) -> list[np.ndarray]:
+def gradient_update(capture: GradientCapture, before: list[np.ndarray]) -> list[np.ndarray]:
     """What the worker pushes after one step, in ``model.weights`` order: the gradient of each
     trainable weight, and the change of each non-trainable one since ``before``."""
-    slot = {id(v): g for v, g in zip(model.trainable_variables, capture.gradients, strict=True)}
     update = []
-    for variable, old in zip(model.weights, before, strict=True):
-        gradient = slot.get(id(variable))
-        if gradient is not None:
-            update.append(np.asarray(gradient.numpy(), dtype=np.float32))
-        else:
-            update.append(np.asarray(variable.numpy(), dtype=np.float32) - old)
+    for (source, is_gradient), old in zip(capture.sources, before, strict=True):
+        value = np.asarray(source.numpy(), dtype=np.float32)
+        update.append(value if is_gradient else value - old)
     return update

@@ -293,7 +293,7 @@ def _train_loop(
             if capture is None:
                 update = _delta(model, weights)
             else:
-                update = gradient_update(model, capture, weights)
+                update = gradient_update(capture, weights)
                 meta["gradients"] = True
             if batch == steps - 1:
                 epoch_logs = {k: v / trained for k, v in sums.items()} if trained else {}

@@ -128,7 +128,7 @@ def test_gradient_capture_leaves_trainable_weights_and_reports_keras_gradients()
     x, y = partitions()[1]
     before = worker.get_weights()
     worker.train_on_batch(x, y)
-    update = gradient_update(worker, capture, before)
+    update = gradient_update(capture, before)
 
     import tensorflow as tf
 
