@@ -166,20 +166,11 @@ def machine() -> dict[str, Any]:
     }
 
 
-def spark_session(master: str = "local[2]", **conf: str) -> Any:
-    os.environ["PYSPARK_PYTHON"] = sys.executable
-    os.environ["PYSPARK_DRIVER_PYTHON"] = sys.executable
-    from pyspark.sql import SparkSession
+def spark_session(master: str = "local[2]") -> Any:
+    """The demo's embedded session (workers on this interpreter, no UI), logging errors only."""
+    from spark_keras_ml.demo import start_spark
 
-    builder = (
-        SparkSession.builder.master(master)
-        .appName("spark_keras_ml benchmarks")
-        .config("spark.ui.showConsoleProgress", "false")
-        .config("spark.sql.shuffle.partitions", "4")
-    )
-    for key, value in conf.items():
-        builder = builder.config(key, value)
-    spark = builder.getOrCreate()
+    spark = start_spark(master, app_name="spark_keras_ml benchmarks")
     spark.sparkContext.setLogLevel("ERROR")
     return spark
 

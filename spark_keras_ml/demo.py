@@ -19,7 +19,9 @@ import time
 logger = logging.getLogger("spark_keras_ml.demo")
 
 
-def start_spark(master: str = "local[*]"):  # type: ignore[no-untyped-def]
+def start_spark(  # type: ignore[no-untyped-def]
+    master: str = "local[*]", app_name: str = "spark_keras_ml demo"
+):
     """An embedded SparkSession whose Python workers use this interpreter (and its pyarrow)."""
     os.environ["PYSPARK_PYTHON"] = sys.executable
     os.environ["PYSPARK_DRIVER_PYTHON"] = sys.executable
@@ -27,7 +29,7 @@ def start_spark(master: str = "local[*]"):  # type: ignore[no-untyped-def]
 
     spark = (
         SparkSession.builder.master(master)
-        .appName("spark_keras_ml demo")
+        .appName(app_name)
         .config("spark.ui.enabled", "false")
         .config("spark.ui.showConsoleProgress", "false")
         .config("spark.sql.shuffle.partitions", "4")
