@@ -77,7 +77,7 @@ def run(report: Report, quick: bool) -> None:
     model.save(model_path)
     ours = KerasTransformer(model=model, inferenceBatchSize=BATCH)
     theirs = predict_batch_udf_for(model_path)
-    train, test = w.frames(spark)
+    train, test = w.train_frame(spark), w.test_frame(spark)
     for label, frame, x in (("holdout", test, w.x_test), ("train set", train, w.x_train)):
         rows = len(x)
         model.predict(x[:BATCH], batch_size=BATCH, verbose=0)  # warm-up

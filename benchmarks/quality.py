@@ -52,7 +52,7 @@ def run(report: Report, quick: bool) -> None:
     counts = (2, 8) if quick else (2, 4, 8)
     for w in chosen:
         seeds = list(range(DIGITS_SEEDS if w.name == "digits" and not quick else 1))
-        train, _ = w.frames(spark)
+        train = w.train_frame(spark)
         references = [reference_fit(w, seed=seed)["accuracy"] for seed in seeds]
         reference = statistics.mean(references)
         log(f"{w.name}: single-process accuracy {reference:.4f} over seeds {references}")

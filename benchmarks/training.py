@@ -117,7 +117,7 @@ def run(report: Report, quick: bool) -> None:
     chosen = [workloads.dense(scale), workloads.wide(scale), workloads.digits()]
     cold_done = False
     for w in chosen:
-        train, _ = w.frames(spark)
+        train = w.train_frame(spark)
         reference = reference_fit(w, scale)
         log(
             f"{w.name}: single-process {reference['samples_per_s']:,.0f} samples/s, "

@@ -47,12 +47,15 @@ class Workload:
         )
         return model
 
-    def frames(self, spark: Any) -> tuple[Any, Any]:
-        """(train, test) as cached DataFrames of (features: Vector, label: double), read back
-        from parquet as a production table would be."""
-        return to_frame(spark, self.x_train, self.y_train), to_frame(
-            spark, self.x_test, self.y_test
-        )
+    def train_frame(self, spark: Any) -> Any:
+        """The training rows as a cached DataFrame of (features: Vector, label: double), read
+        back from parquet as a production table would be."""
+        return to_frame(spark, self.x_train, self.y_train)
+
+    def test_frame(self, spark: Any) -> Any:
+        """The holdout rows the same way, for the inference section (fits are evaluated on
+        the numpy holdout)."""
+        return to_frame(spark, self.x_test, self.y_test)
 
 
 def teacher_labels(x: np.ndarray, rng: np.random.Generator, hidden: int = 32) -> np.ndarray:
