@@ -110,6 +110,7 @@ class CheckpointWriter:
 
     def __init__(self, store: CheckpointStore) -> None:
         self._store = store
+        self.directory = store.directory
         self._cond = threading.Condition()
         self._pending: Checkpoint | None = None
         self._closed = False

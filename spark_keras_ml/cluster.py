@@ -83,6 +83,22 @@ def task_slots(spark: SparkSession, wanted: int = 0) -> int:
         time.sleep(0.5)
 
 
+def check_workers(spark: SparkSession, mode: str, wanted: int | None) -> int:
+    """numWorkers, or every task slot; a sync fit must fit in the slots all at once."""
+    if wanted is not None and mode != "sync":
+        return wanted  # ordinary stage: extra tasks queue for a free slot
+    slots = task_slots(spark, wanted or 0)
+    if wanted is None:
+        return slots
+    if wanted > slots:
+        raise ValueError(
+            f"Expected `numWorkers` to be at most the cluster's {slots} task slots: a sync "
+            "fit runs every worker at once in a barrier stage. Lower numWorkers or add "
+            f"executors/cores. Received: numWorkers={wanted}"
+        )
+    return wanted
+
+
 def _local_slots(master_url: str, cpus: int) -> int | None:
     if master_url == "local":
         return 1

@@ -1,14 +1,17 @@
 """Which DataFrame columns feed which model input and output, in what per-row shape.
 
-Decided once on the driver, before any job. Every column travels to the workers flat: a number as
-``float``, anything wider (a Vector, an array, nested arrays, several columns concatenated) as
-``array<float>``; the workers reshape each to the per-row shape planned here (see
-``data.to_model_arrays``). Shapes are checked against the first row on the driver for a fit, and
-against every row on the workers.
+Decided once on the driver, before any job, from one read of the DataFrame's schema
+(:class:`Table`). Every column travels to the workers flat: a number as ``float``, anything wider
+(a Vector, an array, nested arrays, several columns concatenated) as ``array<float>``; the
+workers reshape each to the per-row shape planned here (``executor/rows.py``). Shapes are checked
+against the first row on the driver for a fit, and against every row on the workers.
+
+Also here: Spark's columnar-input setting that Vector columns trip over in ``transform``.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,16 +22,50 @@ from pyspark.ml.functions import vector_to_array
 from pyspark.ml.linalg import VectorUDT
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
-from pyspark.sql.types import ArrayType, BooleanType, DataType, NumericType
+from pyspark.sql.types import (
+    ArrayType,
+    BooleanType,
+    DataType,
+    NumericType,
+    StructType,
+    UserDefinedType,
+)
 
-from spark_keras_ml.columns import require_column
-from spark_keras_ml.data import HELD_OUT, WEIGHT, Layout, check_width, feature_name, label_name
+from spark_keras_ml.config import HELD_OUT, WEIGHT, Layout, check_width, feature_name, label_name
 from spark_keras_ml.model_info import is_custom_loss
+from spark_keras_ml.params import param_error
+
+logger = logging.getLogger(__name__)
 
 #: A per-row shape; ``-1`` marks the one dimension (a sequence length) taken from the row width.
 Shape = tuple[int, ...]
 #: A model input or output: its name and per-row shape.
 Spec = tuple[str, Shape]
+
+
+class Table:
+    """A DataFrame with its schema read once: the column types every check below asks for."""
+
+    def __init__(self, df: DataFrame) -> None:
+        self.df = df
+        self.types = {f.name: f.dataType for f in df.schema.fields}
+
+    def require(self, name: str, param: str) -> DataType:
+        """The column's type; a clear error naming the Param when the column does not exist."""
+        if name not in self.types:
+            raise param_error(
+                param,
+                f"the name of a column of the DataFrame (columns: {sorted(self.types)})",
+                name,
+                f"Set `{param}` to one of the columns, or add the column first.",
+            )
+        return self.types[name]
+
+    def wrong_type(self, name: str, param: str, expected: str) -> ValueError:
+        return ValueError(
+            f"Expected column `{name}` ({param}) to be {expected}. Cast it first. "
+            f"Received: {name} of type {self.require(name, param).simpleString()}"
+        )
 
 
 @dataclass(frozen=True)
@@ -39,6 +76,7 @@ class Slot:
     shape: Shape  # per row, without the batch dimension
     columns: tuple[str, ...]
     column: Column  # the JVM expression: float, or array<float> of prod(shape) values
+    is_array: bool  # whether ``column`` is array<float> (else one float per row)
     classes: int | None = None  # class indices in [0, classes) (a sparse loss's label)
 
     def describe(self) -> str:
@@ -77,7 +115,7 @@ def tensor_specs(tensors: Sequence[Any], role: str = "input") -> list[Spec]:
     return specs
 
 
-def feature_slots(df: DataFrame, columns: Sequence[str], specs: Sequence[Spec]) -> list[Slot]:
+def feature_slots(table: Table, columns: Sequence[str], specs: Sequence[Spec]) -> list[Slot]:
     """Columns for each model input (``specs``: ``tensor_specs(model.inputs)``), in order.
 
     One input: every column, flattened and concatenated. Several inputs: one column each,
@@ -86,16 +124,16 @@ def feature_slots(df: DataFrame, columns: Sequence[str], specs: Sequence[Spec]) 
     param = "featuresCols" if len(columns) > 1 else "featuresCol"
     if len(specs) == 1:
         name, shape = specs[0]
-        return [Slot(name, shape, tuple(columns), _concat(df, columns, param, shape))]
+        return [Slot(name, shape, tuple(columns), *_concat(table, columns, param, shape))]
     groups = _match(specs, columns, "input", param)
     return [
-        Slot(name, shape, (col,), flat_column(df, col, param, shape))
+        Slot(name, shape, (col,), *flat_column(table, col, param, shape))
         for (name, shape), col in zip(specs, groups, strict=True)
     ]
 
 
 def label_slots(
-    df: DataFrame, columns: Sequence[str], specs: Sequence[Spec], loss: Any
+    table: Table, columns: Sequence[str], specs: Sequence[Spec], loss: Any
 ) -> list[Slot]:
     """Columns for each model output (``specs`` of ``model.outputs``); a sparse loss takes a
     class index per row."""
@@ -113,9 +151,10 @@ def label_slots(
         elif is_custom_loss(output_loss) and _size(shape) > 1:
             # A custom loss says nothing about its labels: a number per row is taken as is
             # (a class index, say), anything wider must fill the output's shape.
-            if isinstance(require_column(df, col, param), NumericType):
+            if isinstance(table.require(col, param), NumericType):
                 shape = ()
-        slots.append(Slot(name, shape, (col,), flat_column(df, col, param, shape), classes))
+        column, is_array = flat_column(table, col, param, shape)
+        slots.append(Slot(name, shape, (col,), column, is_array, classes))
     return slots
 
 
@@ -140,13 +179,14 @@ def training_columns(
     held_out: str | None,
     validation_split: float,
 ) -> TrainingColumns:
-    inputs = feature_slots(df, features, tensor_specs(model.inputs))
-    outputs = label_slots(df, labels, output_specs(model), loss)
+    table = Table(df)
+    inputs = feature_slots(table, features, tensor_specs(model.inputs))
+    outputs = label_slots(table, labels, output_specs(model), loss)
     columns = [s.column.alias(feature_name(i)) for i, s in enumerate(inputs)]
     columns += [s.column.alias(label_name(i)) for i, s in enumerate(outputs)]
     if weight is not None:
-        if not isinstance(require_column(df, weight, "sampleWeightCol"), NumericType):
-            raise _wrong_type(df, weight, "sampleWeightCol", "numeric (a weight per row)")
+        if not isinstance(table.require(weight, "sampleWeightCol"), NumericType):
+            raise table.wrong_type(weight, "sampleWeightCol", "numeric (a weight per row)")
         columns.append(F.col(weight).cast("float").alias(WEIGHT))
     if held_out is not None:
         if validation_split > 0:
@@ -155,8 +195,8 @@ def training_columns(
                 "the held-out rows. Unset one of them. Received: validationCol="
                 f"{held_out!r}, validationSplit={validation_split!r}"
             )
-        if not isinstance(require_column(df, held_out, "validationCol"), BooleanType):
-            raise _wrong_type(df, held_out, "validationCol", "boolean (true: held out)")
+        if not isinstance(table.require(held_out, "validationCol"), BooleanType):
+            raise table.wrong_type(held_out, "validationCol", "boolean (true: held out)")
         # A null flag counts as false: the row is trained on.
         columns.append(F.coalesce(F.col(held_out), F.lit(False)).alias(HELD_OUT))
     layout = Layout(
@@ -173,25 +213,18 @@ def training_columns(
     return TrainingColumns([*inputs, *outputs], columns, layout, key)
 
 
-def _wrong_type(df: DataFrame, name: str, param: str, expected: str) -> ValueError:
-    dtype = require_column(df, name, param)
-    return ValueError(
-        f"Expected column `{name}` ({param}) to be {expected}. Cast it first. "
-        f"Received: {name} of type {dtype.simpleString()}"
-    )
-
-
-def flat_column(df: DataFrame, name: str, param: str, shape: Shape) -> Column:
-    """``name`` as a float (when one value fills ``shape``) or a flat ``array<float>``."""
-    dtype = require_column(df, name, param)
+def flat_column(table: Table, name: str, param: str, shape: Shape) -> tuple[Column, bool]:
+    """``name`` as a float (when one value fills ``shape``) or a flat ``array<float>``, and
+    whether it is the array."""
+    dtype = table.require(name, param)
     if isinstance(dtype, NumericType) and _size(shape) == 1:
-        return F.col(name).cast("float")
-    return _as_flat_array(name, dtype, param)
+        return F.col(name).cast("float"), False
+    return _as_flat_array(name, dtype, param), True
 
 
 def check_first_row(df: DataFrame, slots: Sequence[Slot]) -> bool:
     """Whether ``df`` has a row; raises when the first row's widths do not fit the slots."""
-    sizes = [F.size(slot.column) if _is_array(df, slot) else F.lit(1) for slot in slots]
+    sizes = [F.size(slot.column) if slot.is_array else F.lit(1) for slot in slots]
     row = df.select(*sizes).first()
     if row is None:
         return False
@@ -200,11 +233,11 @@ def check_first_row(df: DataFrame, slots: Sequence[Slot]) -> bool:
     return True
 
 
-def _concat(df: DataFrame, columns: Sequence[str], param: str, shape: Shape) -> Column:
+def _concat(table: Table, columns: Sequence[str], param: str, shape: Shape) -> tuple[Column, bool]:
     if len(columns) == 1:
-        return flat_column(df, columns[0], param, shape)
-    parts = [_as_flat_array(col, require_column(df, col, param), param) for col in columns]
-    return F.concat(*parts)
+        return flat_column(table, columns[0], param, shape)
+    parts = [_as_flat_array(col, table.require(col, param), param) for col in columns]
+    return F.concat(*parts), True
 
 
 def _as_flat_array(name: str, dtype: DataType, param: str) -> Column:
@@ -260,10 +293,6 @@ def _is_sparse(loss: Any) -> bool:
     return "sparse" in text.replace("_", "").lower()
 
 
-def _is_array(df: DataFrame, slot: Slot) -> bool:
-    return isinstance(df.select(slot.column).schema.fields[0].dataType, ArrayType)
-
-
 def _size(shape: Shape) -> int:
     return math.prod(shape) if shape else 1
 
@@ -275,3 +304,41 @@ def _show(shape: Shape) -> str:
         + ("," if len(shape) == 1 else "")
         + ")"
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Spark's columnar UDF input
+
+#: Spark 4.3 feeds pandas UDFs columnar batches straight from a vectorized scan, and that path
+#: cannot convert user-defined types: any pandas UDF over a Parquet table holding a Vector column
+#: fails with UNSUPPORTED_DATATYPE, whatever the UDF reads.
+COLUMNAR_UDF_INPUT = "spark.sql.execution.arrow.pythonUDF.columnarInput.enabled"
+
+
+def avoid_columnar_udt_input(table: Table) -> None:
+    """Turn off Spark's columnar pandas-UDF input when the table carries a Vector (or any UDT)."""
+    if not any(_has_udt(dtype) for dtype in table.types.values()):
+        return
+    conf = table.df.sparkSession.conf
+    try:
+        # No default argument: it would be returned instead of Spark's own default when unset.
+        enabled = str(conf.get(COLUMNAR_UDF_INPUT)).lower() == "true"
+    except Exception:  # a Spark without this setting has no such path
+        return
+    if enabled:
+        logger.info(
+            "Setting %s=false for this session: Spark's columnar input to pandas UDFs cannot "
+            "carry Vector columns read from Parquet.",
+            COLUMNAR_UDF_INPUT,
+        )
+        conf.set(COLUMNAR_UDF_INPUT, "false")
+
+
+def _has_udt(dtype: DataType) -> bool:
+    if isinstance(dtype, UserDefinedType):
+        return True
+    if isinstance(dtype, StructType):
+        return any(_has_udt(f.dataType) for f in dtype.fields)
+    if isinstance(dtype, ArrayType):
+        return _has_udt(dtype.elementType)
+    return False

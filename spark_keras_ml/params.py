@@ -22,11 +22,11 @@ from pyspark.ml.param.shared import (
     HasSeed,
 )
 
+from spark_keras_ml.ps.bookkeeping import FREQUENCIES
 from spark_keras_ml.ps.protocol import DELTA_PRECISIONS
 
 MODES = ("sync", "async", "hogwild")
 MODE_ALIASES = {"synchronous": "sync", "asynchronous": "async"}
-FREQUENCIES = ("epoch", "batch")
 OUTPUT_KINDS = ("auto", "classifier", "regressor", "raw")
 
 

@@ -88,7 +88,7 @@ class KerasStageReader(MLReader[T]):
             )
         instance = self.cls()
         instance._resetUid(metadata["uid"])  # type: ignore[attr-defined]
-        DefaultParamsReader.getAndSetParams(instance, metadata)  # type: ignore[arg-type]
+        DefaultParamsReader.getAndSetParams(instance, metadata)
         if metadata.get("hasModel"):
             try:
                 model = read_model_bytes(self.sparkSession, _model_path(path))
@@ -146,7 +146,7 @@ def _exists(spark: SparkSession, path: str) -> bool:
     """Whether ``path`` exists on its Hadoop filesystem (any scheme Spark can read)."""
     jvm = spark.sparkContext._jvm
     hadoop_path = jvm.org.apache.hadoop.fs.Path(path)  # type: ignore[union-attr]
-    fs = hadoop_path.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration())  # type: ignore[union-attr]
+    fs = hadoop_path.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration())
     return bool(fs.exists(hadoop_path))
 
 

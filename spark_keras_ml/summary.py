@@ -1,92 +1,11 @@
-"""Training history: per-epoch logs from every worker, averaged by the rows each one trained on
-(``val_*`` metrics by the rows each one held out)."""
+"""What a fit reports on the driver: the per-epoch log line and the training summary kept with
+the fitted model. (The per-epoch averaging of the workers' logs is the parameter server's, in
+:mod:`spark_keras_ml.ps.metrics`.)"""
 
 from __future__ import annotations
 
-import logging
-import math
-import threading
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, NamedTuple
-
-from spark_keras_ml.data import VAL_ROWS
-
-logger = logging.getLogger(__name__)
-
-
-class EpochAggregator:
-    """Collects each worker's end-of-epoch logs and publishes their row-weighted mean.
-
-    An epoch is complete when all ``num_workers`` partitions reported it; its mean is appended to
-    :attr:`history` (the shape of ``keras.callbacks.History.history``) and passed to ``on_epoch``.
-    """
-
-    def __init__(
-        self,
-        num_workers: int,
-        on_epoch: Callable[[int, dict[str, float]], None] | None = None,
-    ) -> None:
-        self._num_workers = num_workers
-        self._on_epoch = on_epoch
-        self._lock = threading.Lock()
-        self._pending: dict[int, dict[int, Report]] = {}
-        self.history: dict[str, list[float]] = {}
-        self.rows: list[int] = []
-
-    def add(self, epoch: int, partition: int, rows: int, logs: Any) -> bool:
-        """Record one worker's logs; True when they complete the epoch."""
-        if not isinstance(logs, dict):
-            raise ValueError(f"epoch logs must be a dict of numbers, received {logs!r}")
-        # A diverged metric travels as JSON null (the wire carries no NaN); keep it as NaN.
-        clean = {
-            str(k): math.nan if v is None else float(v)
-            for k, v in logs.items()
-            if v is None or isinstance(v, int | float)
-        }
-        held_out = clean.pop(VAL_ROWS, 0.0)
-        with self._lock:
-            reports = self._pending.setdefault(epoch, {})
-            reports[partition] = Report(
-                rows, int(held_out) if math.isfinite(held_out) else 0, clean
-            )
-            if len(reports) < self._num_workers:
-                return False
-            del self._pending[epoch]
-            total, means = weighted_mean(list(reports.values()))
-            for key, value in means.items():
-                self.history.setdefault(key, []).append(value)
-            self.rows.append(total)
-        if self._on_epoch is not None:
-            self._on_epoch(epoch, {"rows": float(total), **means})
-        return True
-
-
-class Report(NamedTuple):
-    """One worker's end-of-epoch logs and the rows behind them."""
-
-    rows: int
-    held_out: int
-    logs: dict[str, float]
-
-
-def weighted_mean(reports: list[Report]) -> tuple[int, dict[str, float]]:
-    """Mean of each key over the workers, weighted by their trained rows (``val_*`` keys: by their
-    held-out rows); a worker with no such rows does not count."""
-    total = sum(r.rows for r in reports)
-    keys: list[str] = []
-    for report in reports:
-        keys.extend(k for k in report.logs if k not in keys)
-    means: dict[str, float] = {}
-    for key in keys:
-        held_out = key.startswith("val_")
-        pairs = [
-            (r.held_out if held_out else r.rows, r.logs[key]) for r in reports if key in r.logs
-        ]
-        pairs = [(n, v) for n, v in pairs if n > 0]
-        weight = sum(n for n, _ in pairs)
-        means[key] = sum(n * v for n, v in pairs) / weight if weight else math.nan
-    return total, means
+from typing import Any
 
 
 def format_epoch(epoch: int, epochs: int, logs: dict[str, float]) -> str:

@@ -1,8 +1,9 @@
 """KerasTransformer: driver-side set-up of distributed, batched inference.
 
 Only the feature columns go through Python, in an Arrow iterator UDF
-(``worker.predict_batches``); every other column stays in the JVM. The UDF returns a struct that
-is unpacked here into Spark ML's usual columns, with Vectors rebuilt by ``array_to_vector``.
+(``executor.predict.predict_batches``); every other column stays in the JVM. The UDF returns a
+struct that is unpacked here into Spark ML's usual columns, with Vectors rebuilt by
+``array_to_vector``.
 """
 
 from __future__ import annotations
@@ -19,10 +20,9 @@ from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
 from spark_keras_ml import cluster
-from spark_keras_ml.columns import avoid_columnar_udt_input
-from spark_keras_ml.config import PredictConfig
-from spark_keras_ml.data import OUTPUT_SCHEMAS, Layout
-from spark_keras_ml.inputs import Spec, feature_slots, tensor_specs
+from spark_keras_ml.config import OUTPUT_SCHEMAS, Layout, PredictConfig
+from spark_keras_ml.executor.predict import predict_batches
+from spark_keras_ml.inputs import Spec, Table, avoid_columnar_udt_input, feature_slots, tensor_specs
 from spark_keras_ml.model_info import output_kind
 from spark_keras_ml.params import HasInferenceParams, validate
 from spark_keras_ml.persistence import KerasReadable, KerasWritable
@@ -33,7 +33,6 @@ from spark_keras_ml.serialization import (
     model_to_bytes,
 )
 from spark_keras_ml.summary import TrainingSummary
-from spark_keras_ml.worker import predict_batches
 
 _OUTPUT = "__skml_output"
 
@@ -161,7 +160,8 @@ class KerasTransformer(Model, HasInferenceParams, KerasReadable, KerasWritable):
             )
         key = model_id(self._model_bytes)
         kind, specs = self._model_facts(self._model_bytes, key)
-        slots = feature_slots(dataset, self.feature_columns(), specs)
+        table = Table(dataset)
+        slots = feature_slots(table, self.feature_columns(), specs)
         config = PredictConfig(
             model_id=key,
             model_bytes=self._model_bytes,
@@ -176,14 +176,14 @@ class KerasTransformer(Model, HasInferenceParams, KerasReadable, KerasWritable):
         )
         udf = _prediction_udf(config, len(slots), OUTPUT_SCHEMAS[kind])
         outputs = self._output_columns(kind)
-        clash = [c for c in outputs if c in dataset.columns]
+        clash = [c for c in outputs if c in table.types]
         if clash:
             raise ValueError(
                 f"Expected output columns that are not in the DataFrame yet. Rename them with "
                 f"setPredictionCol/setProbabilityCol/setRawPredictionCol, or drop the old ones. "
                 f"Received: {clash} already present"
             )
-        avoid_columnar_udt_input(dataset)
+        avoid_columnar_udt_input(table)
         scored = dataset.withColumn(_OUTPUT, udf(*(s.column for s in slots)))
         return scored.withColumns(outputs).drop(_OUTPUT)
 

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from spark_keras_ml.ps import protocol
+from spark_keras_ml.ps.messages import EpochEnd, Hello, Push, Reply
 from spark_keras_ml.ps.protocol import Op, ProtocolError
 
 #: Extra seconds a client waits beyond the server's own limit, so the server's clearer timeout
@@ -69,17 +70,40 @@ class ParameterClient:
     ) -> None:
         self.close(None if exc is None else f"{type(exc).__name__}: {exc}")
 
-    def hello(self, **identity: int) -> tuple[dict[str, Any], list[np.ndarray]]:
-        """Register this worker; returns the schedule and the initial weights."""
-        return self._call(Op.HELLO, identity)
+    def hello(
+        self, *, partition: int, rows: int, attempt: int = 0, run: int = 0
+    ) -> tuple[Reply, list[np.ndarray]]:
+        """Register this worker (see :class:`~spark_keras_ml.ps.messages.Hello`).
+
+        Returns the reply, with ``resume_step`` and ``steps_per_epoch``, and the weights to
+        start from. In sync it returns once every worker has registered.
+        """
+        identity = Hello(partition=partition, attempt=attempt, run=run, rows=rows)
+        return self._call(Op.HELLO, identity.encode())
 
     def push(
-        self, delta: Sequence[np.ndarray], **meta: Any
-    ) -> tuple[dict[str, Any], list[np.ndarray]]:
-        """Send one step's delta; returns the weights to train the next step from."""
-        return self._call(Op.PUSH, meta, delta)
+        self,
+        delta: Sequence[np.ndarray],
+        *,
+        step: int,
+        rows: int,
+        epoch: int | None = None,
+        end: EpochEnd | None = None,
+        gradients: bool = False,
+        precision: str = "float32",
+    ) -> tuple[Reply, list[np.ndarray]]:
+        """Send one step's update, already compressed to ``precision`` (``compress_delta``);
+        ``end`` goes with the last push of an epoch (see :class:`~spark_keras_ml.ps.messages.Push`).
 
-    def pull(self) -> tuple[dict[str, Any], list[np.ndarray]]:
+        Returns the reply and the weights to train the next step from.
+        """
+        push = Push(
+            step=step, rows=rows, epoch=epoch, gradients=gradients, precision=precision, end=end
+        )
+        return self._call(Op.PUSH, push.encode(), delta)
+
+    def pull(self) -> tuple[Reply, list[np.ndarray]]:
+        """The server's current weights and version, without pushing anything."""
         return self._call(Op.PULL, {})
 
     def close(self, error: str | None = None) -> None:
@@ -99,7 +123,7 @@ class ParameterClient:
 
     def _call(
         self, op: Op, meta: dict[str, Any], arrays: Sequence[np.ndarray] = ()
-    ) -> tuple[dict[str, Any], list[np.ndarray]]:
+    ) -> tuple[Reply, list[np.ndarray]]:
         if self._sock is None:
             raise RuntimeError("the parameter client is not connected")
         protocol.send_message(self._sock, op, meta, arrays)
@@ -108,4 +132,4 @@ class ParameterClient:
         reply = protocol.recv_message(self._sock, self._max_body, buffer)
         if reply.op is not Op.WEIGHTS:
             raise ProtocolError(f"expected WEIGHTS in reply to {op.name}, received {reply.op.name}")
-        return reply.meta, reply.arrays
+        return Reply.decode(reply.meta), reply.arrays

@@ -1,7 +1,7 @@
 """Driver side of synchronous SGD: the model's optimizer, stepped by the server once per round.
 
 In sync/batch every worker pushes the gradients of its share of the global batch
-(:mod:`spark_keras_ml.gradient_capture`); the sync rule takes their row-weighted mean, which is
+(:mod:`spark_keras_ml.executor.gradients`); the sync rule takes their row-weighted mean, which is
 the gradient of the whole batch, and hands it here. One optimizer with one state then makes
 the step a single process would have made, so the number of workers changes the speed of a
 fit, not what it learns. Non-trainable weights (batch-norm statistics) are not optimized:
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -88,4 +88,7 @@ def _compiled(optimizer: Any, variables: list[Any]) -> Callable[[list[np.ndarray
     import tensorflow as tf
 
     signature = [[tf.TensorSpec(tuple(v.shape), tf.float32) for v in variables]]
-    return tf.function(apply, input_signature=signature)  # type: ignore[no-any-return]
+    # tf.function is untyped; what it returns takes and returns what `apply` does.
+    return cast(
+        Callable[[list[np.ndarray]], list[Any]], tf.function(apply, input_signature=signature)
+    )

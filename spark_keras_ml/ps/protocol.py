@@ -16,6 +16,8 @@ A message body is ``u32 meta length | meta JSON (UTF-8) | raw array buffers``. T
 describes every array (``dtype`` as a little-endian numpy string, ``shape``); the buffers follow
 in order, back to back. Nothing is ever pickled: a body is JSON plus bytes that numpy reads with
 ``frombuffer``.
+
+What the meta of each message holds is a typed message (:mod:`spark_keras_ml.ps.messages`).
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ from typing import Any
 import numpy as np
 
 MAGIC = b"SKML"
-PROTOCOL_VERSION = 1
+#: Bumped whenever a frame or a meta changes: both sides must run the same spark_keras_ml.
+PROTOCOL_VERSION = 2
 HEADER = struct.Struct("!4sBBHQ")
 META_LENGTH = struct.Struct("!I")
 
@@ -57,9 +60,9 @@ class Op(enum.IntEnum):
     CHALLENGE = 1  # either side -> peer: random bytes to sign
     RESPONSE = 2  # answer to CHALLENGE: HMAC-SHA256(secret, challenge)
     WELCOME = 3  # S -> C: the client's response was correct
-    HELLO = 10  # C -> S: who the worker is (partition, attempts, rows)
-    WEIGHTS = 11  # S -> C: current weights and version (+ schedule on the first one)
-    PUSH = 12  # C -> S: a delta for one step, with rows and logs
+    HELLO = 10  # C -> S: who the worker is (Hello)
+    WEIGHTS = 11  # S -> C: current weights and a Reply (+ the schedule on the first one)
+    PUSH = 12  # C -> S: a delta for one step (Push), with the epoch's logs at its end
     PULL = 13  # C -> S: ask for the current weights
     BYE = 14  # C -> S: the worker finished cleanly
     ERROR = 15  # either side: a fatal error message; the connection ends
@@ -247,8 +250,16 @@ def message_bytes_limit(arrays: Sequence[np.ndarray]) -> int:
     return payload + META_LENGTH.size + MAX_META_BYTES
 
 
+# ---------------------------------------------------------------------------------------------
+# Deltas on the wire
+
+
 def compress_delta(delta: Sequence[np.ndarray], precision: str) -> list[np.ndarray]:
-    """``delta`` in ``precision`` for the wire (float16, or bfloat16 as its upper 16 bits)."""
+    """``delta`` in ``precision`` for the wire (float16, or bfloat16 bit patterns as uint16).
+
+    bfloat16 rounds to nearest even, so a finite value too large for it becomes an infinity and
+    a NaN stays a NaN (which the server then rejects as non-finite).
+    """
     if precision == "float32":
         return [np.asarray(d, dtype=np.float32) for d in delta]
     if precision == "float16":
@@ -256,17 +267,11 @@ def compress_delta(delta: Sequence[np.ndarray], precision: str) -> list[np.ndarr
         with np.errstate(over="ignore"):
             return [np.asarray(d, dtype=np.float16) for d in delta]
     if precision == "bfloat16":
-        out = []
-        for d in delta:
-            values = np.ascontiguousarray(d, dtype=np.float32)
-            bits = values.view(np.uint32)
-            # Round to nearest even on the 16 bits that are dropped; a NaN keeps its top bits
-            # (plus a quiet bit), since rounding could carry it into an infinity or a zero.
-            rounding = ((bits >> 16) & 1) + np.uint32(0x7FFF)
-            rounded = (bits + rounding) >> 16
-            nan = (bits >> 16) | np.uint32(0x40)
-            out.append(np.where(np.isnan(values), nan, rounded).astype(np.uint16))
-        return out
+        bfloat16 = _bfloat16()
+        # Through float32 first, as a float32 model's delta is: rounding a float64 straight to
+        # bfloat16 could differ in the last bit. A signalling NaN raises the invalid flag.
+        with np.errstate(over="ignore", invalid="ignore"):
+            return [np.asarray(d, dtype=np.float32).astype(bfloat16).view(np.uint16) for d in delta]
     raise ValueError(f"Expected a delta precision in {DELTA_PRECISIONS}. Received: {precision!r}")
 
 
@@ -278,8 +283,22 @@ def decompress_delta(arrays: Sequence[np.ndarray], precision: str) -> list[np.nd
     if any(a.dtype.str != wanted for a in arrays):
         raise ProtocolError(f"delta does not match the model: {precision} needs {wanted} arrays")
     if precision == "bfloat16":
-        return [(a.astype(np.uint32) << 16).view(np.float32) for a in arrays]
+        bfloat16 = _bfloat16()
+        # Native byte order before the view (a no-op on little-endian machines); widening
+        # bfloat16 to float32 is exact.
+        return [a.astype(np.uint16, copy=False).view(bfloat16).astype(np.float32) for a in arrays]
     return [a.astype(np.float32, copy=False) for a in arrays]
+
+
+def _bfloat16() -> np.dtype[Any]:
+    """The bfloat16 dtype of ``ml_dtypes`` (a Keras dependency).
+
+    Imported on first use: the extension takes most of a second to load and only bfloat16
+    deltas need it (a process that trains has it loaded by Keras already).
+    """
+    import ml_dtypes
+
+    return np.dtype(ml_dtypes.bfloat16)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,9 +23,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from spark_keras_ml.ps import protocol
+from spark_keras_ml.ps.bookkeeping import Superseded, TrainingAborted
+from spark_keras_ml.ps.messages import Hello, Push, Reply
+from spark_keras_ml.ps.metrics import EpochAggregator
 from spark_keras_ml.ps.protocol import Message, Op, ProtocolError, RemoteError
-from spark_keras_ml.ps.updates import Superseded, TrainingAborted, make_rule
-from spark_keras_ml.summary import EpochAggregator
+from spark_keras_ml.ps.updates import make_rule
 
 if TYPE_CHECKING:
     from spark_keras_ml.ps.optimizer import ServerOptimizer
@@ -54,8 +56,9 @@ class ParameterServer:
         The per-fit key of the HMAC handshake.
     mode:
         ``"sync"``, ``"async"`` or ``"hogwild"``: which update rule applies the deltas.
-    frequency, batch_size, epochs:
-        The schedule, sent to each worker with its first weights.
+    frequency, batch_size:
+        The schedule: the server computes each worker's steps per epoch from them and sends it
+        with the worker's first weights.
     host:
         The address to bind; the driver host, never all interfaces by default.
     timeout:
@@ -78,8 +81,8 @@ class ParameterServer:
         Called once, from a server thread, with the reason when training is aborted (the
         estimator cancels its Spark job there).
     optimizer:
-        Sync only: pushes are then gradients (flagged ``gradients`` in their meta), and each
-        round applies their row-weighted mean with this optimizer (sync/batch).
+        Sync only: pushes are then gradients (``Push.gradients``), and each round applies their
+        row-weighted mean with this optimizer (sync/batch).
     """
 
     def __init__(
@@ -91,7 +94,6 @@ class ParameterServer:
         mode: str = "sync",
         frequency: str = "epoch",
         batch_size: int = 32,
-        epochs: int = 1,
         host: str = "127.0.0.1",
         timeout: float = 600.0,
         max_staleness: int | None = None,
@@ -106,15 +108,14 @@ class ParameterServer:
             mode,
             weights,
             num_workers,
+            frequency=frequency,
+            batch_size=batch_size,
             max_staleness=max_staleness,
             allow_rejoin=allow_rejoin,
             optimizer=optimizer,
         )
         self._gradients = optimizer is not None
         self._secret = secret
-        self._frequency = frequency
-        self._batch_size = batch_size
-        self._epochs_total = epochs
         self._host = host
         self._timeout = timeout
         self._max_bad_updates = max_bad_updates
@@ -255,6 +256,14 @@ class ParameterServer:
 
     # --- connections --------------------------------------------------------------------------
 
+    # A loop of its own rather than socketserver.ThreadingTCPServer, whose serve_forever() and
+    # service_actions() would host this loop and the watchdog, but: its handler threads are
+    # unnamed and untracked, while threads() and stop() need each one with its connection (to
+    # shut down a handler blocked in recv); server_close() joins them with no timeout, while
+    # stop() must return within seconds; shutdown() deadlocks unless serve_forever() is running,
+    # while stop() without start() must be harmless; and handle_error() prints to stderr.
+    # Overriding all of that would leave socketserver only this select() loop.
+
     def _accept_loop(self) -> None:
         listener = self._listener
         if listener is None:
@@ -352,82 +361,74 @@ class ParameterServer:
     def _handle(
         self, conn: socket.socket, message: Message, worker: tuple[int, int] | None
     ) -> tuple[int, int]:
-        meta = message.meta
         if message.op is Op.HELLO:
             if worker is not None:
                 raise ProtocolError("a second HELLO on one connection")
-            partition = _int_field(meta, "partition")
-            attempt = _int_field(meta, "attempt", 0)
-            run = _int_field(meta, "run", 0)
-            if run != self._run:
+            hello = Hello.decode(message.meta)
+            if hello.run != self._run:
                 raise Superseded(
-                    f"partition {partition} of run {run} arrived during run {self._run}"
+                    f"partition {hello.partition} of run {hello.run} arrived during run {self._run}"
                 )
             registration = self._rule.register(
-                partition,
-                attempt,
-                _int_field(meta, "rows"),
-                self._frequency,
-                self._batch_size,
-                self._timeout,
+                hello.partition, hello.attempt, hello.rows, self._timeout
             )
-            reply = {
-                "version": registration.version,
-                "steps_per_epoch": registration.steps_per_epoch,
-                "resume_step": registration.resume_step,
-                "mode": self._rule.mode,
-                "frequency": self._frequency,
-                "batch_size": self._batch_size,
-                "epochs": self._epochs_total,
-            }
-            protocol.send_message(conn, Op.WEIGHTS, reply, registration.weights)
-            return partition, attempt
+            reply = Reply(
+                version=registration.version,
+                resume_step=registration.resume_step,
+                steps_per_epoch=registration.steps_per_epoch,
+            )
+            protocol.send_message(conn, Op.WEIGHTS, reply.encode(), registration.weights)
+            return hello.partition, hello.attempt
         if worker is None:
             raise ProtocolError(f"{message.op.name} before HELLO")
-        partition, attempt = worker
         if message.op is Op.PUSH:
-            if bool(meta.get("gradients", False)) != self._gradients:
-                # Applying a gradient as a delta (or the reverse) would train silently wrong.
-                wanted, got = (
-                    ("gradients", "a delta") if self._gradients else ("deltas", "gradients")
-                )
-                raise ProtocolError(f"this server takes {wanted} (sync/batch), received {got}")
-            precision = meta.get("precision", "float32")
-            delta = protocol.decompress_delta(message.arrays, str(precision))
-            self._check_delta(delta)
-            rows = _int_field(meta, "rows")
-            # A delta behind zero rows is never applied, so only the others need checking.
-            usable = rows == 0 or self._finite(partition, delta)
-            epoch = _int_field(meta, "epoch") if "logs" in meta else None
-            completed = False
-            if epoch is not None and self._rule.is_current(partition, attempt):
-                # Before the push: in sync, the round this push closes then carries whatever
-                # the epoch's callbacks decided to every worker at once.
-                completed = self._epochs.add(epoch, partition, rows_of(meta), meta["logs"])
-            version, weights = self._rule.push(
-                partition,
-                attempt,
-                _int_field(meta, "step"),
-                delta if usable else None,
-                rows if usable else 0,
-                self._timeout,
-            )
-            if completed and epoch is not None and self._on_epoch_applied is not None:
-                self._on_epoch_applied(epoch, [np.array(w, copy=True) for w in weights])
-            reply = {"version": version, "rejected": not usable}
-            with self._lock:
-                if "epoch" in meta:  # the worker goes on with the next epoch after an epoch end
-                    at = _int_field(meta, "epoch")
-                    self._current_epoch[partition] = at + 1 if "logs" in meta else at
-                if self._stop_after is not None:
-                    reply["stop_after"] = self._stop_after
-            protocol.send_message(conn, Op.WEIGHTS, reply, weights)
+            self._handle_push(conn, Push.decode(message.meta), message.arrays, worker)
             return worker
         if message.op is Op.PULL:
             version, weights = self._rule.weights()
-            protocol.send_message(conn, Op.WEIGHTS, {"version": version}, weights)
+            protocol.send_message(conn, Op.WEIGHTS, Reply(version=version).encode(), weights)
             return worker
         raise ProtocolError(f"unexpected {message.op.name} from a worker")
+
+    def _handle_push(
+        self,
+        conn: socket.socket,
+        push: Push,
+        arrays: list[np.ndarray],
+        worker: tuple[int, int],
+    ) -> None:
+        partition, attempt = worker
+        if push.gradients != self._gradients:
+            # Applying a gradient as a delta (or the reverse) would train silently wrong.
+            wanted, got = ("gradients", "a delta") if self._gradients else ("deltas", "gradients")
+            raise ProtocolError(f"this server takes {wanted} (sync/batch), received {got}")
+        delta = protocol.decompress_delta(arrays, push.precision)
+        self._check_delta(delta)
+        # A delta behind zero rows is never applied, so only the others need checking.
+        usable = push.rows == 0 or self._finite(partition, delta)
+        # The epoch this push completes on this worker, if it is the epoch's last one.
+        ended = push.epoch if push.end is not None else None
+        completed = False
+        if ended is not None and push.end is not None and self._rule.is_current(*worker):
+            # Before the push: in sync, the round this push closes then carries whatever the
+            # epoch's callbacks decided to every worker at once.
+            completed = self._epochs.add(ended, partition, push.end)
+        version, weights = self._rule.push(
+            partition,
+            attempt,
+            push.step,
+            delta if usable else None,
+            push.rows if usable else 0,
+            self._timeout,
+        )
+        if completed and ended is not None and self._on_epoch_applied is not None:
+            self._on_epoch_applied(ended, [np.array(w, copy=True) for w in weights])
+        with self._lock:
+            if push.epoch is not None:  # the worker goes on with the next epoch after an end
+                self._current_epoch[partition] = push.epoch if ended is None else ended + 1
+            stop_after = self._stop_after
+        reply = Reply(version=version, rejected=not usable, stop_after=stop_after)
+        protocol.send_message(conn, Op.WEIGHTS, reply.encode(), weights)
 
     def _finite(self, partition: int, delta: list[np.ndarray]) -> bool:
         """Reject (and count) a delta holding NaN or inf; too many fail the fit."""
@@ -456,18 +457,6 @@ class ParameterServer:
             raise ProtocolError(
                 f"delta does not match the model: expected {self._shapes}, got {got}"
             )
-
-
-def rows_of(meta: dict[str, Any]) -> int:
-    """Rows behind an epoch's logs: the worker's rows for the epoch, not just the last step."""
-    return _int_field(meta, "epoch_rows")
-
-
-def _int_field(meta: dict[str, Any], name: str, default: int | None = None) -> int:
-    value = meta.get(name, default)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ProtocolError(f"field {name!r} must be a non-negative integer, received {value!r}")
-    return value
 
 
 def _send_error(conn: socket.socket, message: str) -> None:

@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 
 from spark_keras_ml.cluster import ALLOW_UNENCRYPTED_CONF, check_transport_security
-from spark_keras_ml.config import TrainConfig
-from spark_keras_ml.data import Layout
+from spark_keras_ml.config import Layout, TrainConfig
 from spark_keras_ml.ps.protocol import new_secret
 
 
@@ -35,7 +34,6 @@ def test_secret_never_shows_in_the_task_config_repr() -> None:
         secret=secret,
         model_bytes=b"model",
         compile_config={},
-        mode="sync",
         frequency="epoch",
         epochs=1,
         batch_size=1,

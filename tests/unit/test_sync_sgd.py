@@ -11,16 +11,15 @@ import keras
 import numpy as np
 import pytest
 
-from spark_keras_ml.config import TrainConfig
-from spark_keras_ml.data import Layout
-from spark_keras_ml.gradient_capture import compile_for_gradients, gradient_update
+from spark_keras_ml.config import Layout, TrainConfig
+from spark_keras_ml.executor.gradients import compile_for_gradients, gradient_update
 from spark_keras_ml.model_info import resolve_compile_config
 from spark_keras_ml.ps.client import ParameterClient
 from spark_keras_ml.ps.optimizer import ServerOptimizer, server_optimizer
 from spark_keras_ml.ps.protocol import ProtocolError, new_secret
 from spark_keras_ml.ps.server import ParameterServer
 from spark_keras_ml.serialization import model_to_bytes
-from tests.unit.worker_support import train_partitions
+from tests.unit.executor.support import train_partitions
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -70,7 +69,6 @@ def train_with_server(model: keras.Model) -> list[np.ndarray]:
         secret=secret,
         frequency="batch",
         batch_size=LOCAL_BATCH,
-        epochs=EPOCHS,
         timeout=60.0,
         optimizer=server_optimizer(model, compile_config),
     ) as server:
@@ -80,7 +78,6 @@ def train_with_server(model: keras.Model) -> list[np.ndarray]:
             secret=secret,
             model_bytes=model_to_bytes(model),
             compile_config=compile_config,
-            mode="sync",
             frequency="batch",
             epochs=EPOCHS,
             batch_size=LOCAL_BATCH,

@@ -1,4 +1,4 @@
-"""Wire protocol: framing, message encoding, authentication. Real socket pairs, no mocks."""
+"""Wire protocol: framing, message bodies, deltas, authentication. Real socket pairs, no mocks."""
 
 from __future__ import annotations
 
@@ -11,8 +11,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,37 +29,15 @@ from spark_keras_ml.ps.protocol import (
     ProtocolError,
     RemoteError,
 )
+from tests.unit.ps.support import (
+    RECV_TIMEOUT,
+    body_bytes,
+    json_body,
+    raw_body,
+    socket_pair,
+)
 
 pytestmark = pytest.mark.timeout(30)
-
-#: Receive timeout of every test socket: a check that should refuse a frame without reading its
-#: body would otherwise block; this turns such a bug into a TimeoutError instead of a hang.
-RECV_TIMEOUT = 5.0
-
-
-@contextmanager
-def socket_pair() -> Iterator[tuple[socket.socket, socket.socket]]:
-    a, b = socket.socketpair()
-    a.settimeout(RECV_TIMEOUT)
-    b.settimeout(RECV_TIMEOUT)
-    try:
-        yield a, b
-    finally:
-        a.close()
-        b.close()
-
-
-def body_bytes(meta: dict[str, Any], arrays: list[np.ndarray] | tuple[()] = ()) -> bytearray:
-    return bytearray(b"".join(bytes(p) for p in protocol.encode_message(meta, arrays)))
-
-
-def raw_body(meta: bytes, payload: bytes = b"") -> bytearray:
-    """A body with an arbitrary meta blob (correctly length-prefixed) and payload."""
-    return bytearray(META_LENGTH.pack(len(meta)) + meta + payload)
-
-
-def json_body(meta: Any, payload: bytes = b"") -> bytearray:
-    return raw_body(json.dumps(meta).encode(), payload)
 
 
 def frame(op: int, body: bytes, *, magic: bytes = MAGIC, version: int = PROTOCOL_VERSION) -> bytes:
@@ -208,7 +185,10 @@ def test_message_bytes_limit_admits_exactly_sized_messages() -> None:
     ("header", "match"),
     [
         (HEADER.pack(b"HTTP", PROTOCOL_VERSION, Op.PUSH, 0, 4), "bad magic"),
-        (HEADER.pack(MAGIC, PROTOCOL_VERSION + 1, Op.PUSH, 0, 4), "version 2 is not supported"),
+        (
+            HEADER.pack(MAGIC, PROTOCOL_VERSION + 1, Op.PUSH, 0, 4),
+            f"version {PROTOCOL_VERSION + 1} is not supported",
+        ),
         (HEADER.pack(MAGIC, 0, Op.PUSH, 0, 4), "version 0 is not supported"),
         (HEADER.pack(MAGIC, PROTOCOL_VERSION, 99, 0, 4), "unknown opcode 99"),
         (HEADER.pack(MAGIC, PROTOCOL_VERSION, 0, 0, 4), "unknown opcode 0"),
@@ -423,6 +403,59 @@ def test_pickle_bytes_in_a_uint8_array_stay_bytes(tmp_path: Path) -> None:
     assert message.arrays[0].dtype == np.uint8
     assert message.arrays[0].tobytes() == payload
     assert not marker.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Compressed deltas
+
+
+def bfloat16_reference(values: np.ndarray) -> np.ndarray:
+    """Round-to-nearest-even on the upper 16 bits of each float32, written out by hand."""
+    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    rounding = ((bits >> 16) & 1) + np.uint32(0x7FFF)
+    return ((bits + rounding) >> 16).astype(np.uint16)
+
+
+def test_bfloat16_bits_round_to_nearest_even() -> None:
+    rng = np.random.default_rng(11)
+    # Every exponent, subnormals, both signs, random mantissas.
+    values = rng.integers(0, 2**32, 200_000, dtype=np.uint64).astype(np.uint32).view(np.float32)
+    special = np.array(
+        [
+            0.0, -0.0, np.inf, -np.inf, 1.0, 1.00390625, 1.01171875, 1.0048828125,
+            3.3895314e38, 3.3961776e38, -3.4028235e38, 1e-45, -1e-45, 1.1754942e-38,
+        ],
+        np.float32,
+    )  # fmt: skip
+    flat = np.concatenate([special, values[~np.isnan(values)]])
+    values = flat[: len(flat) // 2 * 2].reshape(-1, 2)  # not only 1-d arrays
+    (wire,) = protocol.compress_delta([values], "bfloat16")
+    assert wire.dtype.str == "<u2" and wire.shape == values.shape
+    np.testing.assert_array_equal(wire, bfloat16_reference(values))
+    # float32 -> bfloat16 -> float32 is exact for what bfloat16 holds, and keeps every bit.
+    (back,) = protocol.decompress_delta([wire], "bfloat16")
+    assert back.dtype == np.float32 and back.shape == values.shape
+    np.testing.assert_array_equal(back.view(np.uint32) >> 16, wire.astype(np.uint32))
+    np.testing.assert_array_equal(protocol.compress_delta([back], "bfloat16")[0], wire)
+    # bfloat16's largest value stays; the tie above it and float32's largest round to inf.
+    assert list(back.ravel()[8:11]) == [np.float32(3.3895314e38), np.inf, -np.inf]
+
+
+@pytest.mark.parametrize("bits", [0x7FC00000, 0xFFC00000, 0x7FFF8000, 0xFFFFFFFF, 0x7F800001])
+def test_bfloat16_nan_stays_nan(bits: int) -> None:
+    values = np.array([1.0, 2.0], np.float32)
+    values[1] = np.array([bits], np.uint32).view(np.float32)[0]
+    (wire,) = protocol.compress_delta([values], "bfloat16")  # a signalling NaN does not warn
+    (back,) = protocol.decompress_delta([wire], "bfloat16")
+    assert back[0] == 1.0 and np.isnan(back[1])
+
+
+def test_bfloat16_wire_must_be_little_endian_uint16() -> None:
+    wire = protocol.compress_delta([np.array([1.5, -2.0], np.float32)], "bfloat16")
+    swapped = wire[0].astype(">u2")
+    with pytest.raises(ProtocolError, match="bfloat16 needs <u2 arrays"):
+        protocol.decompress_delta([swapped], "bfloat16")
+    np.testing.assert_array_equal(protocol.decompress_delta(wire, "bfloat16")[0], [1.5, -2.0])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,9 +21,18 @@ import pytest
 
 from spark_keras_ml.ps import protocol
 from spark_keras_ml.ps.client import ParameterClient
+from spark_keras_ml.ps.messages import EpochEnd, Hello, Push, Reply
 from spark_keras_ml.ps.protocol import HEADER, MAGIC, PROTOCOL_VERSION, Op, RemoteError
 from spark_keras_ml.ps.server import ParameterServer
-from tests.unit.ps_support import SECRET, WAIT, outcome, read_until_closed, run_workers, wait_until
+from tests.unit.ps.support import (
+    SECRET,
+    WAIT,
+    authenticated_socket,
+    outcome,
+    read_until_closed,
+    run_workers,
+    wait_until,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -43,17 +52,10 @@ def only_accept_thread(server: ParameterServer) -> bool:
 
 
 def connect(server: ParameterServer, authenticate: bool = True) -> socket.socket:
-    # TCP_NODELAY as the real client sets it: a frame goes out as two writes (header, body),
-    # which Nagle plus delayed ACKs would stall for ~40 ms each.
+    if authenticate:
+        return authenticated_socket(server.address)
     sock = socket.create_connection(server.address, timeout=5.0)
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if authenticate:
-            protocol.answer_challenge(sock, SECRET)
-            protocol.deliver_challenge(sock, SECRET)
-    except BaseException:
-        sock.close()
-        raise
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return sock
 
 
@@ -67,11 +69,12 @@ def raw_peer(server: ParameterServer) -> Iterator[socket.socket]:
         sock.close()
 
 
-def hello(sock: socket.socket, partition: int, attempt: int) -> dict[str, Any]:
-    protocol.send_message(sock, Op.HELLO, {"partition": partition, "attempt": attempt, "rows": 1})
+def hello(sock: socket.socket, partition: int, attempt: int) -> Reply:
+    identity = Hello(partition=partition, attempt=attempt, run=0, rows=1)
+    protocol.send_message(sock, Op.HELLO, identity.encode())
     reply = protocol.recv_message(sock, 1 << 16)
     assert reply.op is Op.WEIGHTS
-    return reply.meta
+    return Reply.decode(reply.meta)
 
 
 def abortive_close(sock: socket.socket) -> None:
@@ -80,8 +83,9 @@ def abortive_close(sock: socket.socket) -> None:
     sock.close()
 
 
-def push_frame(step: int, delta: list[np.ndarray]) -> bytes:
-    body = b"".join(bytes(p) for p in protocol.encode_message({"step": step, "rows": 1}, delta))
+def push_frame(step: int, delta: list[np.ndarray], meta: dict[str, Any] | None = None) -> bytes:
+    meta = Push(step=step, rows=1).encode() if meta is None else meta
+    body = b"".join(bytes(p) for p in protocol.encode_message(meta, delta))
     return HEADER.pack(MAGIC, PROTOCOL_VERSION, Op.PUSH, 0, len(body)) + body
 
 
@@ -99,8 +103,8 @@ def test_push_truncated_at_every_offset_applies_nothing() -> None:
         for cut in range(len(frame)):
             sock = connect(server)
             try:
-                meta = hello(sock, partition=0, attempt=cut + 1)
-                assert meta["resume_step"] == 0 and meta["version"] == 0, (cut, meta)
+                reply = hello(sock, partition=0, attempt=cut + 1)
+                assert reply.resume_step == 0 and reply.version == 0, (cut, reply)
                 sock.sendall(frame[:cut])
             finally:
                 # Alternate a clean FIN and an RST: both must end only this handler.
@@ -118,18 +122,18 @@ def test_push_truncated_at_every_offset_applies_nothing() -> None:
         with raw_peer(server) as sock:
             hello(sock, partition=0, attempt=len(frame) + 1)
             sock.sendall(frame)
-            reply = protocol.recv_message(sock, 1 << 16)
+            answer = protocol.recv_message(sock, 1 << 16)
             protocol.send_message(sock, Op.BYE)
-        assert reply.meta == {"version": 1, "rejected": False}
-        np.testing.assert_array_equal(reply.arrays[0], delta[0])
+        assert Reply.decode(answer.meta) == Reply(version=1, rejected=False)
+        np.testing.assert_array_equal(answer.arrays[0], delta[0])
         assert server.counts == {"applied": 1, "duplicates": 0, "rejected": 0}
         assert server.failure is None
 
 
 def good_worker(server: ParameterServer, partition: int, step: int, value: float) -> Any:
     with client_for(server) as client:
-        meta, _ = client.hello(partition=partition, attempt=1, rows=1)
-        assert meta["resume_step"] == 0
+        reply, _ = client.hello(partition=partition, attempt=1, rows=1)
+        assert reply.resume_step == 0
         return client.push([np.full(4, value, np.float32)], step=step, rows=1)
 
 
@@ -151,8 +155,8 @@ def test_unknown_or_misdirected_opcode_drops_only_that_peer(opcode: int, registe
         assert server.version == 0
 
         # A well-behaved worker is still served, and its push is applied.
-        meta, weights = good_worker(server, partition=0, step=0, value=2.5)
-        assert meta == {"version": 1, "rejected": False}
+        reply, weights = good_worker(server, partition=0, step=0, value=2.5)
+        assert reply == Reply(version=1, rejected=False)
         np.testing.assert_array_equal(weights[0], np.full(4, 2.5, np.float32))
         assert server.failure is None
         wait_until(lambda: only_accept_thread(server))
@@ -178,8 +182,55 @@ def test_oversized_declared_length_is_refused_before_the_body(op: Op, registered
         # Refused as a protocol violation, not a crash (a 1 TiB allocation would be a MemoryError
         # that aborts the fit).
         assert server.failure is None
-        meta, _ = good_worker(server, partition=0, step=0, value=1.0)
-        assert meta == {"version": 1, "rejected": False}
+        reply, _ = good_worker(server, partition=0, step=0, value=1.0)
+        assert reply == Reply(version=1, rejected=False)
+
+
+_END = {"rows": 1, "held_out": 0, "logs": {"loss": 0.5}}
+
+
+@pytest.mark.parametrize(
+    "meta",
+    [
+        {"step": 0, "rows": 1, "epoch": 0, "end": {**_END, "logs": [1, 2]}},
+        {"step": 0, "rows": 1, "epoch": 0, "end": {**_END, "logs": {"loss": "low"}}},
+        {"step": 0, "rows": 1, "end": _END},  # an epoch end without its epoch
+        {"step": 0, "rows": True},
+        {"step": 0, "rows": 1, "precision": "float8"},
+    ],
+    ids=["logs-list", "logs-text", "no-epoch", "bool-rows", "precision"],
+)
+def test_ill_typed_push_drops_only_that_peer_and_applies_nothing(meta: dict[str, Any]) -> None:
+    delta = [np.full(4, 5.0, np.float32)]
+    epochs: list[int] = []
+    with ParameterServer(
+        weights4(),
+        num_workers=2,
+        secret=SECRET,
+        mode="async",
+        timeout=10.0,
+        on_epoch=lambda epoch, logs: epochs.append(epoch),
+    ) as server:
+        with raw_peer(server) as sock:
+            hello(sock, partition=1, attempt=1)
+            sock.sendall(push_frame(0, delta, meta))
+            assert read_until_closed(sock) == b""  # dropped without a reply
+        wait_until(lambda: only_accept_thread(server))
+        assert server.failure is None  # async: a lost worker may come back as a new attempt
+        assert server.version == 0
+        assert server.history == {} and epochs == []
+
+        # The same push, well-typed, is applied; a good worker is still served.
+        with raw_peer(server) as sock:
+            hello(sock, partition=1, attempt=2)
+            good = Push(step=0, rows=1, epoch=0, end=EpochEnd(1, 0, {"loss": 0.5}))
+            sock.sendall(push_frame(0, delta, good.encode()))
+            assert Reply.decode(protocol.recv_message(sock, 1 << 16).meta) == Reply(version=1)
+            protocol.send_message(sock, Op.BYE)
+        reply, weights = good_worker(server, partition=0, step=0, value=1.0)
+        assert reply == Reply(version=2, rejected=False)
+        np.testing.assert_array_equal(weights[0], np.full(4, 6.0, np.float32))
+        assert server.failure is None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,10 +247,10 @@ def fit_success(round_values: list[float]) -> None:
             client.hello(partition=p, attempt=1, rows=1)
             weights: list[np.ndarray] = []
             for step, value in enumerate(round_values):
-                meta, weights = client.push(
+                reply, weights = client.push(
                     [np.full(4, value * (p + 1), np.float32)], step=step, rows=1
                 )
-                assert meta == {"version": step + 1, "rejected": False}
+                assert reply == Reply(version=step + 1, rejected=False)
             return weights
 
     with ParameterServer(weights4(), num_workers=2, secret=SECRET, timeout=5.0) as server:

@@ -17,6 +17,7 @@ import pytest
 
 from spark_keras_ml.ps import protocol
 from spark_keras_ml.ps.client import ParameterClient
+from spark_keras_ml.ps.messages import EpochEnd, Reply
 from spark_keras_ml.ps.protocol import (
     HEADER,
     MAGIC,
@@ -27,7 +28,15 @@ from spark_keras_ml.ps.protocol import (
     RemoteError,
 )
 from spark_keras_ml.ps.server import ParameterServer
-from tests.unit.ps_support import SECRET, WAIT, outcome, read_until_closed, run_workers, wait_until
+from tests.unit.ps.support import (
+    SECRET,
+    WAIT,
+    authenticated_socket,
+    outcome,
+    read_until_closed,
+    run_workers,
+    wait_until,
+)
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -112,7 +121,7 @@ def test_sync_rounds_apply_the_row_weighted_mean() -> None:
     # Round 3 has no rows at all: nothing moves.
     assert_weights(expected[4], expected[3])
 
-    def worker(p: int) -> list[tuple[dict[str, Any], list[np.ndarray]]]:
+    def worker(p: int) -> list[tuple[Reply, list[np.ndarray]]]:
         with client_for(server) as client:
             replies = [client.hello(partition=p, rows=HELLO_ROWS[p], attempt=0)]
             for r in range(ROUNDS):
@@ -120,26 +129,18 @@ def test_sync_rounds_apply_the_row_weighted_mean() -> None:
             return replies
 
     with ParameterServer(
-        initial_weights(), num_workers=N, secret=SECRET, epochs=3, batch_size=16, timeout=10.0
+        initial_weights(), num_workers=N, secret=SECRET, batch_size=16, timeout=10.0
     ) as server:
         results = run_workers(*(lambda p=p: worker(p) for p in range(N)))
         final, version, failure = server.final_weights(), server.version, server.failure
 
     for p, replies in enumerate(results):
-        hello_meta, hello_weights = replies[0]
-        assert hello_meta == {
-            "version": 0,
-            "steps_per_epoch": 1,
-            "resume_step": 0,
-            "mode": "sync",
-            "frequency": "epoch",
-            "batch_size": 16,
-            "epochs": 3,
-        }, f"worker {p}"
+        hello_reply, hello_weights = replies[0]
+        assert hello_reply == Reply(version=0, resume_step=0, steps_per_epoch=1), f"worker {p}"
         assert_weights(hello_weights, initial_weights())
         for r in range(1, ROUNDS + 1):
-            meta, weights = replies[r]
-            assert meta == {"version": r, "rejected": False}, f"worker {p} round {r}"
+            reply, weights = replies[r]
+            assert reply == Reply(version=r, rejected=False), f"worker {p} round {r}"
             assert_weights(weights, expected[r])
     # Every worker saw bit-identical weights after each round.
     for r in range(ROUNDS + 1):
@@ -167,11 +168,11 @@ def test_pull_returns_current_weights_without_a_round() -> None:
     with ParameterServer(initial_weights(), num_workers=1, secret=SECRET, timeout=5.0) as server:
         with client_for(server) as client:
             client.hello(partition=0, rows=4)
-            meta, pushed = client.push(delta, rows=4, step=0)
-            pull_meta, pulled = client.pull()
+            reply, pushed = client.push(delta, rows=4, step=0)
+            pull_reply, pulled = client.pull()
         assert server.version == 1
-    assert meta == {"version": 1, "rejected": False}
-    assert pull_meta == {"version": 1}
+    assert reply == Reply(version=1, rejected=False)
+    assert pull_reply == Reply(version=1)
     assert_weights(pushed, delta)
     assert_weights(pulled, delta)
 
@@ -198,13 +199,13 @@ def test_huge_finite_deltas_are_applied_and_non_finite_ones_rejected() -> None:
     with ParameterServer(initial_weights(), num_workers=1, secret=SECRET, timeout=5.0) as server:
         with client_for(server) as client:
             client.hello(partition=0, rows=4)
-            meta, got = client.push(huge, rows=4, step=0)
-            assert meta == {"version": 1, "rejected": False}
+            reply, got = client.push(huge, rows=4, step=0)
+            assert reply == Reply(version=1, rejected=False)
             assert_weights(got, huge)
             for k, bad in enumerate([np.nan, np.inf, -np.inf], start=1):
                 delta = [np.zeros((3, 2), np.float32), np.array([0, bad, 0, 0], np.float32)]
-                meta, got = client.push(delta, rows=4, step=k)
-                assert meta == {"version": 1 + k, "rejected": True}  # an empty round
+                reply, got = client.push(delta, rows=4, step=k)
+                assert reply == Reply(version=1 + k, rejected=True)  # an empty round
                 assert_weights(got, huge)
 
 
@@ -217,7 +218,7 @@ def test_hello_reports_the_longest_partitions_batch_count(
 ) -> None:
     assert steps == max(1, max(math.ceil(r / batch_size) for r in rows))
 
-    def worker(p: int) -> dict[str, Any]:
+    def worker(p: int) -> Reply:
         with client_for(server) as client:
             return client.hello(partition=p, rows=rows[p], attempt=1)[0]
 
@@ -227,16 +228,32 @@ def test_hello_reports_the_longest_partitions_batch_count(
         secret=SECRET,
         frequency="batch",
         batch_size=batch_size,
-        epochs=2,
         timeout=10.0,
     ) as server:
-        metas = run_workers(*(lambda p=p: worker(p) for p in range(3)))
-    for meta in metas:
-        assert meta["steps_per_epoch"] == steps
-        assert meta["frequency"] == "batch"
-        assert meta["batch_size"] == batch_size
-        assert meta["epochs"] == 2
-        assert meta["version"] == 0
+        replies = run_workers(*(lambda p=p: worker(p) for p in range(3)))
+    for reply in replies:
+        assert reply == Reply(version=0, resume_step=0, steps_per_epoch=steps)
+
+
+@pytest.mark.parametrize("mode", ["async", "hogwild"])
+@pytest.mark.parametrize("frequency", ["batch", "epoch"])
+def test_hello_reports_each_async_workers_own_batch_count(mode: str, frequency: str) -> None:
+    rows, batch_size = [10, 7, 0], 4
+    # Each worker's own count, not the longest partition's: nobody waits for the others.
+    expected = [3, 2, 1] if frequency == "batch" else [1, 1, 1]
+    with ParameterServer(
+        initial_weights(),
+        num_workers=3,
+        secret=SECRET,
+        mode=mode,
+        frequency=frequency,
+        batch_size=batch_size,
+        timeout=10.0,
+    ) as server:
+        for p in range(3):
+            with client_for(server) as client:
+                reply, _ = client.hello(partition=p, rows=rows[p], attempt=1)
+            assert reply == Reply(version=0, resume_step=0, steps_per_epoch=expected[p])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,7 +263,7 @@ def test_hello_reports_the_longest_partitions_batch_count(
 def test_epoch_logs_are_aggregated_by_epoch_rows() -> None:
     epochs, steps = 2, 2
     epoch_rows = [[30, 10, 60], [25, 25, 0]]
-    logs = [
+    logs: list[list[dict[str, float | None]]] = [
         [
             {"loss": 1.0, "accuracy": 0.5},
             {"loss": 2.0, "accuracy": 0.25},
@@ -268,25 +285,17 @@ def test_epoch_logs_are_aggregated_by_epoch_rows() -> None:
     def on_epoch(epoch: int, means: dict[str, float]) -> None:
         calls.append((epoch, dict(means), threading.current_thread().name))
 
-    def worker(p: int) -> list[dict[str, Any]]:
+    def worker(p: int) -> list[Reply]:
         delta = [np.zeros((3, 2), np.float32), np.zeros(4, np.float32)]
         with client_for(server) as client:
-            metas = [client.hello(partition=p, rows=40)[0]]
+            replies = [client.hello(partition=p, rows=40)[0]]
             for e in range(epochs):
                 # A mid-epoch step without logs, then the last step carrying the epoch's logs.
-                metas.append(client.push(delta, rows=3, step=2 * e)[0])
+                replies.append(client.push(delta, rows=3, step=2 * e)[0])
                 assert len(calls) == e, "on_epoch ran before the epoch's logs arrived"
-                metas.append(
-                    client.push(
-                        delta,
-                        rows=1,
-                        step=2 * e + 1,
-                        epoch=e,
-                        epoch_rows=epoch_rows[e][p],
-                        logs=logs[e][p],
-                    )[0]
-                )
-            return metas
+                end = EpochEnd(rows=epoch_rows[e][p], held_out=0, logs=logs[e][p])
+                replies.append(client.push(delta, rows=1, step=2 * e + 1, epoch=e, end=end)[0])
+            return replies
 
     with ParameterServer(
         initial_weights(),
@@ -294,15 +303,14 @@ def test_epoch_logs_are_aggregated_by_epoch_rows() -> None:
         secret=SECRET,
         frequency="batch",
         batch_size=20,
-        epochs=epochs,
         timeout=10.0,
         on_epoch=on_epoch,
     ) as server:
-        metas = run_workers(*(lambda p=p: worker(p) for p in range(N)))
+        replies = run_workers(*(lambda p=p: worker(p) for p in range(N)))
         history = server.history
         assert server.version == epochs * steps
 
-    assert all(m[0]["steps_per_epoch"] == steps for m in metas)
+    assert all(r[0].steps_per_epoch == steps for r in replies)
     assert history.keys() == expected_history.keys()
     for key, values in expected_history.items():
         np.testing.assert_allclose(history[key], values, rtol=1e-12)
@@ -330,10 +338,10 @@ def test_wrong_secret_is_rejected_and_the_server_keeps_serving() -> None:
         wait_until(lambda: len(server.threads()) == 1)
         assert server.failure is None
         with client_for(server) as client:
-            meta, _ = client.hello(partition=0, rows=2)
-            assert meta["version"] == 0
-            meta, weights = client.push(delta, rows=2, step=0)
-        assert meta == {"version": 1, "rejected": False}
+            reply, _ = client.hello(partition=0, rows=2)
+            assert reply.version == 0
+            reply, weights = client.push(delta, rows=2, step=0)
+        assert reply == Reply(version=1, rejected=False)
         assert_weights(weights, delta)
         assert server.failure is None
 
@@ -408,10 +416,9 @@ def test_push_before_hello_is_refused() -> None:
         assert server.failure is None
         with client_for(server) as client:
             client.hello(partition=0, rows=1)
-            assert client.push(initial_weights(), rows=1, step=0)[0] == {
-                "version": 1,
-                "rejected": False,
-            }
+            assert client.push(initial_weights(), rows=1, step=0)[0] == Reply(
+                version=1, rejected=False
+            )
 
 
 @pytest.mark.parametrize(
@@ -419,7 +426,6 @@ def test_push_before_hello_is_refused() -> None:
     [
         ({"partition": 5, "rows": 1}, RemoteError, "partition 5 is outside 0..1"),
         ({"partition": 0, "rows": -1}, ProtocolError, "connection closed"),
-        ({"rows": 3}, ProtocolError, "connection closed"),
     ],
 )
 def test_bad_hello_is_refused(identity: dict[str, int], error: type, match: str) -> None:
@@ -427,6 +433,26 @@ def test_bad_hello_is_refused(identity: dict[str, int], error: type, match: str)
         with client_for(server) as client:
             with pytest.raises(error, match=match):
                 client.hello(**identity)
+
+
+@pytest.mark.parametrize(
+    "meta",
+    [
+        {"attempt": 0, "run": 0, "rows": 3},  # no partition
+        {"partition": 0, "attempt": 0, "rows": 3},  # no run
+        {"partition": True, "attempt": 0, "run": 0, "rows": 3},
+        {"partition": 0, "attempt": 0, "run": 0, "rows": 3.0},
+    ],
+)
+def test_ill_typed_hello_is_refused(meta: dict[str, Any]) -> None:
+    """What the client cannot send: the server drops the peer without a reply."""
+    with ParameterServer(initial_weights(), num_workers=2, secret=SECRET, timeout=5.0) as server:
+        with authenticated_socket(server.address) as sock:
+            protocol.send_message(sock, Op.HELLO, meta)
+            with pytest.raises(ProtocolError, match="connection closed"):
+                protocol.recv_message(sock, 1 << 16)
+        wait_until(lambda: len(server.threads()) == 1)
+        assert server.failure is None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -448,7 +474,7 @@ def test_round_missing_a_worker_times_out_naming_it() -> None:
             client.hello(partition=2, rows=1)
             pulls = 0
             while not stop.wait(0.2):
-                assert client.pull()[0] == {"version": 0}
+                assert client.pull()[0] == Reply(version=0)
                 pulls += 1
             return pulls
 
@@ -639,23 +665,34 @@ def test_stop_without_start_is_harmless() -> None:
 
 
 def test_unexpected_handler_error_aborts_the_fit_at_once() -> None:
-    # `logs` must be a dict: a list makes the epoch aggregator raise inside the handler.
+    # An on_epoch callback that raises is an error no handler foresees; it runs in the handler
+    # of the push that completes the epoch, which partition 1's is made to be.
+    end = EpochEnd(rows=1, held_out=0, logs={"loss": 1.0})
+
+    def on_epoch(epoch: int, logs: dict[str, float]) -> None:
+        raise KeyError("a callback bug")
+
     def pusher(p: int) -> None:
         with client_for(server) as client:
             client.hello(partition=p, rows=1)
-            client.push(initial_weights(), rows=1, step=0)
+            client.push(initial_weights(), rows=1, step=0, epoch=0, end=end)
 
-    def bad_logs() -> None:
+    def completes_the_epoch() -> None:
         with client_for(server) as client:
             client.hello(partition=1, rows=1)
-            client.push(initial_weights(), rows=1, step=0, epoch=0, epoch_rows=1, logs=[1, 2])
+            # Partition 0's logs are in once its push is admitted into the round.
+            wait_until(lambda: server.counts["applied"] == 1)
+            client.push(initial_weights(), rows=1, step=0, epoch=0, end=end)
 
-    with ParameterServer(initial_weights(), num_workers=2, secret=SECRET, timeout=10.0) as server:
+    with ParameterServer(
+        initial_weights(), num_workers=2, secret=SECRET, timeout=10.0, on_epoch=on_epoch
+    ) as server:
         start = time.monotonic()
-        results = run_workers(outcome(lambda: pusher(0)), outcome(bad_logs))
+        results = run_workers(outcome(lambda: pusher(0)), outcome(completes_the_epoch))
         elapsed = time.monotonic() - start
         failure = server.failure
     assert failure is not None and "serving partition 1" in failure
+    assert "a callback bug" in failure
     assert results[1][0] == "error" and isinstance(results[1][1], RemoteError)
     assert elapsed < 5.0, "an unexpected error must end the fit, not wait out the timeout"
 

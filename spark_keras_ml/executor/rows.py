@@ -1,33 +1,27 @@
-"""Executor-safe data handling: Arrow-backed pandas batches to float32 numpy for training, and
-model outputs to the output kind's columns. No SparkSession, no Keras: tested with plain pandas.
+"""A partition's rows as the model takes them, and the checks every transported column passes.
+
+Training reads Arrow-backed pandas batches (``mapInPandas``); inference reads Arrow arrays (an
+Arrow UDF). Either way a column becomes a float32 numpy array of the model's per-row shape, with
+one wording for each bad-data error. No SparkSession, no Keras: tested with plain pandas.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
-#: Names of the optional columns the driver selects for training besides ``x0..`` and ``y0..``.
-WEIGHT = "weight"
-HELD_OUT = "held_out"
-
-#: The key under which a worker reports how many rows its val_* metrics were measured on.
-VAL_ROWS = "val_rows"
-
-#: Schema of the one summary row each training task returns.
-TRAIN_RESULT_SCHEMA = (
-    "partition int, rows long, held_out long, epochs long, steps long, seconds double, "
-    "data_bytes long, rss_before_data long, peak_rss_data long, peak_rss_bytes long, "
-    "started_at double, import_seconds double, data_seconds double, build_seconds double, "
-    "register_seconds double, train_seconds double, finished_at double"
+from spark_keras_ml.config import (
+    HELD_OUT,
+    WEIGHT,
+    Layout,
+    check_width,
+    feature_name,
+    label_name,
 )
-
-#: Probabilities are clipped this far from 0 and 1 before taking logs for rawPrediction.
-_EPSILON = 1e-7
 
 
 def column_to_numpy(series: pd.Series, what: str) -> np.ndarray:
@@ -77,26 +71,6 @@ def refuse_non_finite(values: np.ndarray, what: str) -> np.ndarray:
             f"(or values too large for float32). Received: {bad} such rows"
         )
     return values
-
-
-def feature_name(index: int) -> str:
-    return f"x{index}"
-
-
-def label_name(index: int) -> str:
-    return f"y{index}"
-
-
-def check_width(shape: Sequence[int], width: int, what: str) -> None:
-    """Raise when ``width`` values cannot fill one row of ``shape`` (-1: a free dimension)."""
-    known = math.prod(d for d in shape if d != -1)
-    fits = (width > 0 and width % known == 0) if -1 in shape else width == known
-    if not fits:
-        need = f"a multiple of {known}" if -1 in shape else str(known)
-        raise ValueError(
-            f"Expected rows of {need} values for {what}. Select or reshape the columns to fit "
-            f"the model, or change the model. Received: rows of {width} values"
-        )
 
 
 def shaped(series: pd.Series, shape: Sequence[int], what: str) -> np.ndarray:
@@ -177,7 +151,8 @@ def partition_rows(batches: Iterable[pd.DataFrame], layout: Layout) -> Rows:
         return parts[0]
 
     def joined(arrays: list[np.ndarray | None]) -> np.ndarray | None:
-        return None if arrays[0] is None else np.concatenate(arrays)  # type: ignore[arg-type]
+        first = arrays[0]
+        return None if first is None else np.concatenate([a for a in arrays if a is not None])
 
     inputs = [np.concatenate([p.inputs[i] for p in parts]) for i in range(len(layout.inputs))]
     targets = [np.concatenate([p.targets[i] for p in parts]) for i in range(len(layout.targets))]
@@ -212,75 +187,41 @@ def _batch_rows(data: pd.DataFrame, layout: Layout) -> Rows:
     return Rows(inputs, targets, weights, held_out)
 
 
-@dataclass(frozen=True)
-class Layout:
-    """What the transported columns hold: per-row shapes, and names for error messages."""
+def arrow_to_numpy(array: pa.Array, shape: Sequence[int], what: str) -> np.ndarray:
+    """A batch of a transported column (float, or lists of floats) as ``(rows, *shape)``.
 
-    inputs: tuple[tuple[int, ...], ...]
-    targets: tuple[tuple[int, ...], ...] = ()
-    input_names: tuple[str, ...] = ()
-    target_names: tuple[str, ...] = ()
-    weights: bool = False
-    held_out: bool = False
-    weight_name: str = ""
-    #: Per target: the number of classes when it holds class indices (a sparse loss), else None.
-    classes: tuple[int | None, ...] = ()
-
-    def input_name(self, index: int) -> str:
-        names = self.input_names
-        return names[index] if index < len(names) else f"model input {index}"
-
-    def target_name(self, index: int) -> str:
-        names = self.target_names
-        return names[index] if index < len(names) else f"model output {index}"
-
-    @property
-    def names(self) -> list[str]:
-        names = [feature_name(i) for i in range(len(self.inputs))]
-        names += [label_name(i) for i in range(len(self.targets))]
-        return names + ([WEIGHT] if self.weights else []) + ([HELD_OUT] if self.held_out else [])
-
-
-def classifier_outputs(probs: np.ndarray) -> dict[str, np.ndarray]:
-    """prediction, probability and rawPrediction for a classifier's output.
-
-    One sigmoid unit means P(class 1); it becomes the pair ``[1 - p, p]`` with logits ``[-z, z]``.
-    For softmax the raw scores are log-probabilities: the true logits up to a per-row constant,
-    which is all that ranking evaluators need.
+    A list column's values are one flat buffer, so a batch becomes a ``(rows, width)`` float32
+    matrix without a Python object per row (a pandas UDF would build a numpy array per row).
     """
-    probs = probs.astype(np.float64, copy=False).reshape(len(probs), -1)
-    if probs.shape[1] == 1:
-        p = np.clip(probs[:, 0], _EPSILON, 1 - _EPSILON)
-        probs = np.stack([1 - probs[:, 0], probs[:, 0]], axis=1)
-        logit = np.log(p) - np.log1p(-p)
-        raw = np.stack([-logit, logit], axis=1)
+    rows = len(array)
+    refuse_nulls(array.null_count, what)
+    if pa.types.is_list(array.type) or pa.types.is_large_list(array.type):
+        offsets = array.offsets.to_numpy()
+        widths = np.diff(offsets)
+        if rows and (widths != widths[0]).any():
+            refuse_ragged(set(widths.tolist()), what)
+        width = int(widths[0]) if rows else 0
+        flat = array.values.slice(offsets[0], offsets[-1] - offsets[0]) if rows else array.values
+        values = _floats(flat).reshape(rows, width)
     else:
-        raw = np.log(np.clip(probs, _EPSILON, None))
-    return {
-        "prediction": probs.argmax(axis=1).astype(np.float64),
-        "probability": probs,
-        "rawPrediction": raw,
-    }
+        values = _floats(array)
+    return to_shape(refuse_non_finite(values, what), shape, what)
 
 
-def regressor_outputs(outputs: np.ndarray) -> dict[str, np.ndarray]:
-    return {"prediction": outputs.reshape(len(outputs)).astype(np.float64)}
+def _floats(array: pa.Array) -> np.ndarray:
+    with np.errstate(over="ignore"):  # too large for float32 becomes inf, refused by the caller
+        return np.asarray(array.to_numpy(zero_copy_only=False), dtype=np.float32)
 
 
-def raw_outputs(outputs: np.ndarray) -> dict[str, np.ndarray]:
-    return {"prediction": outputs.astype(np.float64, copy=False).reshape(len(outputs), -1)}
-
-
-#: Model outputs -> the output kind's columns: a 1-D array is a double column, a 2-D one an
-#: array<double> column.
-OUTPUTS = {
-    "classifier": classifier_outputs,
-    "regressor": regressor_outputs,
-    "raw": raw_outputs,
-}
-
-OUTPUT_SCHEMAS = {
-    "classifier": "prediction double, probability array<double>, rawPrediction array<double>",
-    "regressor": "prediction double",
-    "raw": "prediction array<double>",
-}
+def split_held_out(
+    rows: Rows, validation_split: float, seed: int, partition: int
+) -> tuple[Rows, Rows]:
+    """(train, validation) rows: by the validation column, else a seeded validationSplit."""
+    if rows.held_out is not None:
+        mask = rows.held_out
+    elif validation_split > 0:
+        rng = np.random.default_rng([seed & 0xFFFFFFFF, partition, 1])
+        mask = rng.random(len(rows)) < validation_split
+    else:
+        return rows, rows.take(np.zeros(0, dtype=np.int64))
+    return rows.take(np.flatnonzero(~mask)), rows.take(np.flatnonzero(mask))

@@ -1,21 +1,18 @@
-"""Executor-side conversion with plain pandas: no SparkSession."""
+"""A partition's rows from pandas (training) and Arrow (inference) batches: no SparkSession."""
 
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 
-from spark_keras_ml.data import (
-    HELD_OUT,
-    WEIGHT,
-    Layout,
-    check_width,
-    classifier_outputs,
+from spark_keras_ml.config import HELD_OUT, WEIGHT, Layout, check_width
+from spark_keras_ml.executor.rows import (
+    arrow_to_numpy,
+    check_class_indices,
     column_to_numpy,
     partition_rows,
-    raw_outputs,
-    regressor_outputs,
     shaped,
 )
 
@@ -118,30 +115,7 @@ def test_missing_or_negative_weights_are_refused_naming_the_column() -> None:
         partition_rows(iter([frame]), layout)
 
 
-def test_softmax_outputs_become_prediction_probability_and_log_scores() -> None:
-    out = classifier_outputs(np.array([[0.1, 0.7, 0.2], [0.5, 0.25, 0.25]], dtype=np.float32))
-    assert out["prediction"].tolist() == [1.0, 0.0]
-    np.testing.assert_allclose(out["probability"][0], [0.1, 0.7, 0.2], rtol=1e-6)
-    np.testing.assert_allclose(out["rawPrediction"][1], np.log([0.5, 0.25, 0.25]), rtol=1e-6)
-
-
-def test_one_sigmoid_unit_becomes_two_class_probability_and_logits() -> None:
-    out = classifier_outputs(np.array([[0.8], [0.1]]))
-    assert out["prediction"].tolist() == [1.0, 0.0]
-    np.testing.assert_allclose(out["probability"][0], [0.2, 0.8])
-    logit = np.log(0.8 / 0.2)
-    np.testing.assert_allclose(out["rawPrediction"][0], [-logit, logit])
-
-
-def test_regressor_and_raw_outputs() -> None:
-    assert regressor_outputs(np.array([[1.5], [2.0]]))["prediction"].tolist() == [1.5, 2.0]
-    raw = raw_outputs(np.arange(12, dtype=np.float32).reshape(2, 2, 3))
-    np.testing.assert_array_equal(raw["prediction"][1], np.arange(6, 12))
-
-
 def test_class_indices_outside_the_output_or_fractional_are_refused() -> None:
-    from spark_keras_ml.data import check_class_indices
-
     check_class_indices(np.array([0.0, 9.0, 3.0]), 10, "`label`")
     with pytest.raises(ValueError, match=r"0..9 in `label`.*2 rows with labels such as -1, 10"):
         check_class_indices(np.array([0.0, 10.0, -1.0]), 10, "`label`")
@@ -153,3 +127,40 @@ def test_partition_rows_checks_sparse_labels_against_the_class_count() -> None:
     layout = Layout(((2,),), ((),), target_names=("`label` -> output (3,)",), classes=(3,))
     with pytest.raises(ValueError, match=r"0..2 in `label` -> output \(3,\)"):
         partition_rows(iter([batch([[1, 2]], [3])]), layout)
+
+
+# Inference batches: Arrow arrays
+
+
+def lists(rows: list[list[float]]) -> pa.Array:
+    return pa.array(rows, type=pa.list_(pa.float32()))
+
+
+def test_a_list_column_becomes_a_float32_matrix_of_the_model_shape() -> None:
+    x = arrow_to_numpy(lists([[1, 2, 3, 4], [5, 6, 7, 8]]), (2, 2), "`img`")
+    assert x.dtype == np.float32 and x.shape == (2, 2, 2)
+    assert x[1, 0, 1] == 6.0
+
+
+def test_a_sliced_batch_reads_only_its_own_rows() -> None:
+    batch = lists([[1, 2], [3, 4], [5, 6], [7, 8]]).slice(1, 2)
+    np.testing.assert_array_equal(arrow_to_numpy(batch, (2,), "`x`"), [[3, 4], [5, 6]])
+
+
+def test_numbers_and_an_empty_batch() -> None:
+    np.testing.assert_array_equal(arrow_to_numpy(pa.array([1.5, 2.0]), (1,), "`x`"), [[1.5], [2.0]])
+    assert arrow_to_numpy(lists([]), (3,), "`x`").shape == (0, 3)
+
+
+@pytest.mark.parametrize(
+    ("batch", "message"),
+    [
+        (pa.array([[1.0, 2.0], None], type=pa.list_(pa.float32())), r"no null values in `x`"),
+        (lists([[1.0], [1.0, 2.0]]), r"same length. .*Received lengths \[1, 2\]"),
+        (lists([[1.0, float("nan")], [1.0, 2.0]]), r"finite numbers in `x`.*1 such rows"),
+        (lists([[1.0, 2.0, 3.0]]), r"rows of 2 values for `x`.*rows of 3 values"),
+    ],
+)
+def test_bad_batches_are_refused_naming_the_column(batch: pa.Array, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        arrow_to_numpy(batch, (2,), "`x`")

@@ -1,13 +1,17 @@
-"""Property-based fuzzing of the frame parser and the body decoder (hypothesis, bounded in time).
+"""Property-based fuzzing of the frame parser, the body decoder and the typed message decoders
+(hypothesis, bounded in time).
 
 Whatever a peer sends, the receiving side may only raise ``ProtocolError`` (drop the peer) or
-``RemoteError`` (a well-formed ERROR frame), or return a ``Message``: any other exception type
-would escape the server's handler as an "unforeseen" error and abort the whole fit.
+``RemoteError`` (a well-formed ERROR frame), or return a ``Message`` (or a typed message): any
+other exception type would escape the server's handler as an "unforeseen" error and abort the
+whole fit.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import re
 import socket
 import struct
@@ -20,8 +24,10 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from spark_keras_ml.ps import protocol
+from spark_keras_ml.ps.messages import EpochEnd, Hello, Push, Reply
 from spark_keras_ml.ps.protocol import (
     ALLOWED_DTYPES,
+    DELTA_PRECISIONS,
     HEADER,
     MAGIC,
     META_LENGTH,
@@ -318,6 +324,131 @@ def test_valid_messages_round_trip_through_a_socket(
     for a, b in zip(got.arrays, arrays, strict=True):
         assert a.dtype.str == b.dtype.newbyteorder("<").str and a.shape == b.shape
         assert a.tobytes() == b.astype(a.dtype).tobytes()
+
+
+# ---------------------------------------------------------------------------------------------
+# Typed messages
+
+TYPED = (Hello, EpochEnd, Push, Reply)
+FIELDS = sorted({f.name for kind in TYPED for f in dataclasses.fields(kind)})
+counts = st.integers(0, 2**63)
+# Mostly values some field takes, plus everything else JSON can hold.
+field_values = st.one_of(
+    counts,
+    st.integers(-(2**70), -1),
+    st.booleans(),
+    st.none(),
+    st.sampled_from(DELTA_PRECISIONS),
+    st.floats(),
+    json_values,
+)
+log_dicts = st.dictionaries(
+    st.text(max_size=6),
+    st.none() | st.floats() | st.integers(-(2**1100), 2**1100) | json_scalars,
+    max_size=4,
+)
+end_metas = st.fixed_dictionaries(
+    {}, optional={"rows": field_values, "held_out": field_values, "logs": log_dicts | json_values}
+)
+typed_metas = st.fixed_dictionaries(
+    {},
+    optional={
+        **{name: field_values for name in FIELDS},
+        "logs": log_dicts | json_values,
+        "end": end_metas | field_values,
+    },
+)
+# NaN aside (it is unequal to itself); an infinity travels as None.
+epoch_logs = st.dictionaries(
+    st.text(max_size=6), st.none() | st.floats(allow_nan=False), max_size=4
+)
+epoch_ends = st.builds(EpochEnd, rows=counts, held_out=counts, logs=epoch_logs)
+
+
+@st.composite
+def pushes(draw: st.DrawFn) -> Push:
+    end = draw(st.none() | epoch_ends)
+    epoch = draw(counts if end is not None else st.none() | counts)
+    return Push(
+        step=draw(counts),
+        rows=draw(counts),
+        epoch=epoch,
+        gradients=draw(st.booleans()),
+        precision=draw(st.sampled_from(DELTA_PRECISIONS)),
+        end=end,
+    )
+
+
+messages = st.one_of(
+    st.builds(Hello, partition=counts, attempt=counts, run=counts, rows=counts),
+    epoch_ends,
+    pushes(),
+    st.builds(
+        Reply,
+        version=counts,
+        resume_step=st.none() | counts,
+        steps_per_epoch=st.none() | counts,
+        rejected=st.booleans(),
+        stop_after=st.none() | counts,
+    ),
+)
+
+
+def finite_logs(message: Any) -> Any:
+    """``message`` as it reads after a trip through JSON: a non-finite metric becomes None."""
+    if isinstance(message, EpochEnd):
+        clean = {
+            k: v if v is not None and math.isfinite(v) else None for k, v in message.logs.items()
+        }
+        return dataclasses.replace(message, logs=clean)
+    if isinstance(message, Push) and message.end is not None:
+        return dataclasses.replace(message, end=finite_logs(message.end))
+    return message
+
+
+@st.composite
+def near_valid_metas(draw: st.DrawFn) -> tuple[Any, dict[str, Any]]:
+    """A valid message's meta with up to two fields dropped or given some other value."""
+    message = draw(messages)
+    meta = message.encode()
+    for _ in range(draw(st.integers(0, 2))):
+        name = draw(st.sampled_from(FIELDS))
+        if name in meta and draw(st.booleans()):
+            del meta[name]
+        else:
+            meta[name] = draw(field_values | end_metas | log_dicts)
+    return type(message), meta
+
+
+@FUZZ
+@given(near_valid_metas() | st.tuples(st.sampled_from(TYPED), typed_metas | json_values))
+def test_typed_decoders_only_refuse_with_protocol_errors(case: tuple[Any, Any]) -> None:
+    kind, meta = case
+    try:
+        message = kind.decode(meta)
+    except ProtocolError:
+        note_event(f"{kind.__name__}: refused")
+        return
+    note_event(f"{kind.__name__}: accepted")
+    # Whatever was accepted is well-typed: it encodes to strict JSON and decodes to itself.
+    wire = json.loads(json.dumps(message.encode(), allow_nan=False))
+    assert kind.decode(wire) == message
+    for field in dataclasses.fields(message):
+        value = getattr(message, field.name)
+        if isinstance(value, int) and not isinstance(value, bool):
+            assert value >= 0
+
+
+@FUZZ
+@given(messages, st.sampled_from(list(Op)))
+def test_typed_messages_round_trip_through_a_socket(message: Any, op: Op) -> None:
+    body = b"".join(bytes(p) for p in protocol.encode_message(message.encode()))
+    got = feed(HEADER.pack(MAGIC, PROTOCOL_VERSION, op, 0, len(body)) + body)
+    if op is Op.ERROR:
+        assert isinstance(got, RemoteError)
+        return
+    assert isinstance(got, Message) and got.op is op
+    assert type(message).decode(got.meta) == finite_logs(message)
 
 
 def test_the_oracle_sees_each_refusal() -> None:

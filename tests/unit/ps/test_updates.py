@@ -19,11 +19,13 @@ import numpy as np
 import pytest
 
 from spark_keras_ml.ps import protocol
+from spark_keras_ml.ps.bookkeeping import steps_per_epoch
 from spark_keras_ml.ps.client import ParameterClient
+from spark_keras_ml.ps.messages import Reply
 from spark_keras_ml.ps.protocol import RemoteError
 from spark_keras_ml.ps.server import ParameterServer
 from spark_keras_ml.ps.updates import AsyncRule, HogwildRule, SyncRule, make_rule
-from tests.unit.ps_support import SECRET, WAIT, run_workers, wait_until
+from tests.unit.ps.support import SECRET, WAIT, run_workers, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -97,11 +99,31 @@ def test_make_rule_builds_each_mode_and_refuses_others() -> None:
     assert isinstance(make_rule("hogwild", zeros(), 2), HogwildRule)
     with pytest.raises(ValueError, match="mode='bsp'"):
         make_rule("bsp", zeros(), 2)
+    with pytest.raises(ValueError, match=r"frequency in .* Received: 'step'"):
+        make_rule("async", zeros(), 2, frequency="step")
+    with pytest.raises(ValueError, match=r"positive batch size\. Received: 0"):
+        make_rule("sync", zeros(), 2, batch_size=0)
+
+
+@pytest.mark.parametrize(
+    ("rows", "frequency", "batch_size", "steps"),
+    [
+        (10, "batch", 4, 3),
+        (8, "batch", 4, 2),
+        (1, "batch", 32, 1),
+        (0, "batch", 4, 1),  # no rows: still one (empty) step per epoch
+        (1000, "epoch", 4, 1),
+        (0, "epoch", 4, 1),
+    ],
+)
+def test_steps_per_epoch(rows: int, frequency: str, batch_size: int, steps: int) -> None:
+    assert steps_per_epoch(rows, frequency, batch_size) == steps
 
 
 def test_async_rule_replies_are_copy_on_write_snapshots() -> None:
-    rule = AsyncRule(zeros(), 1)
-    assert rule.register(0, 1, 5, "batch", 1, 1.0).resume_step == 0
+    rule = AsyncRule(zeros(), 1, frequency="batch", batch_size=2)
+    registration = rule.register(0, 1, 5, 1.0)
+    assert (registration.resume_step, registration.steps_per_epoch) == (0, 3)
     v1, w1 = rule.push(0, 1, 0, full(1.0), 1, 1.0)
     v2, w2 = rule.push(0, 1, 1, full(2.0), 1, 1.0)
     assert (v1, v2) == (1, 2)
@@ -110,15 +132,15 @@ def test_async_rule_replies_are_copy_on_write_snapshots() -> None:
     # A duplicate returns the current weights unchanged; a rejected (None) delta moves the step.
     assert rule.push(0, 1, 1, full(100.0), 1, 1.0)[0] == 2
     assert rule.push(0, 1, 2, None, 1, 1.0)[0] == 2
-    assert rule.register(0, 2, 5, "batch", 1, 1.0).resume_step == 3
+    assert rule.register(0, 2, 5, 1.0).resume_step == 3
     assert rule.counts["duplicates"] == 1
 
 
 def test_sync_rule_row_weighted_mean_and_zero_rows() -> None:
-    rule = SyncRule(zeros(), 2)
+    rule = SyncRule(zeros(), 2, frequency="epoch", batch_size=4)
     regs = run_workers(
-        lambda: rule.register(0, 1, 10, "epoch", 4, 5.0),
-        lambda: rule.register(1, 1, 30, "epoch", 4, 5.0),
+        lambda: rule.register(0, 1, 10, 5.0),
+        lambda: rule.register(1, 1, 30, 5.0),
     )
     assert [(r.resume_step, r.steps_per_epoch) for r in regs] == [(0, 1), (0, 1)]
     out = run_workers(
@@ -145,22 +167,20 @@ WORKERS = 8
 PUSHES = 1000
 
 
-def hammer(
-    server: ParameterServer, check: Callable[[dict[str, Any], list[np.ndarray]], None]
-) -> float:
+def hammer(server: ParameterServer, check: Callable[[Reply, list[np.ndarray]], None]) -> float:
     """WORKERS threads push PUSHES deltas of ones each; returns pushes per second."""
     barrier = threading.Barrier(WORKERS + 1, timeout=WAIT)
     ones = full(1.0)
 
     def worker(p: int) -> int:
         with client_for(server) as client:
-            meta, weights = client.hello(partition=p, attempt=1, rows=PUSHES)
-            assert meta["resume_step"] == 0
-            assert meta["steps_per_epoch"] is None
+            reply, weights = client.hello(partition=p, attempt=1, rows=PUSHES)
+            assert reply.resume_step == 0
+            assert reply.steps_per_epoch == 1  # frequency="epoch"
             barrier.wait()
             for step in range(PUSHES):
-                meta, weights = client.push(ones, step=step, rows=1)
-                check(meta, weights)
+                reply, weights = client.push(ones, step=step, rows=1)
+                check(reply, weights)
             return step + 1
 
     with ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="test-pusher") as pool:
@@ -178,11 +198,11 @@ def test_async_applies_every_push_exactly_once_under_contention(
 ) -> None:
     versions: list[int] = []
 
-    def check(meta: dict[str, Any], weights: list[np.ndarray]) -> None:
-        assert meta["rejected"] is False
+    def check(reply: Reply, weights: list[np.ndarray]) -> None:
+        assert reply.rejected is False
         # Copy-on-write under one lock: a reply is a consistent snapshot of `version` pushes.
-        assert (weights[0] == meta["version"]).all(), (meta, weights)
-        versions.append(meta["version"])
+        assert (weights[0] == reply.version).all(), (reply, weights)
+        versions.append(reply.version)
 
     with ParameterServer(
         zeros(), num_workers=WORKERS, secret=SECRET, mode="async", timeout=30.0
@@ -202,8 +222,8 @@ def test_async_applies_every_push_exactly_once_under_contention(
 def test_hogwild_loses_at_most_a_few_updates_and_never_adds_any(
     record_property: Callable[[str, Any], None],
 ) -> None:
-    def check(meta: dict[str, Any], weights: list[np.ndarray]) -> None:
-        assert meta["rejected"] is False
+    def check(reply: Reply, weights: list[np.ndarray]) -> None:
+        assert reply.rejected is False
         assert weights[0].shape == (SIZE,)
 
     with ParameterServer(
@@ -240,8 +260,8 @@ def test_replayed_push_is_acknowledged_and_applied_once(mode: str) -> None:
             replay = client.push(delta, step=0, rows=4)
         counts, version, final = server.counts, server.version, server.final_weights()
         failure = server.failure
-    assert first[0] == {"version": 1, "rejected": False}
-    assert replay[0] == {"version": 1, "rejected": False}
+    assert first[0] == Reply(version=1, rejected=False)
+    assert replay[0] == Reply(version=1, rejected=False)
     np.testing.assert_array_equal(replay[1][0], delta[0])
     np.testing.assert_array_equal(final[0], delta[0])
     assert counts == {"applied": 1, "duplicates": 1, "rejected": 0}
@@ -255,16 +275,15 @@ def test_newer_attempt_supersedes_the_older_one(mode: str) -> None:
     with ParameterServer(zeros(), num_workers=1, secret=SECRET, mode=mode, timeout=5.0) as server:
         old = client_for(server).connect()
         try:
-            meta, _ = old.hello(partition=0, attempt=1, rows=5)
-            assert meta["resume_step"] == 0
+            reply, _ = old.hello(partition=0, attempt=1, rows=5)
+            assert reply.resume_step == 0
             for step in range(5):
-                assert old.push(ones, step=step, rows=1)[0]["version"] == step + 1
+                assert old.push(ones, step=step, rows=1)[0].version == step + 1
 
             with client_for(server) as new:
-                meta, weights = new.hello(partition=0, attempt=2, rows=5)
-                assert meta["resume_step"] == 5  # last applied step (4) + 1
-                assert meta["steps_per_epoch"] is None
-                assert meta["mode"] == mode
+                reply, weights = new.hello(partition=0, attempt=2, rows=5)
+                assert reply.resume_step == 5  # last applied step (4) + 1
+                assert reply.steps_per_epoch == 1  # frequency="epoch"
                 np.testing.assert_array_equal(weights[0], full(5.0)[0])
 
                 with pytest.raises(
@@ -276,12 +295,12 @@ def test_newer_attempt_supersedes_the_older_one(mode: str) -> None:
 
                 # Steps the earlier attempt already applied are duplicates: acknowledged only.
                 for step in (0, 3, 4):
-                    meta, weights = new.push(full(100.0), step=step, rows=1)
-                    assert meta == {"version": 5, "rejected": False}
+                    reply, weights = new.push(full(100.0), step=step, rows=1)
+                    assert reply == Reply(version=5, rejected=False)
                     np.testing.assert_array_equal(weights[0], full(5.0)[0])
                 assert server.counts == {"applied": 5, "duplicates": 3, "rejected": 0}
-                meta, weights = new.push(ones, step=5, rows=1)
-                assert meta == {"version": 6, "rejected": False}
+                reply, weights = new.push(ones, step=5, rows=1)
+                assert reply == Reply(version=6, rejected=False)
                 np.testing.assert_array_equal(weights[0], full(6.0)[0])
 
             # An attempt older than the newest one cannot register again either.
@@ -309,17 +328,17 @@ def sync_server(**kwargs: Any) -> ParameterServer:
 def first_round(server: ParameterServer) -> list[ParameterClient]:
     """Two attempt-1 workers register and close round 0 (mean (10*1 + 30*3) / 40 = 2.5)."""
     clients = [client_for(server).connect() for _ in range(2)]
-    metas = run_workers(
+    hellos = run_workers(
         lambda: clients[0].hello(partition=0, attempt=1, rows=10)[0],
         lambda: clients[1].hello(partition=1, attempt=1, rows=30)[0],
     )
-    assert [(m["resume_step"], m["steps_per_epoch"]) for m in metas] == [(0, 1), (0, 1)]
+    assert [(h.resume_step, h.steps_per_epoch) for h in hellos] == [(0, 1), (0, 1)]
     replies = run_workers(
         lambda: clients[0].push(full(1.0), step=0, rows=10),
         lambda: clients[1].push(full(3.0), step=0, rows=30),
     )
-    for meta, weights in replies:
-        assert meta == {"version": 1, "rejected": False}
+    for reply, weights in replies:
+        assert reply == Reply(version=1, rejected=False)
         np.testing.assert_array_equal(weights[0], full(2.5)[0])
     return clients
 
@@ -336,13 +355,13 @@ def test_sync_rejoin_after_a_dropped_worker_resumes_from_the_committed_round() -
             assert server.failure is None
 
             new = [client_for(server).connect() for _ in range(2)]
-            metas = run_workers(
+            hellos = run_workers(
                 lambda: new[0].hello(partition=0, attempt=2, rows=1),
                 lambda: new[1].hello(partition=1, attempt=2, rows=3),
             )
-            for meta, weights in metas:
-                assert meta["resume_step"] == server.version == 1
-                assert meta["steps_per_epoch"] == 1
+            for reply, weights in hellos:
+                assert reply.resume_step == server.version == 1
+                assert reply.steps_per_epoch == 1
                 np.testing.assert_array_equal(weights[0], full(2.5)[0])
 
             # The surviving worker of the old attempt is a zombie now.
@@ -353,8 +372,8 @@ def test_sync_rejoin_after_a_dropped_worker_resumes_from_the_committed_round() -
                 lambda: new[0].push(full(2.0), step=1, rows=1),
                 lambda: new[1].push(full(4.0), step=1, rows=3),
             )
-            for meta, weights in replies:
-                assert meta == {"version": 2, "rejected": False}
+            for reply, weights in replies:
+                assert reply == Reply(version=2, rejected=False)
                 np.testing.assert_array_equal(weights[0], full(2.5 + 3.5)[0])  # (2 + 12) / 4
         finally:
             for c in old + new:
@@ -376,11 +395,11 @@ def test_sync_rejoin_replays_a_step_pushed_into_the_dropped_round() -> None:
             wait_until(lambda: server.counts["applied"] == 3)
             drop(old[1])
             new = [client_for(server).connect() for _ in range(2)]
-            metas = run_workers(
+            hellos = run_workers(
                 lambda: new[0].hello(partition=0, attempt=2, rows=1)[0],
                 lambda: new[1].hello(partition=1, attempt=2, rows=3)[0],
             )
-            assert [m["resume_step"] for m in metas] == [1, 1]
+            assert [h.resume_step for h in hellos] == [1, 1]
             with pytest.raises(RemoteError, match="newer attempt took over"):
                 waiting.join()
             replies = run_workers(
@@ -392,8 +411,8 @@ def test_sync_rejoin_replays_a_step_pushed_into_the_dropped_round() -> None:
                 c.close()
         counts = server.counts
     assert counts["duplicates"] == 0, counts
-    for meta, weights in replies:
-        assert meta == {"version": 2, "rejected": False}
+    for reply, weights in replies:
+        assert reply == Reply(version=2, rejected=False)
         # Both reruns' deltas count: 2.5 + (1*2 + 3*4) / 4. With the bug: 2.5 + 4 = 6.5.
         np.testing.assert_array_equal(weights[0], full(6.0)[0])
 
@@ -414,11 +433,11 @@ def test_sync_rerun_turns_away_a_straggler_of_the_failed_run() -> None:
             assert server.prepare_rerun() == 1
             with pytest.raises(RemoteError, match="partition 0 of run 0 arrived during run 1"):
                 straggler.hello(partition=0, attempt=5, rows=10)
-            metas = run_workers(
+            hellos = run_workers(
                 lambda: new[1].hello(partition=1, attempt=10, rows=3, run=1)[0],
                 lambda: new[0].hello(partition=0, attempt=9, rows=1, run=1)[0],
             )
-            assert [m["resume_step"] for m in metas] == [0, 0]
+            assert [h.resume_step for h in hellos] == [0, 0]
             replies = run_workers(
                 lambda: new[0].push(full(2.0), step=0, rows=1),
                 lambda: new[1].push(full(4.0), step=0, rows=3),
@@ -428,8 +447,8 @@ def test_sync_rerun_turns_away_a_straggler_of_the_failed_run() -> None:
                 c.close()
         failure = server.failure
     assert failure is None
-    for meta, weights in replies:
-        assert meta == {"version": 1, "rejected": False}
+    for reply, weights in replies:
+        assert reply == Reply(version=1, rejected=False)
         np.testing.assert_array_equal(weights[0], full(3.5)[0])  # (1*2 + 3*4) / 4
 
 
@@ -461,13 +480,10 @@ def test_sync_drop_without_rejoin_aborts_naming_the_partition() -> None:
 
 def staleness_pair(server: ParameterServer) -> tuple[ParameterClient, ParameterClient]:
     fast, slow = client_for(server).connect(), client_for(server).connect()
-    assert fast.hello(partition=0, attempt=1, rows=1)[0]["resume_step"] == 0
-    assert slow.hello(partition=1, attempt=1, rows=1)[0]["resume_step"] == 0
+    assert fast.hello(partition=0, attempt=1, rows=1)[0].resume_step == 0
+    assert slow.hello(partition=1, attempt=1, rows=1)[0].resume_step == 0
     for step in (0, 1):  # 1 and 2 steps ahead of the slow worker: within max_staleness=2
-        assert fast.push(full(1.0), step=step, rows=1)[0] == {
-            "version": step + 1,
-            "rejected": False,
-        }
+        assert fast.push(full(1.0), step=step, rows=1)[0] == Reply(version=step + 1, rejected=False)
     return fast, slow
 
 
@@ -482,10 +498,10 @@ def test_async_staleness_blocks_the_fast_worker_until_the_slow_one_pushes() -> N
                 assert not ahead.done.wait(0.3), f"step {step} ran 3 ahead without blocking"
                 # The delta is applied before the wait; only the reply is held back.
                 wait_until(lambda step=step: server.version == 2 * step - 1)
-                meta, _ = slow.push(full(1.0), step=step - 2, rows=1)
-                assert meta == {"version": 2 * step, "rejected": False}
-                meta, weights = ahead.join()
-                assert meta == {"version": 2 * step, "rejected": False}
+                reply, _ = slow.push(full(1.0), step=step - 2, rows=1)
+                assert reply == Reply(version=2 * step, rejected=False)
+                reply, weights = ahead.join()
+                assert reply == Reply(version=2 * step, rejected=False)
                 np.testing.assert_array_equal(weights[0], full(2 * step)[0])
         finally:
             fast.close()
@@ -547,10 +563,10 @@ def test_non_finite_deltas_are_rejected_then_abort_the_fit() -> None:
     ) as server:
         with client_for(server) as client:
             client.hello(partition=0, attempt=1, rows=1)
-            assert client.push(full(1.0), step=0, rows=1)[0] == {"version": 1, "rejected": False}
+            assert client.push(full(1.0), step=0, rows=1)[0] == Reply(version=1, rejected=False)
             for i, delta in enumerate(bad[:2]):
-                meta, weights = client.push(delta, step=1 + i, rows=1)
-                assert meta == {"version": 1, "rejected": True}
+                reply, weights = client.push(delta, step=1 + i, rows=1)
+                assert reply == Reply(version=1, rejected=True)
                 np.testing.assert_array_equal(weights[0], full(1.0)[0])
                 assert server.counts["rejected"] == i + 1
                 assert server.failure is None
@@ -574,7 +590,7 @@ def test_rejected_push_is_not_counted_as_applied() -> None:
     ) as server:
         with client_for(server) as client:
             client.hello(partition=0, attempt=1, rows=1)
-            assert client.push(full(np.nan), step=0, rows=1)[0] == {"version": 0, "rejected": True}
+            assert client.push(full(np.nan), step=0, rows=1)[0] == Reply(version=0, rejected=True)
         counts, version = server.counts, server.version
     assert version == 0
     assert counts == {"applied": 0, "duplicates": 0, "rejected": 1}
@@ -602,22 +618,22 @@ def test_zero_row_delta_never_changes_the_weights(mode: str) -> None:
 # Compressed deltas
 
 
-def push_compressed(delta: list[np.ndarray], precision: str) -> tuple[dict[str, Any], Any]:
+def push_compressed(delta: list[np.ndarray], precision: str) -> tuple[Reply, Any]:
     wire = protocol.compress_delta(delta, precision)
     with ParameterServer(
         zeros(), num_workers=1, secret=SECRET, mode="async", timeout=5.0
     ) as server:
         with client_for(server) as client:
             client.hello(partition=0, attempt=1, rows=1)
-            meta, weights = client.push(wire, step=0, rows=1, precision=precision)
+            reply, weights = client.push(wire, step=0, rows=1, precision=precision)
         assert [a.nbytes for a in wire] == [SIZE * 2]  # really two bytes a value on the wire
-        return meta, (weights, server.final_weights(), server.counts)
+        return reply, (weights, server.final_weights(), server.counts)
 
 
 def test_float16_delta_is_decoded_within_half_precision() -> None:
     delta = [np.array([1 / 3, -2 / 3, 1e-3, 123.456, -5000.1, 65504, 65519, 7, 0, -1e-4], "f4")]
-    meta, (weights, final, counts) = push_compressed(delta, "float16")
-    assert meta == {"version": 1, "rejected": False}
+    reply, (weights, final, counts) = push_compressed(delta, "float16")
+    assert reply == Reply(version=1, rejected=False)
     # IEEE half: 11 significant bits, so at most 2**-11 relative error for normal numbers.
     np.testing.assert_allclose(final[0], delta[0], rtol=2**-11, atol=0)
     np.testing.assert_array_equal(weights[0], final[0])
@@ -631,8 +647,8 @@ def test_bfloat16_delta_is_decoded_to_about_three_significant_digits() -> None:
     rng = np.random.default_rng(3)
     delta = [(rng.standard_normal(SIZE) * 10.0 ** rng.integers(-20, 20, SIZE)).astype("f4")]
     delta[0][:3] = [1.00390625, 1.01171875, 3e38]  # two ties (to even: down, up), near float max
-    meta, (weights, final, counts) = push_compressed(delta, "bfloat16")
-    assert meta == {"version": 1, "rejected": False}
+    reply, (weights, final, counts) = push_compressed(delta, "bfloat16")
+    assert reply == Reply(version=1, rejected=False)
     np.testing.assert_array_equal(weights[0], final[0])
     # 8 significant bits: at most 2**-8 relative error.
     np.testing.assert_allclose(final[0], delta[0], rtol=2**-8, atol=0)
@@ -648,8 +664,8 @@ def test_float16_overflow_becomes_inf_and_is_rejected(value: float) -> None:
     delta[0][4] = value
     wire = protocol.compress_delta(delta, "float16")
     assert np.isinf(wire[0][4]) and np.isfinite(np.delete(wire[0], 4)).all()
-    meta, (_, final, counts) = push_compressed(delta, "float16")
-    assert meta == {"version": 0, "rejected": True}
+    reply, (_, final, counts) = push_compressed(delta, "float16")
+    assert reply == Reply(version=0, rejected=True)
     np.testing.assert_array_equal(final[0], zeros()[0])
     assert counts["rejected"] == 1
 
@@ -668,7 +684,7 @@ def test_bfloat16_nan_stays_non_finite_and_is_rejected(bits: int) -> None:
     delta = full(1.0)
     delta[0][2] = np.array([bits], np.uint32).view(np.float32)[0]
     assert np.isnan(delta[0][2])
-    meta, (_, final, counts) = push_compressed(delta, "bfloat16")
-    assert meta == {"version": 0, "rejected": True}
+    reply, (_, final, counts) = push_compressed(delta, "bfloat16")
+    assert reply == Reply(version=0, rejected=True)
     assert counts["rejected"] == 1
     np.testing.assert_array_equal(final[0], zeros()[0])

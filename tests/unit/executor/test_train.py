@@ -1,19 +1,16 @@
-"""Executor code without Spark: the training loop against a real server, and batched predict."""
+"""The training loop without Spark: workers in threads against a real server."""
 
 from __future__ import annotations
 
 import keras
 import numpy as np
-import pyarrow as pa
 import pytest
 
-from spark_keras_ml.config import PredictConfig, TrainConfig
-from spark_keras_ml.data import Layout
+from spark_keras_ml.config import Layout, TrainConfig
 from spark_keras_ml.ps.protocol import new_secret
 from spark_keras_ml.ps.server import ParameterServer
-from spark_keras_ml.serialization import model_id, model_to_bytes
-from spark_keras_ml.worker import predict_batches
-from tests.unit.worker_support import train_partitions
+from spark_keras_ml.serialization import model_to_bytes
+from tests.unit.executor.support import train_partitions
 
 
 def tiny_model() -> keras.Model:
@@ -32,7 +29,6 @@ def make_config(frequency: str, host: str, port: int, secret: bytes, data: bytes
             "loss": "sparse_categorical_crossentropy",
             "metrics": ["accuracy"],
         },
-        mode="sync",
         frequency=frequency,
         epochs=3,
         batch_size=8,
@@ -60,7 +56,6 @@ def test_workers_end_on_the_server_weights_with_one_history_entry_per_epoch(freq
         secret=secret,
         frequency=frequency,
         batch_size=8,
-        epochs=3,
         timeout=30.0,
     ) as server:
         config = make_config(frequency, *server.address, secret, data)
@@ -74,21 +69,3 @@ def test_workers_end_on_the_server_weights_with_one_history_entry_per_epoch(freq
             np.testing.assert_array_equal(a, b)
     assert not all(np.array_equal(a, b) for a, b in zip(final, model.get_weights()))
     assert len(history["loss"]) == 3 and len(history["accuracy"]) == 3
-
-
-def test_predict_batches_matches_keras_predict_and_caches_the_model() -> None:
-    model = tiny_model()
-    data = model_to_bytes(model)
-    config = PredictConfig(
-        model_id(data), data, "classifier", batch_size=3, task_cpus=1, layout=Layout(((4,),))
-    )
-    x = np.random.default_rng(1).normal(size=(10, 4)).astype("float32")
-    batches = [pa.array(list(x[:7]), pa.list_(pa.float32())), pa.array(list(x[7:]))]
-    outputs = list(predict_batches(config, iter(batches)))
-    assert [len(o) for o in outputs] == [7, 3]
-    probs = np.array([row["probability"] for o in outputs for row in o.to_pylist()])
-    np.testing.assert_allclose(probs, model.predict(x, verbose=0), rtol=1e-5, atol=1e-7)
-    from spark_keras_ml.worker import _MODELS
-
-    first = _MODELS.get(config.model_id, data)
-    assert _MODELS.get(config.model_id, data) is first

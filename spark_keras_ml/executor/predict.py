@@ -1,0 +1,82 @@
+"""The body of the inference UDF: :func:`predict_batches`, and the per-worker model cache.
+
+``KerasTransformer.transform`` ships :func:`predict_batches` in an Arrow iterator UDF over the
+feature columns only. Keras is imported by the cache's first build, after
+:func:`~spark_keras_ml.executor.resources.configure_threads`.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pyarrow as pa
+
+from spark_keras_ml.config import PredictConfig
+from spark_keras_ml.executor.outputs import OUTPUTS, flat_outputs, to_arrow
+from spark_keras_ml.executor.resources import configure_threads
+from spark_keras_ml.executor.rows import arrow_to_numpy
+from spark_keras_ml.serialization import model_from_bytes
+
+if TYPE_CHECKING:
+    import keras
+
+
+class ModelCache:
+    """A small locked LRU of models per Python worker, keyed by an id made on the driver.
+
+    Spark reuses Python workers between tasks (``spark.python.worker.reuse``, on by default), so
+    the second task of a transform skips rebuilding the model.
+    """
+
+    def __init__(self, capacity: int = 4) -> None:
+        self._capacity = capacity
+        self._lock = threading.Lock()
+        self._models: OrderedDict[str, keras.Model] = OrderedDict()
+
+    def get(self, key: str, data: bytes, custom_objects: Sequence[str] = ()) -> keras.Model:
+        with self._lock:
+            if key in self._models:
+                self._models.move_to_end(key)
+                return self._models[key]
+            model = model_from_bytes(data, custom_objects=custom_objects)
+            self._models[key] = model
+            while len(self._models) > self._capacity:
+                self._models.popitem(last=False)
+            return model
+
+
+#: This Python worker's models.
+MODELS = ModelCache()
+
+
+def predict_batches(
+    config: PredictConfig, batches: Iterable[pa.Array | tuple[pa.Array, ...]]
+) -> Iterator[pa.Array]:
+    """Predict each Arrow batch of the feature columns; yield the kind's output struct array.
+
+    One feature column arrives as an array, several (a multi-input model) as a tuple of them.
+    """
+    configure_threads(config.task_cpus)
+    model = MODELS.get(config.model_id, config.model_bytes, config.custom_objects)
+    to_columns = OUTPUTS[config.kind]
+    layout = config.layout
+    size = config.batch_size
+    for batch in batches:
+        columns = batch if isinstance(batch, tuple) else (batch,)
+        xs = [
+            arrow_to_numpy(a, layout.inputs[i], layout.input_name(i)) for i, a in enumerate(columns)
+        ]
+        chunks = [
+            flat_outputs(model.predict_on_batch(_model_input([x[i : i + size] for x in xs])))
+            for i in range(0, len(xs[0]), size)
+        ]
+        outputs = np.concatenate(chunks) if chunks else np.zeros((0, 1), dtype=np.float32)
+        yield to_arrow(to_columns(outputs))
+
+
+def _model_input(arrays: list[np.ndarray]) -> np.ndarray | list[np.ndarray]:
+    return arrays[0] if len(arrays) == 1 else arrays

@@ -1,0 +1,80 @@
+"""What a Python worker's task uses of its machine: threads, memory, time.
+
+No Keras at import: :func:`configure_threads` must run before TensorFlow is first imported.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import os
+import sys
+import time
+
+import pyarrow as pa
+
+
+def configure_threads(cpus: int) -> None:
+    """Give TensorFlow ``cpus`` threads per pool, before it is first imported in this process.
+
+    TensorFlow sizes its thread pools once, at import: with 2 cores and 2 tasks, each task must
+    keep to its share.
+    """
+    if "tensorflow" in sys.modules or os.environ.get("KERAS_BACKEND", "tensorflow") != "tensorflow":
+        return
+    import tensorflow as tf
+
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(cpus)
+        tf.config.threading.set_inter_op_parallelism_threads(cpus)
+    except RuntimeError:  # already initialised by an earlier task in this reused worker
+        pass
+
+
+def release_memory() -> None:
+    """Give back what a finished training task freed: Spark reuses this Python worker, and
+    without this each fit left it about 100 MB larger (freed pandas and Arrow buffers, the
+    model's graphs) for the next one to start from."""
+    gc.collect()
+    pa.default_memory_pool().release_unused()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)  # glibc: return freed heap pages to the OS
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+class Stopwatch:
+    """Seconds between laps, for the phases a training task reports."""
+
+    def __init__(self) -> None:
+        self._start = self._last = time.perf_counter()
+
+    def lap(self) -> float:
+        now = time.perf_counter()
+        seconds, self._last = now - self._last, now
+        return seconds
+
+    def total(self) -> float:
+        return time.perf_counter() - self._start
+
+
+def current_rss() -> int:
+    """Resident memory of this process now, in bytes (0 where /proc is missing)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def peak_rss() -> int:
+    """The most resident memory this process has had, in bytes.
+
+    The kernel's high-water mark and /proc's current figure count pages slightly differently;
+    the larger of the two keeps "peak >= any earlier current reading" true.
+    """
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = peak if sys.platform == "darwin" else peak * 1024  # macOS: bytes; Linux: KiB
+    return int(max(peak, current_rss()))

@@ -1,0 +1,497 @@
+"""One distributed fit, planned and then run (driver side).
+
+:meth:`FitPlan.read` reads every Param of a ``KerasEstimator`` once, checks the input before any
+job, and resolves what the mode decides (barrier or not, reruns, gradients or deltas, the
+worker's batch size, the epochs left after a checkpoint). Both the parameter server and the
+task config are built from the plan's fields, so the schedule is stated once. :func:`run` then
+holds the server, the callbacks, the checkpoint writer, the Spark job and its reruns, the failure
+text and the summary.
+
+Where the parameter server lives is one seam, :class:`OnDriver`: today threads of the driver
+process. Nothing else in the fit depends on it, so that a later location can host the server
+inside the cluster (Spark Connect) without touching the rest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import logging
+import math
+import re
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from pyspark.sql import DataFrame, Row, SparkSession
+
+from spark_keras_ml import cluster
+from spark_keras_ml.callbacks import Callback, CallbackError, ProgressBar, Training, run_epoch_end
+from spark_keras_ml.checkpoint import Checkpoint, CheckpointStore, CheckpointWriter
+from spark_keras_ml.config import TRAIN_RESULT_SCHEMA, Layout, TrainConfig
+from spark_keras_ml.executor.train import train_partition
+from spark_keras_ml.inputs import check_first_row, training_columns
+from spark_keras_ml.model_info import output_kind, resolve_compile_config
+from spark_keras_ml.params import normalize_mode
+from spark_keras_ml.ps.optimizer import server_optimizer
+from spark_keras_ml.ps.protocol import new_secret
+from spark_keras_ml.ps.server import ParameterServer
+from spark_keras_ml.serialization import model_from_bytes
+from spark_keras_ml.summary import TrainingSummary, fit_phases, format_epoch
+
+if TYPE_CHECKING:
+    import keras
+
+    from spark_keras_ml.estimator import KerasEstimator
+    from spark_keras_ml.tuning import SharedTrainingData
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class OnDriver:
+    """The parameter server as threads of the driver process (classic Spark).
+
+    It binds ``bind_host`` (the driver host, or ``spark.keras.ps.bindAddress``) on port 0, and
+    tasks connect to ``task_host``.
+    """
+
+    bind_host: str
+    task_host: str
+
+    @classmethod
+    def of(cls, spark: SparkSession) -> OnDriver:
+        return cls(cluster.bind_address(spark), cluster.driver_host(spark))
+
+    @contextlib.contextmanager
+    def serve(self, server: ParameterServer) -> Iterator[tuple[str, int]]:
+        """Run ``server`` for the block (no thread, socket or port outlives it); yield the
+        address tasks connect to."""
+        with server:
+            yield self.task_host, server.port
+
+
+@dataclass(frozen=True)
+class Resume:
+    """Where a fit starts: from scratch, or after the last epoch in ``checkpointDir``."""
+
+    store: CheckpointStore | None = None
+    checkpoint: Checkpoint | None = None
+
+    @property
+    def first_epoch(self) -> int:
+        return 0 if self.checkpoint is None else self.checkpoint.epoch + 1
+
+    @property
+    def history(self) -> dict[str, list[float]]:
+        return {} if self.checkpoint is None else self.checkpoint.history
+
+
+@dataclass(frozen=True)
+class FitPlan:
+    """Every Param of one fit, read once, and what the mode decides."""
+
+    uid: str
+    spark: SparkSession
+    #: The model on the driver: its initial weights, the server's optimizer, then the result.
+    model: keras.Model
+    model_bytes: bytes
+    compile_config: dict[str, Any]
+    kind: str
+    custom_objects: tuple[str, ...]
+    layout: Layout
+    #: The converted columns, repartitioned to ``num_workers`` (cached by ``fitMultiple``).
+    data: DataFrame
+    mode: str
+    frequency: str
+    epochs: int
+    #: The user's batchSize: in sync/batch the global batch, split over the workers.
+    batch_size: int
+    num_workers: int
+    timeout: float
+    max_staleness: int | None
+    max_bad_updates: int
+    delta_precision: str
+    seed: int
+    validation_split: float
+    task_cpus: int
+    callbacks: list[Callback]
+    resume: Resume
+    location: OnDriver
+    #: How often a failed training job is rerun (sync only: a lost task fails a barrier stage).
+    reruns: int
+
+    @classmethod
+    def read(
+        cls,
+        estimator: KerasEstimator,
+        model_bytes: bytes,
+        dataset: DataFrame,
+        shared: SharedTrainingData | None,
+    ) -> FitPlan:
+        """The plan of ``estimator.fit(dataset)``; every check that can fail before a job runs
+        here. With ``shared``, the converted data comes from (and stays in) its cache."""
+        spark = dataset.sparkSession
+        cluster.check_transport_security(spark.conf.get)
+        mode = normalize_mode(estimator.getMode())
+        custom_objects = tuple(estimator.getCustomObjects())
+        model = model_from_bytes(model_bytes, compile=True, custom_objects=custom_objects)
+        compile_config = resolve_compile_config(
+            model,
+            optimizer=estimator.getOptimizer(),
+            learning_rate=estimator.getLearningRate(),
+            loss=estimator.getLoss(),
+            metrics=estimator.getMetrics(),
+        )
+        loss = compile_config["loss"]
+        kind = estimator.getOutputKind()
+        columns = training_columns(
+            dataset,
+            model,
+            loss,
+            features=estimator.feature_columns(),
+            labels=estimator.label_columns(),
+            weight=estimator.getSampleWeightCol(),
+            held_out=estimator.getValidationCol(),
+            validation_split=estimator.getValidationSplit(),
+        )
+        num_workers = cluster.check_workers(spark, mode, estimator.getNumWorkers())
+        if not check_first_row(dataset, columns.slots):
+            raise ValueError(
+                "Expected a DataFrame with at least one row to fit on. Received: an empty DataFrame"
+            )
+
+        def convert() -> DataFrame:
+            return dataset.select(*columns.columns).repartition(num_workers)
+
+        progress: list[Callback] = [ProgressBar()] if estimator.getProgressBar() else []
+        return cls(
+            uid=estimator.uid,
+            spark=spark,
+            model=model,
+            model_bytes=model_bytes,
+            compile_config=compile_config,
+            kind=output_kind(model, loss) if kind == "auto" else kind,
+            custom_objects=custom_objects,
+            layout=columns.layout,
+            data=convert() if shared is None else shared.get((*columns.key, num_workers), convert),
+            mode=mode,
+            frequency=estimator.getFrequency(),
+            epochs=estimator.getEpochs(),
+            batch_size=estimator.getBatchSize(),
+            num_workers=num_workers,
+            timeout=estimator.getTimeout(),
+            max_staleness=estimator.getMaxStaleness(),
+            max_bad_updates=estimator.getMaxBadUpdates(),
+            delta_precision=estimator.getDeltaPrecision(),
+            seed=estimator.getSeed(),
+            validation_split=estimator.getValidationSplit(),
+            task_cpus=cluster.task_cpus(spark),
+            callbacks=estimator.getCallbacks() + progress,
+            resume=_resume_point(spark, estimator.getCheckpointDir(), model),
+            location=OnDriver.of(spark),
+            reruns=estimator.getSyncRetries() if mode == "sync" else 0,
+        )
+
+    # --- what the mode decides ----------------------------------------------------------------
+
+    @property
+    def barrier(self) -> bool:
+        """Sync runs every worker at once in a barrier stage; async and hogwild tasks may queue."""
+        return self.mode == "sync"
+
+    @property
+    def gradients(self) -> bool:
+        """Sync/batch is synchronous SGD: each round is one step of the model's optimizer, run by
+        the server on the mean gradient of a global batch split over the workers (as Keras's
+        MirroredStrategy splits the batch given to fit)."""
+        return self.mode == "sync" and self.frequency == "batch"
+
+    @property
+    def worker_batch_size(self) -> int:
+        """Rows per step of one worker: its share of the global batch in sync/batch."""
+        if self.gradients:
+            return math.ceil(self.batch_size / self.num_workers)
+        return self.batch_size
+
+    @property
+    def epochs_left(self) -> int:
+        return self.epochs - self.resume.first_epoch
+
+    # --- what the plan builds -----------------------------------------------------------------
+
+    def server(self, secret: bytes, fit: FitRun) -> ParameterServer:
+        """The parameter server of this fit, reporting epochs and aborts to ``fit``."""
+        return ParameterServer(
+            self.model.get_weights(),
+            num_workers=self.num_workers,
+            secret=secret,
+            mode=self.mode,
+            frequency=self.frequency,
+            batch_size=self.worker_batch_size,
+            host=self.location.bind_host,
+            timeout=self.timeout,
+            max_staleness=self.max_staleness,
+            allow_rejoin=self.reruns > 0,
+            max_bad_updates=self.max_bad_updates,
+            on_epoch=fit.on_epoch,
+            on_epoch_applied=fit.on_epoch_applied,
+            on_abort=fit.on_abort,
+            optimizer=server_optimizer(self.model, self.compile_config) if self.gradients else None,
+        )
+
+    def task_config(self, address: tuple[str, int], secret: bytes) -> TrainConfig:
+        """What every training task of this fit gets (its ``run`` is set per run of the job)."""
+        return TrainConfig(
+            host=address[0],
+            port=address[1],
+            secret=secret,
+            model_bytes=self.model_bytes,
+            compile_config=self.compile_config,
+            frequency=self.frequency,
+            epochs=self.epochs_left,
+            first_epoch=self.resume.first_epoch,
+            batch_size=self.worker_batch_size,
+            gradients=self.gradients,
+            timeout=self.timeout,
+            seed=self.seed,
+            task_cpus=self.task_cpus,
+            layout=self.layout,
+            validation_split=self.validation_split,
+            delta_precision=self.delta_precision,
+            custom_objects=self.custom_objects,
+        )
+
+    def describe(self) -> str:
+        """The training job's description in the Spark UI."""
+        return (
+            f"spark_keras_ml: training {self.uid} ({self.mode}/{self.frequency}, epochs "
+            f"{self.resume.first_epoch + 1}-{self.epochs}, {self.num_workers} workers)"
+        )
+
+
+def _resume_point(spark: SparkSession, directory: str | None, model: keras.Model) -> Resume:
+    if directory is None:
+        return Resume()
+    store = CheckpointStore(spark, directory)
+    store.prepare()
+    checkpoint = store.read([tuple(w.shape) for w in model.get_weights()])
+    if checkpoint is not None:
+        model.set_weights(checkpoint.weights)
+        logger.info(
+            "Resuming from the checkpoint of epoch %d in %s", checkpoint.epoch + 1, directory
+        )
+    return Resume(store, checkpoint)
+
+
+# ---------------------------------------------------------------------------------------------
+# Running a plan
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """What a fit leaves: ``plan.model`` holds the trained weights; the history; the summary
+    (None when the checkpoint already held every epoch)."""
+
+    history: dict[str, list[float]]
+    summary: TrainingSummary | None
+
+
+def run(plan: FitPlan) -> FitResult:
+    """Train ``plan`` on the cluster; ``plan.model`` ends with the trained weights."""
+    if plan.epochs_left <= 0:
+        logger.info("All %d epochs are done in the checkpoint: nothing to train", plan.epochs)
+        return FitResult(plan.resume.history, None)
+    started = time.time()
+    fit = FitRun(plan)
+    for callback in plan.callbacks:
+        callback.on_train_begin(fit.training)
+    with plan.location.serve(fit.server) as address:
+        logger.info(
+            "Training on %d workers (mode=%s, frequency=%s, epochs=%d, batchSize=%d); "
+            "parameter server at %s:%d",
+            plan.num_workers,
+            plan.mode,
+            plan.frequency,
+            plan.epochs,
+            plan.batch_size,
+            *address,
+        )
+        submitted = time.time()
+        try:
+            results = fit.collect(plan.task_config(address, fit.secret))
+        finally:
+            fit.close_writer()
+        weights, history = fit.server.final_weights(), fit.history()
+        for callback in plan.callbacks:
+            callback.on_train_end(history)
+        fit.training.close()
+    kept = fit.training.kept
+    if fit.training.restore_epoch is not None and kept is not None:
+        logger.info("Restoring the weights of epoch %d", kept[0] + 1)
+        weights = kept[1]
+    plan.model.set_weights(weights)
+    workers = [r.asDict() for r in sorted(results, key=lambda r: r["partition"])]
+    phases = fit_phases(started, submitted, time.time(), workers)
+    return FitResult(history, fit.summary(history, workers, phases, time.time() - started))
+
+
+class FitRun:
+    """One run of a plan: the server, the callbacks' handle, the checkpoint writer and the job."""
+
+    def __init__(self, plan: FitPlan) -> None:
+        self.plan = plan
+        self.secret = new_secret()
+        self._tag = f"spark_keras_ml-fit-{uuid.uuid4().hex}"
+        store = plan.resume.store
+        self._writer = None if store is None else CheckpointWriter(store)
+        self.server = plan.server(self.secret, self)
+        self.training = Training(self.server, plan.epochs, plan.resume.first_epoch)
+
+    def history(self) -> dict[str, list[float]]:
+        """The whole history: the checkpoint's epochs, then this fit's."""
+        return _joined(self.plan.resume.history, self.server.history)
+
+    # --- called by the server's threads -------------------------------------------------------
+
+    def on_epoch(self, epoch: int, logs: dict[str, float]) -> None:
+        logger.info(format_epoch(epoch, self.plan.epochs, logs))
+        try:
+            run_epoch_end(
+                self.plan.callbacks, epoch, {k: v for k, v in logs.items() if k != "rows"}
+            )
+        except CallbackError as exc:
+            self.server.abort(str(exc))
+
+    def on_epoch_applied(self, epoch: int, weights: list[np.ndarray]) -> None:
+        self.training.epoch_applied(epoch, weights)
+        if self._writer is not None:
+            self._writer.put(Checkpoint(epoch, weights, self.history()))
+
+    def on_abort(self, reason: str) -> None:
+        """Training aborted: stop the job now, not after every task has noticed."""
+        logger.info("Cancelling the training job: %s", reason)
+        cluster.cancel_jobs(self.plan.spark, self._tag)
+
+    # --- the job ------------------------------------------------------------------------------
+
+    def collect(self, config: TrainConfig) -> list[Row]:
+        """Collect the training job; rerun a failed sync job when syncRetries allows it.
+
+        The job carries a tag so that a server abort or an interrupt of the driver (Ctrl-C)
+        cancels it instead of leaving tasks running.
+        """
+        plan, server = self.plan, self.server
+        attempt, run = 0, 0
+        with cluster.tagged_jobs(plan.spark, self._tag, plan.describe()):
+            while True:
+                try:
+                    return self._job(dataclasses.replace(config, run=run)).collect()
+                except BaseException as exc:
+                    if not isinstance(exc, Exception):  # an interrupt of the driver: stop it all
+                        cluster.cancel_jobs(plan.spark, self._tag)
+                        raise
+                    if server.failure is not None:
+                        raise RuntimeError(
+                            f"Distributed training failed: {server.failure}"
+                        ) from exc
+                    if attempt >= plan.reruns:
+                        raise RuntimeError(_job_failure(exc, plan.mode, plan.reruns)) from exc
+                    attempt += 1
+                    run = server.prepare_rerun()
+                    logger.warning(
+                        "Training job failed (%s); rerunning it from round %d (retry %d of %d)",
+                        str(exc).splitlines()[0][:300],
+                        server.version,
+                        attempt,
+                        plan.reruns,
+                    )
+
+    def _job(self, config: TrainConfig) -> DataFrame:
+        # A fresh DataFrame per run: a failed adaptive plan remembers its failure.
+        return self.plan.data.mapInPandas(
+            functools.partial(train_partition, config),
+            TRAIN_RESULT_SCHEMA,
+            barrier=self.plan.barrier,
+        )
+
+    def close_writer(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+    # --- the summary --------------------------------------------------------------------------
+
+    def summary(
+        self,
+        history: dict[str, list[float]],
+        workers: list[dict[str, Any]],
+        phases: dict[str, float],
+        wall_seconds: float,
+    ) -> TrainingSummary:
+        counts = self.server.counts
+        logger.info(
+            "Trained %d rows per epoch in %.1f s (slowest worker); pushes applied %d, "
+            "duplicates skipped %d, non-finite rejected %d",
+            sum(w["rows"] for w in workers),
+            max(w["seconds"] for w in workers),
+            counts["applied"],
+            counts["duplicates"],
+            counts["rejected"],
+        )
+        writer = self._writer
+        if writer is not None and writer.error is not None:
+            logger.error(
+                "The fit finished, but its last checkpoint could not be written to %s: %r",
+                writer.directory,
+                writer.error,
+            )
+        return TrainingSummary(
+            history=history,
+            rows_per_epoch=self.server.epoch_rows,
+            workers=workers,
+            updates=counts,
+            wall_seconds=wall_seconds,
+            stopped_early=self.training.stopped_at is not None,
+            first_epoch=self.plan.resume.first_epoch,
+            phases=phases,
+        )
+
+
+def _joined(
+    earlier: dict[str, list[float]], later: dict[str, list[float]]
+) -> dict[str, list[float]]:
+    """History of a resumed fit: the checkpoint's epochs, then this fit's."""
+    keys = list(earlier) + [k for k in later if k not in earlier]
+    return {k: list(earlier.get(k, [])) + list(later.get(k, [])) for k in keys}
+
+
+#: The line of a Python traceback that says what went wrong, e.g. "ValueError: Expected ...".
+_PYTHON_ERROR = re.compile(r"^(?!(?:org|java|scala|py4j)\.)[A-Za-z_][\w.]*(?:Error|Exception): \S")
+
+
+def _job_failure(exc: BaseException, mode: str, retries: int) -> str:
+    """A short message for a training job that Spark failed (the cause stays chained).
+
+    The cause is the executor's own Python error when there is one (its traceback is inside
+    Spark's exception text), else the first line that names an error.
+    """
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    cause = next(
+        (line for line in lines if _PYTHON_ERROR.match(line)),
+        next(
+            (line for line in lines if "Error" in line or "exited" in line),
+            lines[0] if lines else "",
+        ),
+    )
+    if mode == "sync":
+        hint = (
+            f"A sync fit stops when any worker fails (it was rerun {retries} times); set "
+            "syncRetries to rerun it from the last committed round."
+        )
+    else:
+        hint = "Spark retried the failed task up to spark.task.maxFailures times."
+    return f"Distributed training failed: the Spark job failed ({cause[:500]}). {hint}"
