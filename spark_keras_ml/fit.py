@@ -347,10 +347,11 @@ class FitRun:
         self.plan = plan
         self.secret = new_secret()
         self._tag = f"spark_keras_ml-fit-{uuid.uuid4().hex}"
-        store = plan.resume.store
-        self._writer = None if store is None else CheckpointWriter(store)
         self.server = plan.server(self.secret, self)
         self.training = Training(self.server, plan.epochs, plan.resume.first_epoch)
+        # Last: building the server (its optimizer) may fail, and the writer starts a thread.
+        store = plan.resume.store
+        self._writer = None if store is None else CheckpointWriter(store)
 
     def history(self) -> dict[str, list[float]]:
         """The whole history: the checkpoint's epochs, then this fit's."""
