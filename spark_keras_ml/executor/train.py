@@ -8,7 +8,6 @@ pools once, at import.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -252,7 +251,8 @@ class PartitionWorker:
                 return_dict=True,
             )
             logs = {**logs, **{f"val_{k}": float(v) for k, v in scores.items()}}
-        return EpochEnd(rows=len(self._train), held_out=len(held_out), logs=_json_logs(logs))
+        # A non-finite metric (a diverged loss) travels as null: EpochEnd.encode sees to it.
+        return EpochEnd(rows=len(self._train), held_out=len(held_out), logs=dict(logs))
 
     def _push(
         self, update: list[np.ndarray], *, step: int, rows: int, epoch: int, end: EpochEnd | None
@@ -274,11 +274,6 @@ class PartitionWorker:
         self.pushes += 1
         if reply.stop_after is not None:
             self._stop_after = reply.stop_after
-
-
-def _json_logs(logs: dict[str, float]) -> dict[str, float | None]:
-    """Logs as JSON-safe values: a non-finite metric (a diverged loss) becomes null."""
-    return {k: (v if math.isfinite(v) else None) for k, v in logs.items()}
 
 
 def _delta(model: keras.Model, before: list[np.ndarray]) -> list[np.ndarray]:
