@@ -19,9 +19,12 @@ import json
 import logging
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import keras
 
 logger = logging.getLogger(__name__)
 
@@ -149,3 +152,34 @@ class CheckpointWriter:
             except Exception as exc:  # reported by the estimator after the fit
                 logger.exception("writing the checkpoint to %s failed", self._store.directory)
                 self.error = exc
+
+
+@dataclass(frozen=True)
+class Resume:
+    """Where a fit starts: from scratch, or after the last epoch in ``checkpointDir``."""
+
+    store: CheckpointStore | None = None
+    checkpoint: Checkpoint | None = None
+
+    @property
+    def first_epoch(self) -> int:
+        return 0 if self.checkpoint is None else self.checkpoint.epoch + 1
+
+    @property
+    def history(self) -> dict[str, list[float]]:
+        return {} if self.checkpoint is None else self.checkpoint.history
+
+
+def resume_point(spark: Any, directory: str | None, model: keras.Model) -> Resume:
+    """Where a fit of ``model`` starts; a checkpoint found in ``directory`` is loaded into it."""
+    if directory is None:
+        return Resume()
+    store = CheckpointStore(spark, directory)
+    store.prepare()
+    checkpoint = store.read([tuple(w.shape) for w in model.get_weights()])
+    if checkpoint is not None:
+        model.set_weights(checkpoint.weights)
+        logger.info(
+            "Resuming from the checkpoint of epoch %d in %s", checkpoint.epoch + 1, directory
+        )
+    return Resume(store, checkpoint)

@@ -31,7 +31,7 @@ from pyspark.sql import DataFrame, Row, SparkSession
 
 from spark_keras_ml import cluster
 from spark_keras_ml.callbacks import Callback, CallbackError, ProgressBar, Training, run_epoch_end
-from spark_keras_ml.checkpoint import Checkpoint, CheckpointStore, CheckpointWriter
+from spark_keras_ml.checkpoint import Checkpoint, CheckpointWriter, Resume, resume_point
 from spark_keras_ml.config import TRAIN_RESULT_SCHEMA, Layout, TrainConfig
 from spark_keras_ml.executor.train import train_partition
 from spark_keras_ml.inputs import check_first_row, training_columns
@@ -73,22 +73,6 @@ class OnDriver:
         address tasks connect to."""
         with server:
             yield self.task_host, server.port
-
-
-@dataclass(frozen=True)
-class Resume:
-    """Where a fit starts: from scratch, or after the last epoch in ``checkpointDir``."""
-
-    store: CheckpointStore | None = None
-    checkpoint: Checkpoint | None = None
-
-    @property
-    def first_epoch(self) -> int:
-        return 0 if self.checkpoint is None else self.checkpoint.epoch + 1
-
-    @property
-    def history(self) -> dict[str, list[float]]:
-        return {} if self.checkpoint is None else self.checkpoint.history
 
 
 @dataclass(frozen=True)
@@ -149,6 +133,7 @@ class FitPlan:
         )
         loss = compile_config["loss"]
         kind = estimator.getOutputKind()
+        validation_split = estimator.getValidationSplit()
         columns = training_columns(
             dataset,
             model,
@@ -157,7 +142,7 @@ class FitPlan:
             labels=estimator.label_columns(),
             weight=estimator.getSampleWeightCol(),
             held_out=estimator.getValidationCol(),
-            validation_split=estimator.getValidationSplit(),
+            validation_split=validation_split,
         )
         num_workers = cluster.check_workers(spark, mode, estimator.getNumWorkers())
         if not check_first_row(dataset, columns.slots):
@@ -189,10 +174,10 @@ class FitPlan:
             max_bad_updates=estimator.getMaxBadUpdates(),
             delta_precision=estimator.getDeltaPrecision(),
             seed=estimator.getSeed(),
-            validation_split=estimator.getValidationSplit(),
+            validation_split=validation_split,
             task_cpus=cluster.task_cpus(spark),
             callbacks=estimator.getCallbacks() + progress,
-            resume=_resume_point(spark, estimator.getCheckpointDir(), model),
+            resume=resume_point(spark, estimator.getCheckpointDir(), model),
             location=OnDriver.of(spark),
             reruns=estimator.getSyncRetries() if mode == "sync" else 0,
         )
@@ -272,20 +257,6 @@ class FitPlan:
             f"spark_keras_ml: training {self.uid} ({self.mode}/{self.frequency}, epochs "
             f"{self.resume.first_epoch + 1}-{self.epochs}, {self.num_workers} workers)"
         )
-
-
-def _resume_point(spark: SparkSession, directory: str | None, model: keras.Model) -> Resume:
-    if directory is None:
-        return Resume()
-    store = CheckpointStore(spark, directory)
-    store.prepare()
-    checkpoint = store.read([tuple(w.shape) for w in model.get_weights()])
-    if checkpoint is not None:
-        model.set_weights(checkpoint.weights)
-        logger.info(
-            "Resuming from the checkpoint of epoch %d in %s", checkpoint.epoch + 1, directory
-        )
-    return Resume(store, checkpoint)
 
 
 # ---------------------------------------------------------------------------------------------
