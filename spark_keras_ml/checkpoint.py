@@ -113,7 +113,6 @@ class CheckpointWriter:
 
     def __init__(self, store: CheckpointStore) -> None:
         self._store = store
-        self.directory = store.directory
         self._cond = threading.Condition()
         self._pending: Checkpoint | None = None
         self._closed = False
@@ -121,6 +120,10 @@ class CheckpointWriter:
         self.written: int | None = None  # the last epoch on disk
         self._thread = threading.Thread(target=self._run, name="skml-checkpoint", daemon=True)
         self._thread.start()
+
+    @property
+    def directory(self) -> str:
+        return self._store.directory
 
     def put(self, checkpoint: Checkpoint) -> None:
         with self._cond:

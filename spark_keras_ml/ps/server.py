@@ -406,13 +406,12 @@ class ParameterServer:
         self._check_delta(delta)
         # A delta behind zero rows is never applied, so only the others need checking.
         usable = push.rows == 0 or self._finite(partition, delta)
-        # The epoch this push completes on this worker, if it is the epoch's last one.
-        ended = push.epoch if push.end is not None else None
+        epoch, end = push.epoch, push.end  # end: set on the epoch's last push (with its epoch)
         completed = False
-        if ended is not None and push.end is not None and self._rule.is_current(*worker):
+        if epoch is not None and end is not None and self._rule.is_current(*worker):
             # Before the push: in sync, the round this push closes then carries whatever the
             # epoch's callbacks decided to every worker at once.
-            completed = self._epochs.add(ended, partition, push.end)
+            completed = self._epochs.add(epoch, partition, end)
         version, weights = self._rule.push(
             partition,
             attempt,
@@ -421,11 +420,11 @@ class ParameterServer:
             push.rows if usable else 0,
             self._timeout,
         )
-        if completed and ended is not None and self._on_epoch_applied is not None:
-            self._on_epoch_applied(ended, [np.array(w, copy=True) for w in weights])
+        if completed and epoch is not None and self._on_epoch_applied is not None:
+            self._on_epoch_applied(epoch, [np.array(w, copy=True) for w in weights])
         with self._lock:
-            if push.epoch is not None:  # the worker goes on with the next epoch after an end
-                self._current_epoch[partition] = push.epoch if ended is None else ended + 1
+            if epoch is not None:  # the worker goes on with the next epoch after an end
+                self._current_epoch[partition] = epoch + 1 if end is not None else epoch
             stop_after = self._stop_after
         reply = Reply(version=version, rejected=not usable, stop_after=stop_after)
         protocol.send_message(conn, Op.WEIGHTS, reply.encode(), weights)

@@ -221,22 +221,3 @@ def test_a_null_metric_of_a_worker_with_rows_makes_the_mean_nan() -> None:
     assert math.isnan(means["loss"])
     _, means = weighted_mean([EpochEnd(0, 0, {"loss": None}), EpochEnd(2, 0, {"loss": 1.0})])
     assert means == {"loss": 1.0}  # a worker without rows does not count, null or not
-
-
-def test_ps_imports_nothing_above_it() -> None:
-    """ps/ runs on the driver and is imported by the executors: it imports nothing above it."""
-    import ast
-    from pathlib import Path
-
-    import spark_keras_ml.ps as ps
-
-    for path in Path(ps.__file__).parent.glob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            names = []
-            if isinstance(node, ast.Import):
-                names = [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.module is not None:
-                names = [node.module]
-            for name in names:
-                if name.startswith("spark_keras_ml"):
-                    assert name.startswith("spark_keras_ml.ps"), f"{path.name} imports {name}"
