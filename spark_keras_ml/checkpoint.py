@@ -186,3 +186,11 @@ def resume_point(spark: Any, directory: str | None, model: keras.Model) -> Resum
             "Resuming from the checkpoint of epoch %d in %s", checkpoint.epoch + 1, directory
         )
     return Resume(store, checkpoint)
+
+
+def joined_history(
+    earlier: dict[str, list[float]], later: dict[str, list[float]]
+) -> dict[str, list[float]]:
+    """History of a resumed fit: the checkpoint's epochs, then this fit's."""
+    keys = list(earlier) + [k for k in later if k not in earlier]
+    return {k: list(earlier.get(k, [])) + list(later.get(k, [])) for k in keys}

@@ -141,6 +141,9 @@ class TrainConfig:
     #: Epochs already done by an earlier fit (resumed from ``checkpointDir``): ``epochs`` more are
     #: trained, and their logs are numbered from here.
     first_epoch: int = 0
+    #: ``frequency="steps"``: mini-batch steps a worker trains between two exchanges (an epoch's
+    #: end is always an exchange too).
+    local_steps: int = 1
 
 
 @dataclass(frozen=True)

@@ -26,11 +26,12 @@ from pyspark.sql import DataFrame
 
 from spark_keras_ml import fit
 from spark_keras_ml.callbacks import Callback, check_callbacks
-from spark_keras_ml.params import HasOutputParams, HasTrainingParams, validate
+from spark_keras_ml.params import DEFAULT_LOCAL_STEPS, HasOutputParams, HasTrainingParams
 from spark_keras_ml.persistence import KerasReadable, KerasWritable
 from spark_keras_ml.serialization import model_from_bytes, model_to_bytes
 from spark_keras_ml.transformer import KerasTransformer
 from spark_keras_ml.tuning import FitMultipleIterator, SharedTrainingData
+from spark_keras_ml.validation import validate
 
 
 class KerasEstimator(Estimator, HasTrainingParams, HasOutputParams, KerasReadable, KerasWritable):
@@ -40,7 +41,9 @@ class KerasEstimator(Estimator, HasTrainingParams, HasOutputParams, KerasReadabl
     required); ``optimizer``, ``learningRate``, ``loss`` and ``metrics`` override the compiled
     ones. ``fit`` returns a :class:`~spark_keras_ml.KerasTransformer` holding the trained model.
 
-    Defaults: ``mode="sync"``, ``frequency="epoch"``, ``epochs=1``, ``batchSize=32``,
+    Defaults: ``mode="sync"``, ``frequency="steps"`` with ``localSteps=16`` (local SGD: each
+    worker trains 16 mini-batches on its own, then the round averages), ``outerOptimizer=None``,
+    ``epochs=1``, ``batchSize=32``,
     ``numWorkers=None`` (every task slot), ``timeout=600`` seconds, ``maxStaleness=None``,
     ``syncRetries=0``, ``maxBadUpdates=3``, ``deltaPrecision="float32"``.
 
@@ -52,8 +55,10 @@ class KerasEstimator(Estimator, HasTrainingParams, HasOutputParams, KerasReadabl
     ``validationCol`` (boolean, true rows held out) for ``val_*`` metrics in ``history``.
 
     Modes: ``sync`` runs every worker at once in a barrier stage and applies the row-weighted
-    mean of their deltas each round; ``async`` applies each delta under a lock as it arrives;
-    ``hogwild`` adds deltas in place without a lock (racy by design). A push is never applied
+    mean of their deltas each round (through ``outerOptimizer`` when set); ``async`` applies
+    each delta under a lock as it arrives; ``hogwild`` adds deltas in place without a lock
+    (racy by design). Async and hogwild scale a delta of several steps by 1/numWorkers, so the
+    single-process learning rate works as it is. A push is never applied
     twice: a retried task resumes after the last step the server applied for its partition.
 
     Examples
@@ -88,7 +93,9 @@ class KerasEstimator(Estimator, HasTrainingParams, HasOutputParams, KerasReadabl
         checkpointDir: str | None = None,
         progressBar: bool = False,
         mode: str = "sync",
-        frequency: str = "epoch",
+        frequency: str = "steps",
+        localSteps: int = DEFAULT_LOCAL_STEPS,
+        outerOptimizer: Any = None,
         epochs: int = 1,
         batchSize: int = 32,
         numWorkers: int | None = None,
@@ -129,7 +136,9 @@ class KerasEstimator(Estimator, HasTrainingParams, HasOutputParams, KerasReadabl
         checkpointDir: str | None = None,
         progressBar: bool = False,
         mode: str = "sync",
-        frequency: str = "epoch",
+        frequency: str = "steps",
+        localSteps: int = DEFAULT_LOCAL_STEPS,
+        outerOptimizer: Any = None,
         epochs: int = 1,
         batchSize: int = 32,
         numWorkers: int | None = None,

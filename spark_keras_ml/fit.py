@@ -31,17 +31,24 @@ from pyspark.sql import DataFrame, Row, SparkSession
 
 from spark_keras_ml import cluster
 from spark_keras_ml.callbacks import Callback, CallbackError, ProgressBar, Training, run_epoch_end
-from spark_keras_ml.checkpoint import Checkpoint, CheckpointWriter, Resume, resume_point
+from spark_keras_ml.checkpoint import (
+    Checkpoint,
+    CheckpointWriter,
+    Resume,
+    joined_history,
+    resume_point,
+)
 from spark_keras_ml.config import TRAIN_RESULT_SCHEMA, Layout, TrainConfig
 from spark_keras_ml.executor.train import train_partition
 from spark_keras_ml.inputs import check_first_row, training_columns
 from spark_keras_ml.model_info import output_kind, resolve_compile_config
-from spark_keras_ml.params import normalize_mode
 from spark_keras_ml.ps.optimizer import server_optimizer
 from spark_keras_ml.ps.protocol import new_secret
 from spark_keras_ml.ps.server import ParameterServer
+from spark_keras_ml.ps.updates import delta_scale
 from spark_keras_ml.serialization import model_from_bytes
 from spark_keras_ml.summary import TrainingSummary, fit_phases, format_epoch
+from spark_keras_ml.validation import check_local_steps, check_outer_optimizer, normalize_mode
 
 if TYPE_CHECKING:
     import keras
@@ -92,6 +99,11 @@ class FitPlan:
     data: DataFrame
     mode: str
     frequency: str
+    #: frequency="steps": mini-batch steps between two exchanges.
+    local_steps: int
+    #: Sync, not per batch: the optimizer config the server applies each round's mean delta
+    #: with (None: the mean delta is added).
+    outer_optimizer: Any
     epochs: int
     #: The user's batchSize: in sync/batch the global batch, split over the workers.
     batch_size: int
@@ -149,6 +161,19 @@ class FitPlan:
             raise ValueError(
                 "Expected a DataFrame with at least one row to fit on. Received: an empty DataFrame"
             )
+        frequency, local_steps = estimator.getFrequency(), estimator.getLocalSteps()
+        outer = estimator.getOuterOptimizer()
+        check_outer_optimizer(outer, mode, frequency, model)
+        if frequency == "steps" and estimator.isSet(estimator.localSteps):
+            # A count reads the table once; only a K the user chose is worth it (the default
+            # exchanges at each epoch's end anyway when an epoch is shorter).
+            check_local_steps(
+                local_steps,
+                rows=dataset.count(),
+                num_workers=num_workers,
+                batch_size=estimator.getBatchSize(),
+                validation_split=validation_split,
+            )
 
         def convert() -> DataFrame:
             return dataset.select(*columns.columns).repartition(num_workers)
@@ -165,7 +190,9 @@ class FitPlan:
             layout=columns.layout,
             data=convert() if shared is None else shared.get((*columns.key, num_workers), convert),
             mode=mode,
-            frequency=estimator.getFrequency(),
+            frequency=frequency,
+            local_steps=local_steps,
+            outer_optimizer=outer,
             epochs=estimator.getEpochs(),
             batch_size=estimator.getBatchSize(),
             num_workers=num_workers,
@@ -218,6 +245,7 @@ class FitPlan:
             mode=self.mode,
             frequency=self.frequency,
             batch_size=self.worker_batch_size,
+            local_steps=self.local_steps,
             host=self.location.bind_host,
             timeout=self.timeout,
             max_staleness=self.max_staleness,
@@ -227,6 +255,10 @@ class FitPlan:
             on_epoch_applied=fit.on_epoch_applied,
             on_abort=fit.on_abort,
             optimizer=server_optimizer(self.model, self.compile_config) if self.gradients else None,
+            outer=None
+            if self.outer_optimizer is None
+            else server_optimizer(self.model, {"optimizer": self.outer_optimizer}),
+            delta_scale=delta_scale(self.mode, self.frequency, self.num_workers),
         )
 
     def task_config(self, address: tuple[str, int], secret: bytes) -> TrainConfig:
@@ -241,6 +273,7 @@ class FitPlan:
             epochs=self.epochs_left,
             first_epoch=self.resume.first_epoch,
             batch_size=self.worker_batch_size,
+            local_steps=self.local_steps,
             gradients=self.gradients,
             timeout=self.timeout,
             seed=self.seed,
@@ -251,10 +284,17 @@ class FitPlan:
             custom_objects=self.custom_objects,
         )
 
+    @property
+    def schedule(self) -> str:
+        """How workers exchange, as the logs and the Spark UI say it."""
+        if self.frequency == "steps":
+            return f"{self.mode}/every {self.local_steps} steps"
+        return f"{self.mode}/{self.frequency}"
+
     def describe(self) -> str:
         """The training job's description in the Spark UI."""
         return (
-            f"spark_keras_ml: training {self.uid} ({self.mode}/{self.frequency}, epochs "
+            f"spark_keras_ml: training {self.uid} ({self.schedule}, epochs "
             f"{self.resume.first_epoch + 1}-{self.epochs}, {self.num_workers} workers)"
         )
 
@@ -283,11 +323,9 @@ def run(plan: FitPlan) -> FitResult:
         callback.on_train_begin(fit.training)
     with plan.location.serve(fit.server) as address:
         logger.info(
-            "Training on %d workers (mode=%s, frequency=%s, epochs=%d, batchSize=%d); "
-            "parameter server at %s:%d",
+            "Training on %d workers (%s, epochs=%d, batchSize=%d); parameter server at %s:%d",
             plan.num_workers,
-            plan.mode,
-            plan.frequency,
+            plan.schedule,
             plan.epochs,
             plan.batch_size,
             *address,
@@ -326,7 +364,7 @@ class FitRun:
 
     def history(self) -> dict[str, list[float]]:
         """The whole history: the checkpoint's epochs, then this fit's."""
-        return _joined(self.plan.resume.history, self.server.history)
+        return joined_history(self.plan.resume.history, self.server.history)
 
     # --- called by the server's threads -------------------------------------------------------
 
@@ -431,14 +469,6 @@ class FitRun:
             first_epoch=self.plan.resume.first_epoch,
             phases=phases,
         )
-
-
-def _joined(
-    earlier: dict[str, list[float]], later: dict[str, list[float]]
-) -> dict[str, list[float]]:
-    """History of a resumed fit: the checkpoint's epochs, then this fit's."""
-    keys = list(earlier) + [k for k in later if k not in earlier]
-    return {k: list(earlier.get(k, [])) + list(later.get(k, [])) for k in keys}
 
 
 #: The line of a Python traceback that says what went wrong, e.g. "ValueError: Expected ...".

@@ -33,7 +33,7 @@ from pyspark.sql.types import (
 
 from spark_keras_ml.config import HELD_OUT, WEIGHT, Layout, check_width, feature_name, label_name
 from spark_keras_ml.model_info import is_custom_loss
-from spark_keras_ml.params import param_error
+from spark_keras_ml.validation import param_error
 
 logger = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import keras
 
-from spark_keras_ml.params import param_error
+from spark_keras_ml.validation import param_error
 
 _CLASSIFIER_ACTIVATIONS = ("softmax", "sigmoid")
 

@@ -1,15 +1,14 @@
-"""Every Param of the package, declared once, with its default, and one validation table.
+"""Every Param of the package, declared once, with its default.
 
 Param values are JSON-native (strings, numbers, lists, dicts, None) so that ``ParamGridBuilder``,
 ``copy()`` and Spark's metadata writer all work on them. Constructors only record values; all
-checking happens in :func:`validate`, called at the start of ``fit``/``transform``, so that
-``setParams`` behaves exactly like the constructor.
+checking happens in :func:`spark_keras_ml.validation.validate`, called at the start of
+``fit``/``transform``, so that ``setParams`` behaves exactly like the constructor.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any
 
 from pyspark.ml.param import Param, Params, TypeConverters
@@ -22,12 +21,9 @@ from pyspark.ml.param.shared import (
     HasSeed,
 )
 
-from spark_keras_ml.ps.bookkeeping import FREQUENCIES
-from spark_keras_ml.ps.protocol import DELTA_PRECISIONS
-
-MODES = ("sync", "async", "hogwild")
-MODE_ALIASES = {"synchronous": "sync", "asynchronous": "async"}
-OUTPUT_KINDS = ("auto", "classifier", "regressor", "raw")
+#: Steps between exchanges by default (frequency="steps"): chosen in the quality benchmark as
+#: the fewest exchanges that stay within a point of single-process Keras (docs/benchmarks.md).
+DEFAULT_LOCAL_STEPS = 16
 
 
 def _json_native(value: Any) -> Any:
@@ -59,9 +55,27 @@ class HasTrainingParams(HasFeaturesCol, HasLabelCol, HasSeed):
     frequency: Param[str] = Param(
         Params._dummy(),
         "frequency",
-        "How often a worker exchanges weights with the server: once per 'epoch' or once per "
-        "mini-'batch'.",
+        "How often a worker exchanges weights with the server: every localSteps mini-batch "
+        "'steps' (and at each epoch's end; the default), once per 'epoch', or once per "
+        "mini-'batch' (in sync: exact synchronous SGD, the workers' gradients averaged).",
         typeConverter=TypeConverters.toString,
+    )
+    localSteps: Param[int] = Param(
+        Params._dummy(),
+        "localSteps",
+        "With frequency='steps': mini-batch steps each worker trains on its own between two "
+        "exchanges (local SGD). Fewer exchange more often and track single-process training "
+        "more closely; more spend less time talking.",
+        typeConverter=TypeConverters.toInt,
+    )
+    outerOptimizer: Param[Any] = Param(
+        Params._dummy(),
+        "outerOptimizer",
+        "Sync with frequency 'steps' or 'epoch': the optimizer the server applies to each "
+        "round's mean delta, taken as the negative of a gradient (DiLoCo uses "
+        "{'class_name': 'SGD', 'config': {'learning_rate': 0.7, 'momentum': 0.9, "
+        "'nesterov': True}}). None adds the mean delta (model averaging).",
+        typeConverter=_json_native,
     )
     epochs: Param[int] = Param(
         Params._dummy(), "epochs", "Number of passes over the data.", TypeConverters.toInt
@@ -192,7 +206,9 @@ class HasTrainingParams(HasFeaturesCol, HasLabelCol, HasSeed):
             checkpointDir=None,
             progressBar=False,
             mode="sync",
-            frequency="epoch",
+            frequency="steps",
+            localSteps=DEFAULT_LOCAL_STEPS,
+            outerOptimizer=None,
             epochs=1,
             batchSize=32,
             numWorkers=None,
@@ -208,6 +224,12 @@ class HasTrainingParams(HasFeaturesCol, HasLabelCol, HasSeed):
 
     def getFrequency(self) -> str:
         return self.getOrDefault(self.frequency)
+
+    def getLocalSteps(self) -> int:
+        return self.getOrDefault(self.localSteps)
+
+    def getOuterOptimizer(self) -> Any:
+        return self.getOrDefault(self.outerOptimizer)
 
     def getEpochs(self) -> int:
         return self.getOrDefault(self.epochs)
@@ -331,157 +353,3 @@ class HasInferenceParams(HasOutputParams):
 
     def getInferenceBatchSize(self) -> int:
         return self.getOrDefault(self.inferenceBatchSize)
-
-
-# ---------------------------------------------------------------------------------------------
-# Validation: one table, one message format.
-
-
-@dataclass(frozen=True)
-class Rule:
-    check: Callable[[Any], bool]
-    expected: str
-    hint: str = ""
-
-
-def _positive_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
-
-
-def _non_negative_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
-
-
-def _positive_number(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and v > 0
-
-
-def _column_list(v: Any) -> bool:
-    return isinstance(v, list) and bool(v) and all(isinstance(c, str) and c for c in v)
-
-
-def _name_or_config(v: Any) -> bool:
-    return v is None or (isinstance(v, str) and v != "") or isinstance(v, dict)
-
-
-RULES: dict[str, Rule] = {
-    "mode": Rule(
-        lambda v: v in MODES or v in MODE_ALIASES,
-        "one of 'sync', 'async', 'hogwild' (or 'synchronous', 'asynchronous')",
-        "Pick the update rule; 'sync' is the safe default.",
-    ),
-    "frequency": Rule(
-        lambda v: v in FREQUENCIES,
-        "one of 'epoch', 'batch'",
-        "Say how often workers exchange weights with the server.",
-    ),
-    "epochs": Rule(_positive_int, "an integer >= 1", "Set the number of passes over the data."),
-    "batchSize": Rule(_positive_int, "an integer >= 1", "Set the rows per training step."),
-    "inferenceBatchSize": Rule(_positive_int, "an integer >= 1", "Set the rows per predict call."),
-    "numWorkers": Rule(
-        lambda v: v is None or _positive_int(v),
-        "an integer >= 1, or None for every task slot",
-        "Set how many tasks train in parallel.",
-    ),
-    "optimizer": Rule(
-        _name_or_config,
-        "an optimizer name such as 'adam', a config dict, or None",
-        "Pass keras.optimizers.serialize(optimizer) for a configured optimizer.",
-    ),
-    "learningRate": Rule(
-        lambda v: v is None or _positive_number(v),
-        "a number > 0, or None",
-        "Leave it None to keep the optimizer's own rate.",
-    ),
-    "loss": Rule(
-        _name_or_config,
-        "a loss name such as 'mse', a config dict, or None",
-        "Pass keras.losses.serialize(loss) for a configured loss.",
-    ),
-    "metrics": Rule(
-        lambda v: v is None or (isinstance(v, list) and all(_name_or_config(m) for m in v)),
-        "a list of metric names or config dicts, or None",
-        "Wrap a single metric in a list, e.g. ['accuracy'].",
-    ),
-    "timeout": Rule(
-        _positive_number,
-        "a number of seconds > 0",
-        "Allow at least the time of one epoch on the slowest worker.",
-    ),
-    "maxStaleness": Rule(
-        lambda v: v is None or _non_negative_int(v),
-        "an integer >= 0, or None for unbounded",
-        "It only applies to mode='async'.",
-    ),
-    "syncRetries": Rule(
-        _non_negative_int, "an integer >= 0", "Use 0 to fail at once when a sync worker is lost."
-    ),
-    "maxBadUpdates": Rule(
-        _non_negative_int, "an integer >= 0", "Use 0 to fail on the first NaN or inf delta."
-    ),
-    "deltaPrecision": Rule(
-        lambda v: v in DELTA_PRECISIONS,
-        "one of 'float32', 'float16', 'bfloat16'",
-        "Use 'float32' for exact deltas.",
-    ),
-    "customObjects": Rule(
-        lambda v: v is None or (isinstance(v, list) and all(isinstance(m, str) and m for m in v)),
-        "a list of module paths such as ['my_project.layers'], or None",
-        "Name the modules whose import registers your custom Keras objects.",
-    ),
-    "featuresCols": Rule(
-        lambda v: v is None or _column_list(v),
-        "a non-empty list of column names, or None for featuresCol",
-        "List the columns that feed the model, e.g. ['age', 'income'].",
-    ),
-    "labelCols": Rule(
-        lambda v: v is None or _column_list(v),
-        "a non-empty list of column names, or None for labelCol",
-        "List one label column per model output.",
-    ),
-    "sampleWeightCol": Rule(
-        lambda v: v is None or (isinstance(v, str) and v != ""),
-        "a column name, or None",
-        "Name a numeric column of per-row weights.",
-    ),
-    "validationSplit": Rule(
-        lambda v: isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v < 1,
-        "a fraction >= 0 and < 1",
-        "Use 0 for no held-out rows, or set validationCol instead.",
-    ),
-    "checkpointDir": Rule(
-        lambda v: v is None or (isinstance(v, str) and v != ""),
-        "a directory path (any Hadoop path), or None",
-        "Name a directory the driver can write, e.g. 'hdfs:///checkpoints/run1'.",
-    ),
-    "validationCol": Rule(
-        lambda v: v is None or (isinstance(v, str) and v != ""),
-        "a column name, or None",
-        "Name a boolean column that marks the held-out rows.",
-    ),
-    "outputKind": Rule(
-        lambda v: v in OUTPUT_KINDS,
-        "one of 'auto', 'classifier', 'regressor', 'raw'",
-        "Use 'auto' to decide from the model's output layer and loss.",
-    ),
-}
-
-
-def param_error(name: str, expected: str, received: Any, hint: str = "") -> ValueError:
-    """The one error format: what was expected, what to do, what was received."""
-    todo = f" {hint}" if hint else ""
-    return ValueError(f"Expected `{name}` to be {expected}.{todo} Received: {name}={received!r}")
-
-
-def validate(instance: Params) -> None:
-    """Check every Param of ``instance`` that the table knows; raise the first violation."""
-    for name, rule in RULES.items():
-        if not instance.hasParam(name):
-            continue
-        value = instance.getOrDefault(name)
-        if not rule.check(value):
-            raise param_error(name, rule.expected, value, rule.hint)
-
-
-def normalize_mode(mode: str) -> str:
-    return MODE_ALIASES.get(mode, mode)

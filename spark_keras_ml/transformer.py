@@ -24,7 +24,7 @@ from spark_keras_ml.config import OUTPUT_SCHEMAS, Layout, PredictConfig
 from spark_keras_ml.executor.predict import predict_batches
 from spark_keras_ml.inputs import Spec, Table, avoid_columnar_udt_input, feature_slots, tensor_specs
 from spark_keras_ml.model_info import output_kind
-from spark_keras_ml.params import HasInferenceParams, validate
+from spark_keras_ml.params import HasInferenceParams
 from spark_keras_ml.persistence import KerasReadable, KerasWritable
 from spark_keras_ml.serialization import (
     compile_config_of,
@@ -33,6 +33,7 @@ from spark_keras_ml.serialization import (
     model_to_bytes,
 )
 from spark_keras_ml.summary import TrainingSummary
+from spark_keras_ml.validation import validate
 
 _OUTPUT = "__skml_output"
 

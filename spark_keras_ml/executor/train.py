@@ -8,6 +8,7 @@ pools once, at import.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -124,10 +125,19 @@ def connect(config: TrainConfig, trainee: Trainee) -> ParameterClient:
 class PartitionWorker:
     """One worker's schedule against the parameter server: :meth:`register`, then :meth:`run`.
 
-    Step ``s`` is batch ``s % steps`` of epoch ``s // steps``, where the server says how many
-    steps an epoch has. The shuffles come from a generator seeded by (seed, partition), so a
-    retried attempt sees the same batches as the first one and starts at the server's
-    ``resume_step``. In sync/batch a step pushes the batch's gradients, not a delta.
+    The server says how many steps (exchanges) an epoch has; step ``s`` is exchange
+    ``s % steps`` of epoch ``s // steps``. Between exchanges the worker trains
+    ``config.local_steps`` mini-batches on its own (``frequency="steps"``), a whole epoch
+    (``"epoch"``) or one batch (``"batch"``). Shuffles depend only on (seed, partition, epoch),
+    so a retried attempt sees the same batches as the first one and starts at the server's
+    ``resume_step``.
+
+    Trainable weights come from the server at every exchange. Non-trainable state (batch-norm
+    statistics, seed generators) stays the worker's own: it is pushed as a delta, so the
+    server's copy is the mean of the workers', but a worker never takes the server's back. A
+    moving average then sees every step the worker takes, instead of the 1/N share it would
+    keep if each exchange reset it to the mean. In sync/batch a step pushes the batch's
+    gradients, and the server's weights, all of them, are taken every step.
     """
 
     def __init__(
@@ -144,9 +154,17 @@ class PartitionWorker:
         self._client = client
         self._train, self._held_out = data
         self.partition = partition
+        self._trainable = [v.trainable for v in self._model.weights]
         self._weights: list[np.ndarray] = []
+        #: What the local model held right after the last exchange: deltas are measured from it.
+        self._base: list[np.ndarray] = []
         self._steps = 0
         self._resume_step = 0
+        self._current_epoch = 0
+        #: Within the current epoch: the exchange to make next, and rows trained since the last.
+        self._exchange = 0
+        self._rows_since = 0
+        self._batches_since = 0
         #: Early stopping: the last epoch every worker must finish, once the server says so.
         self._stop_after: int | None = None
         #: Pushes (steps) this attempt made.
@@ -170,43 +188,132 @@ class PartitionWorker:
 
     def run(self) -> None:
         """Train every epoch of the schedule from ``resume_step``; end on the server's weights."""
-        config = self._config
-        rng = np.random.default_rng([config.seed & 0xFFFFFFFF, self.partition, config.first_epoch])
-        for epoch in range(config.epochs):
-            if self._stop_after is not None and self.completed > self._stop_after:
-                break
-            order = rng.permutation(len(self._train))  # drawn even when skipped: same batches
-            if (epoch + 1) * self._steps > self._resume_step:  # else done by an earlier attempt
-                if config.frequency == "epoch":
-                    self._train_epoch(epoch, order)
-                else:
-                    self._train_batches(epoch, order)
-            self.completed = config.first_epoch + epoch + 1
+        first = min(self._resume_step // self._steps, self._config.epochs)
+        self.completed = self._config.first_epoch + first
+        if first < self._config.epochs:
+            if self._capture is not None:
+                self._run_gradients(first, self._capture)
+            elif len(self._train):
+                self._fit(first)
+            else:
+                self._run_empty(first)
         self._model.set_weights(self._weights)
 
-    def _train_epoch(self, epoch: int, order: np.ndarray) -> None:
-        """``frequency="epoch"``: one local ``fit`` over the epoch, then one push."""
-        model, rows = self._model, len(self._train)
-        model.set_weights(self._weights)
-        logs: dict[str, float] = {}
-        if rows:
-            train = self._train.take(order)
-            history = model.fit(
-                train.x,
-                train.y,
-                sample_weight=train.weights,
-                batch_size=self._config.batch_size,
-                epochs=1,
-                shuffle=False,
-                verbose=0,
-            )
-            logs = {k: float(v[-1]) for k, v in history.history.items()}
-        delta = _delta(model, self._weights)
-        at = self._config.first_epoch + epoch
-        self._push(delta, step=epoch, rows=rows, epoch=at, end=self._epoch_end(logs))
+    # --- local SGD: one model.fit over every epoch ----------------------------------------------
 
-    def _train_batches(self, epoch: int, order: np.ndarray) -> None:
-        """``frequency="batch"``: one push per batch, run in lockstep in sync."""
+    def _fit(self, first: int) -> None:
+        from spark_keras_ml.executor.local_sgd import Exchanges, epoch_batches
+
+        config, model = self._config, self._model
+        model.set_weights(self._weights)
+        self._base = model.get_weights()
+        start = config.first_epoch
+        batches = epoch_batches(
+            self._train,
+            config.batch_size,
+            config.seed,
+            self.partition,
+            range(start + first, start + config.epochs),
+        )
+        model.fit(
+            batches,
+            steps_per_epoch=self._batches_per_epoch,
+            epochs=config.epochs,
+            initial_epoch=first,
+            shuffle=False,  # epoch_batches shuffles, by a seed a retried attempt shares
+            verbose=0,
+            callbacks=[Exchanges(self, len(self._train), config.batch_size)],
+        )
+
+    def begin_epoch(self, epoch: int) -> None:
+        """Called as ``epoch`` (of this fit) starts."""
+        self._current_epoch = epoch
+        self._exchange = 0
+        self._rows_since = self._batches_since = 0
+
+    def after_batch(self, batch: int, rows: int) -> None:
+        """Called after each mini-batch step: exchange every ``local_steps`` of them."""
+        self._rows_since += rows
+        self._batches_since += 1
+        last = batch == self._batches_per_epoch - 1
+        if self._batches_since >= self._local_steps and not last:  # the epoch's end pushes last
+            self._exchange_now(self._current_epoch, end=None)
+
+    def end_epoch(self, epoch: int, logs: dict[str, float]) -> bool:
+        """Called at the end of ``epoch``: its last exchanges; True when training must stop."""
+        self._current_epoch = epoch
+        while self._exchange < self._steps - 1:  # a short partition pads the sync rounds
+            self._exchange_now(epoch, end=None)
+        self._exchange_now(epoch, end=self._epoch_end(logs))
+        self.completed = self._config.first_epoch + epoch + 1
+        return self._stop_after is not None and self.completed > self._stop_after
+
+    @property
+    def _batches_per_epoch(self) -> int:
+        return math.ceil(len(self._train) / self._config.batch_size)
+
+    @property
+    def _local_steps(self) -> int:
+        """Mini-batches between two exchanges (an epoch's end is always one)."""
+        frequency = self._config.frequency
+        if frequency == "steps":
+            return self._config.local_steps
+        return 1 if frequency == "batch" else self._batches_per_epoch
+
+    def _exchange_now(self, epoch: int, end: EpochEnd | None) -> None:
+        """Push what changed since the last exchange; go on from the server's trainable weights
+        and the worker's own non-trainable state."""
+        model = self._model
+        step = epoch * self._steps + self._exchange
+        current = model.get_weights()
+        rows = self._rows_since
+        self._exchange += 1
+        self._rows_since = self._batches_since = 0
+        if step < self._resume_step:  # done by an earlier attempt: only catch up with it
+            self._take(current)
+            return
+        delta = [now - base for now, base in zip(current, self._base, strict=True)]
+        at = self._config.first_epoch + epoch
+        self._push(delta, step=step, rows=rows, epoch=at, end=end)
+        self._take(current)
+
+    def _take(self, current: list[np.ndarray]) -> None:
+        """Load the server's trainable weights; keep the worker's own non-trainable state."""
+        merged = [
+            server if trainable else own
+            for server, own, trainable in zip(self._weights, current, self._trainable, strict=True)
+        ]
+        for variable, value, trainable in zip(
+            self._model.weights, merged, self._trainable, strict=True
+        ):
+            if trainable:
+                variable.assign(value)
+        self._base = merged
+
+    def _run_empty(self, first: int) -> None:
+        """A worker without rows still takes part in every round of every epoch."""
+        for epoch in range(first, self._config.epochs):
+            self.begin_epoch(epoch)
+            self._base = self._model.get_weights()
+            if self.end_epoch(epoch, {}):
+                break
+
+    # --- sync/batch: exact synchronous SGD -------------------------------------------------------
+
+    def _run_gradients(self, first: int, capture: GradientCapture) -> None:
+        from spark_keras_ml.executor.local_sgd import epoch_order
+
+        config = self._config
+        for epoch in range(first, config.epochs):
+            if self._stop_after is not None and self.completed > self._stop_after:
+                break
+            at = config.first_epoch + epoch
+            order = epoch_order(config.seed, self.partition, at, len(self._train))
+            self._train_batches(epoch, order, capture)
+            self.completed = at + 1
+
+    def _train_batches(self, epoch: int, order: np.ndarray, capture: GradientCapture) -> None:
+        """One push of gradients per batch, in lockstep with the other workers."""
         from spark_keras_ml.executor.gradients import gradient_update  # Keras is loaded by now
 
         model, size = self._model, self._config.batch_size
@@ -227,10 +334,7 @@ class PartitionWorker:
                 for key, value in logs.items():
                     sums[key] = sums.get(key, 0.0) + float(value) * len(index)
                 trained += len(index)
-            if self._capture is None:
-                update = _delta(model, self._weights)
-            else:
-                update = gradient_update(self._capture, self._weights)
+            update = gradient_update(capture, self._weights)
             end = None
             if batch == self._steps - 1:
                 end = self._epoch_end({k: v / trained for k, v in sums.items()} if trained else {})

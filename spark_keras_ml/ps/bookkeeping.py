@@ -27,8 +27,9 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 
-#: When workers push: once per epoch, or once per batch.
-FREQUENCIES = ("epoch", "batch")
+#: When workers exchange with the server: every ``local_steps`` mini-batch steps (and at the end
+#: of each epoch), once per epoch, or once per batch.
+FREQUENCIES = ("steps", "epoch", "batch")
 
 
 class TrainingAborted(Exception):
@@ -52,7 +53,8 @@ class Registration:
 class UpdateRule:
     """Shared state and bookkeeping; subclasses decide how a delta is applied.
 
-    ``frequency`` (``"epoch"`` or ``"batch"``) and ``batch_size`` fix the steps per epoch.
+    ``frequency`` (one of :data:`FREQUENCIES`), ``batch_size`` and ``local_steps`` fix the
+    exchanges (steps) per epoch.
     """
 
     mode = ""
@@ -64,15 +66,19 @@ class UpdateRule:
         *,
         frequency: str = "epoch",
         batch_size: int = 32,
+        local_steps: int = 1,
     ) -> None:
         if frequency not in FREQUENCIES:
             raise ValueError(f"Expected a frequency in {FREQUENCIES}. Received: {frequency!r}")
         if batch_size < 1:
             raise ValueError(f"Expected a positive batch size. Received: {batch_size}")
+        if local_steps < 1:
+            raise ValueError(f"Expected local_steps >= 1. Received: {local_steps}")
         self._weights = [np.array(w, dtype=w.dtype, copy=True) for w in weights]
         self._num_workers = num_workers
         self._frequency = frequency
         self._batch_size = batch_size
+        self._local_steps = local_steps
         self._cond = threading.Condition()
         self._version = 0
         self._abort_reason: str | None = None
@@ -139,8 +145,11 @@ class UpdateRule:
             self._version,
             self._weights,
             self._last_step.get(partition, -1) + 1,
-            steps_per_epoch(rows, self._frequency, self._batch_size),
+            self._steps_per_epoch(rows),
         )
+
+    def _steps_per_epoch(self, rows: int) -> int:
+        return steps_per_epoch(rows, self._frequency, self._batch_size, self._local_steps)
 
     def is_current(self, partition: int, attempt: int) -> bool:
         """Whether ``attempt`` is the newest registered attempt of ``partition``."""
@@ -242,9 +251,12 @@ class UpdateRule:
             self._cond.wait(min(left, 1.0))
 
 
-def steps_per_epoch(rows: int, frequency: str, batch_size: int) -> int:
-    """Steps per epoch of a worker with ``rows`` rows: one for ``frequency="epoch"``, else its
-    batch count, and at least one (a worker without rows still takes part in every epoch)."""
+def steps_per_epoch(rows: int, frequency: str, batch_size: int, local_steps: int = 1) -> int:
+    """Exchanges (steps) per epoch of a worker with ``rows`` rows: one for ``frequency="epoch"``,
+    its batch count for ``"batch"``, one per ``local_steps`` batches (the last one possibly
+    shorter) for ``"steps"``; at least one (a worker without rows still takes part in every
+    epoch)."""
     if frequency == "epoch":
         return 1
-    return max(1, math.ceil(rows / batch_size))
+    batches = max(1, math.ceil(rows / batch_size))
+    return batches if frequency == "batch" else math.ceil(batches / local_steps)

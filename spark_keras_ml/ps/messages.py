@@ -64,11 +64,59 @@ class Hello:
 
 
 @dataclass(frozen=True)
+class MetricState:
+    """One Keras metric's state at an epoch's end: its log name, its serialized config, and its
+    variables.
+
+    Keras' metrics keep additive state (a Mean its total and count, AUC its confusion counts per
+    threshold), so the server can sum the states of every worker and compute the metric over all
+    of their rows, where averaging the workers' results would be wrong for counts and curves.
+    """
+
+    #: The key it has in the logs, e.g. "accuracy", "loss", "val_auc".
+    name: str
+    #: ``keras.saving.serialize_keras_object(metric)``, JSON-native.
+    config: dict[str, Any]
+    #: (dtype, shape, flat values) per variable, in ``metric.variables`` order; NaN stands for
+    #: any non-finite value (JSON has none).
+    values: tuple[tuple[str, tuple[int, ...], list[float]], ...]
+
+    def encode(self) -> dict[str, Any]:
+        values = [
+            [dtype, list(shape), [v if math.isfinite(v) else None for v in flat]]
+            for dtype, shape, flat in self.values
+        ]
+        return {"name": self.name, "config": self.config, "values": values}
+
+    @classmethod
+    def decode(cls, meta: Any, what: str) -> Self:
+        _check_object(meta, what)
+        for field in ("name", "config", "values"):
+            if field not in meta:
+                raise ProtocolError(f"{what} has no {field!r} field")
+        name, config, values = meta["name"], meta["config"], meta["values"]
+        if not isinstance(name, str):
+            raise ProtocolError(f"{what} field 'name' must be a string, received {_short(name)}")
+        what = f"{what} {name!r}"
+        if not isinstance(config, dict):
+            raise ProtocolError(
+                f"{what} field 'config' must be a JSON object, received {_short(config)}"
+            )
+        if not isinstance(values, list):
+            raise ProtocolError(
+                f"{what} field 'values' must be a list of [dtype, shape, values], "
+                f"received {_short(values)}"
+            )
+        return cls(name, config, tuple(_variable(v, what) for v in values))
+
+
+@dataclass(frozen=True)
 class EpochEnd:
     """What a worker reports with the last push of an epoch: its logs and the rows behind them.
 
     The server averages training metrics over the workers by ``rows`` and ``val_*`` metrics by
-    ``held_out`` (see :mod:`spark_keras_ml.ps.metrics`).
+    ``held_out``, or, for a metric whose ``states`` every worker sent, computes it from their
+    summed states (see :mod:`spark_keras_ml.ps.metrics`).
     """
 
     #: Rows the worker trained on in this epoch.
@@ -77,20 +125,31 @@ class EpochEnd:
     held_out: int
     #: Metric name -> value; None stands for a non-finite value (JSON has no NaN).
     logs: dict[str, float | None]
+    #: The state of each metric behind ``logs`` that can be summed over the workers.
+    states: tuple[MetricState, ...] = ()
 
     def encode(self) -> dict[str, Any]:
         logs = {k: v if v is not None and math.isfinite(v) else None for k, v in self.logs.items()}
-        return {"rows": self.rows, "held_out": self.held_out, "logs": logs}
+        meta: dict[str, Any] = {"rows": self.rows, "held_out": self.held_out, "logs": logs}
+        if self.states:
+            meta["states"] = [state.encode() for state in self.states]
+        return meta
 
     @classmethod
     def decode(cls, meta: dict[str, Any]) -> Self:
         what = "epoch end"
         _check_object(meta, what)
-        return cls(
-            rows=_int_field(meta, "rows", what),
-            held_out=_int_field(meta, "held_out", what),
-            logs=_logs_field(meta, what),
-        )
+        rows = _int_field(meta, "rows", what)
+        held_out = _int_field(meta, "held_out", what)
+        logs = _logs_field(meta, what)
+        states = meta.get("states")
+        states = [] if states is None else states
+        if not isinstance(states, list):
+            raise ProtocolError(
+                f"{what} field 'states' must be a list of metric states, received {_short(states)}"
+            )
+        decoded = tuple(MetricState.decode(s, f"{what} metric state") for s in states)
+        return cls(rows, held_out, logs, decoded)
 
 
 @dataclass(frozen=True)
@@ -258,3 +317,38 @@ def _logs_field(meta: dict[str, Any], what: str) -> dict[str, float | None]:
             number = math.inf
         clean[key] = number if math.isfinite(number) else None
     return clean
+
+
+def _state_value(value: Any, what: str) -> float:
+    """A JSON number as a float; null, NaN, an infinity or an integer beyond float range: NaN."""
+    if value is None:
+        return math.nan
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise ProtocolError(f"{what} must be a number or null, received {_short(value)}")
+    try:
+        number = float(value)
+    except OverflowError:
+        return math.nan
+    return number if math.isfinite(number) else math.nan
+
+
+def _variable(item: Any, what: str) -> tuple[str, tuple[int, ...], list[float]]:
+    """One ``[dtype, shape, flat values]`` of a metric state, its size checked against its shape."""
+    if not isinstance(item, list) or len(item) != 3:
+        raise ProtocolError(
+            f"{what} variables must be [dtype, shape, values], received {_short(item)}"
+        )
+    dtype, shape, flat = item
+    if not isinstance(dtype, str) or not dtype:
+        raise ProtocolError(f"{what} variable dtype must be a string, received {_short(dtype)}")
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        raise ProtocolError(
+            f"{what} variable shape must be a list of non-negative integers, "
+            f"received {_short(shape)}"
+        )
+    if not isinstance(flat, list) or len(flat) != math.prod(shape):
+        raise ProtocolError(
+            f"{what} variable of shape {shape} must have {math.prod(shape)} values, "
+            f"received {_short(flat)}"
+        )
+    return dtype, tuple(shape), [_state_value(v, f"{what} values") for v in flat]

@@ -62,6 +62,18 @@ class ServerOptimizer:
             for w, u, t in zip(weights, mean, self._trainable, strict=True)
         ]
 
+    def step_delta(
+        self, weights: Sequence[np.ndarray], mean_delta: Sequence[np.ndarray]
+    ) -> list[np.ndarray]:
+        """New weights from a round's mean delta, as an outer optimizer (DiLoCo): the trainable
+        part of the delta is the negative of a gradient (plain SGD at rate 1 would add it back
+        as it is); the non-trainable part is added as it is."""
+        signed = [
+            -np.asarray(d, dtype=np.float32) if t else d
+            for d, t in zip(mean_delta, self._trainable, strict=True)
+        ]
+        return self.step(weights, signed)
+
 
 def server_optimizer(model: Any, compile_config: dict[str, Any]) -> ServerOptimizer:
     """The optimizer of ``compile_config`` over ``model``'s current weights."""

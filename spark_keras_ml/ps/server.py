@@ -56,9 +56,9 @@ class ParameterServer:
         The per-fit key of the HMAC handshake.
     mode:
         ``"sync"``, ``"async"`` or ``"hogwild"``: which update rule applies the deltas.
-    frequency, batch_size:
-        The schedule: the server computes each worker's steps per epoch from them and sends it
-        with the worker's first weights.
+    frequency, batch_size, local_steps:
+        The schedule: the server computes each worker's steps (exchanges) per epoch from them
+        and sends it with the worker's first weights.
     host:
         The address to bind; the driver host, never all interfaces by default.
     timeout:
@@ -83,6 +83,12 @@ class ParameterServer:
     optimizer:
         Sync only: pushes are then gradients (``Push.gradients``), and each round applies their
         row-weighted mean with this optimizer (sync/batch).
+    outer:
+        Sync only: each round's mean delta is applied by this optimizer, as the negative of a
+        gradient (an outer optimizer over local SGD, as in DiLoCo); None adds the mean delta.
+    delta_scale:
+        Async and hogwild: what each delta is multiplied by before it is added
+        (:func:`~spark_keras_ml.ps.updates.delta_scale` says what a fit uses).
     """
 
     def __init__(
@@ -94,6 +100,7 @@ class ParameterServer:
         mode: str = "sync",
         frequency: str = "epoch",
         batch_size: int = 32,
+        local_steps: int = 1,
         host: str = "127.0.0.1",
         timeout: float = 600.0,
         max_staleness: int | None = None,
@@ -103,6 +110,8 @@ class ParameterServer:
         on_epoch_applied: Callable[[int, list[np.ndarray]], None] | None = None,
         on_abort: Callable[[str], None] | None = None,
         optimizer: ServerOptimizer | None = None,
+        outer: ServerOptimizer | None = None,
+        delta_scale: float = 1.0,
     ) -> None:
         self._rule = make_rule(
             mode,
@@ -110,9 +119,12 @@ class ParameterServer:
             num_workers,
             frequency=frequency,
             batch_size=batch_size,
+            local_steps=local_steps,
             max_staleness=max_staleness,
             allow_rejoin=allow_rejoin,
             optimizer=optimizer,
+            outer=outer,
+            scale=delta_scale,
         )
         self._gradients = optimizer is not None
         self._secret = secret

@@ -18,7 +18,6 @@ from spark_keras_ml.ps.bookkeeping import (
     Registration,
     TrainingAborted,
     UpdateRule,
-    steps_per_epoch,
 )
 
 if TYPE_CHECKING:
@@ -37,6 +36,10 @@ class SyncRule(UpdateRule):
 
     A new attempt of any partition (a rerun of the whole job) starts a new generation: the open
     round is dropped, everyone registers again and resumes from the last committed round.
+
+    A round's mean is applied in one of three ways: added (model averaging), stepped by
+    ``optimizer`` as a gradient (sync/batch: pushes are gradients), or handed to ``outer`` as
+    the negative of a gradient (local SGD with an outer optimizer, as in DiLoCo).
     """
 
     mode = "sync"
@@ -48,13 +51,24 @@ class SyncRule(UpdateRule):
         *,
         frequency: str = "epoch",
         batch_size: int = 32,
+        local_steps: int = 1,
         allow_rejoin: bool = False,
         optimizer: ServerOptimizer | None = None,
+        outer: ServerOptimizer | None = None,
     ) -> None:
-        super().__init__(weights, num_workers, frequency=frequency, batch_size=batch_size)
+        super().__init__(
+            weights,
+            num_workers,
+            frequency=frequency,
+            batch_size=batch_size,
+            local_steps=local_steps,
+        )
+        if optimizer is not None and outer is not None:
+            raise ValueError("Expected gradients (optimizer) or deltas (outer), not both")
         self._allow_rejoin = allow_rejoin
         # With an optimizer, pushes are gradients and a round is one step of it (sync/batch).
         self.optimizer = optimizer
+        self._outer = outer
         self._generation = 0
         self._registered_rows: dict[int, int] = {}
         # The open round: which partitions pushed, and the row-weighted sum of their deltas.
@@ -77,10 +91,7 @@ class SyncRule(UpdateRule):
             lambda: self._generation == generation,
         )
         # The longest partition's count: one that runs out of data pushes empty updates.
-        steps = max(
-            steps_per_epoch(r, self._frequency, self._batch_size)
-            for r in self._registered_rows.values()
-        )
+        steps = max(self._steps_per_epoch(r) for r in self._registered_rows.values())
         # Every closed round is one step of every partition: the version is the next step.
         return Registration(self._version, self._weights, self._version, steps)
 
@@ -165,6 +176,9 @@ class SyncRule(UpdateRule):
         if self._rows > 0 and self.optimizer is not None:
             mean = [acc / self._rows for acc in self._acc]
             self._weights = self.optimizer.step(self._weights, mean)
+        elif self._rows > 0 and self._outer is not None:
+            mean = [acc / self._rows for acc in self._acc]
+            self._weights = self._outer.step_delta(self._weights, mean)
         elif self._rows > 0:
             self._weights = [
                 (w + acc / self._rows).astype(w.dtype, copy=False)
@@ -188,6 +202,8 @@ class AsyncRule(UpdateRule):
     ``max_staleness`` bounds how far ahead a worker may run, in steps, of the slowest running
     worker (stale synchronous parallel); None leaves it unbounded. Workers still queued for a
     task slot do not count, or the running ones would wait for them forever.
+
+    Each delta is multiplied by ``scale`` first (see :func:`delta_scale`).
     """
 
     mode = "async"
@@ -199,10 +215,19 @@ class AsyncRule(UpdateRule):
         *,
         frequency: str = "epoch",
         batch_size: int = 32,
+        local_steps: int = 1,
         max_staleness: int | None = None,
+        scale: float = 1.0,
     ) -> None:
-        super().__init__(weights, num_workers, frequency=frequency, batch_size=batch_size)
+        super().__init__(
+            weights,
+            num_workers,
+            frequency=frequency,
+            batch_size=batch_size,
+            local_steps=local_steps,
+        )
         self._max_staleness = max_staleness
+        self._scale = scale
 
     def push(
         self,
@@ -216,7 +241,9 @@ class AsyncRule(UpdateRule):
         with self._cond:
             if self._admit(partition, attempt, step, rows > 0) and delta is not None and rows > 0:
                 self._weights = [
-                    (w + d).astype(w.dtype, copy=False)
+                    (w + self._scale * d if self._scale != 1.0 else w + d).astype(
+                        w.dtype, copy=False
+                    )
                     for w, d in zip(self._weights, delta, strict=True)
                 ]
                 self._version += 1
@@ -254,10 +281,30 @@ class HogwildRule(UpdateRule):
 
     Racy by design, as in the Hogwild! paper: two pushes may interleave inside a tensor, a reply
     may carry a half-updated tensor, and with dense updates some additions can be lost. Only the
-    bookkeeping (attempts, steps) is locked, so idempotence still holds.
+    bookkeeping (attempts, steps) is locked, so idempotence still holds. Each delta is
+    multiplied by ``scale`` first (see :func:`delta_scale`).
     """
 
     mode = "hogwild"
+
+    def __init__(
+        self,
+        weights: Sequence[np.ndarray],
+        num_workers: int,
+        *,
+        frequency: str = "epoch",
+        batch_size: int = 32,
+        local_steps: int = 1,
+        scale: float = 1.0,
+    ) -> None:
+        super().__init__(
+            weights,
+            num_workers,
+            frequency=frequency,
+            batch_size=batch_size,
+            local_steps=local_steps,
+        )
+        self._scale = scale
 
     def push(
         self,
@@ -272,9 +319,24 @@ class HogwildRule(UpdateRule):
             applied = self._admit(partition, attempt, step, delta is not None and rows > 0)
         if applied and delta is not None and rows > 0:
             for w, d in zip(self._weights, delta, strict=True):
-                np.add(w, d, out=w, casting="unsafe")
+                np.add(w, self._scale * d if self._scale != 1.0 else d, out=w, casting="unsafe")
             self._version += 1  # racy too: a count of updates, not a consistent snapshot id
         return self._version, self._weights
+
+
+def delta_scale(mode: str, frequency: str, num_workers: int) -> float:
+    """What async and hogwild multiply each delta by before adding it.
+
+    A delta of one mini-batch is added whole: that is asynchronous SGD. A delta of many local
+    steps already holds a learning rate's worth of progress per step; N workers adding theirs
+    whole would move the weights N times as far as one process at the same rate (and diverge at
+    the rate a user tuned alone). Scaled by 1/N, the N concurrent deltas of one stretch add up
+    to their mean, as a sync round would, so the single-process learning rate works as it is
+    at any worker count.
+    """
+    if mode == "sync" or frequency == "batch":
+        return 1.0
+    return 1.0 / num_workers
 
 
 def make_rule(
@@ -284,21 +346,30 @@ def make_rule(
     *,
     frequency: str = "epoch",
     batch_size: int = 32,
+    local_steps: int = 1,
     max_staleness: int | None = None,
     allow_rejoin: bool = False,
     optimizer: ServerOptimizer | None = None,
+    outer: ServerOptimizer | None = None,
+    scale: float = 1.0,
 ) -> UpdateRule:
-    """The update rule of ``mode``, scheduling ``frequency`` steps of ``batch_size`` rows."""
-    if optimizer is not None and mode != "sync":
+    """The update rule of ``mode``, scheduling ``frequency`` steps of ``batch_size`` rows (every
+    ``local_steps`` batches with ``frequency="steps"``); async and hogwild multiply each delta
+    by ``scale`` (see :func:`delta_scale`)."""
+    if (optimizer is not None or outer is not None) and mode != "sync":
         raise ValueError(f"Expected mode 'sync' for a server-side optimizer. Received: {mode!r}")
+    if scale != 1.0 and mode == "sync":
+        raise ValueError(f"Expected no delta scale in mode 'sync'. Received: scale={scale}")
     if mode == "sync":
         return SyncRule(
             weights,
             num_workers,
             frequency=frequency,
             batch_size=batch_size,
+            local_steps=local_steps,
             allow_rejoin=allow_rejoin,
             optimizer=optimizer,
+            outer=outer,
         )
     if mode == "async":
         return AsyncRule(
@@ -306,8 +377,17 @@ def make_rule(
             num_workers,
             frequency=frequency,
             batch_size=batch_size,
+            local_steps=local_steps,
             max_staleness=max_staleness,
+            scale=scale,
         )
     if mode == "hogwild":
-        return HogwildRule(weights, num_workers, frequency=frequency, batch_size=batch_size)
+        return HogwildRule(
+            weights,
+            num_workers,
+            frequency=frequency,
+            batch_size=batch_size,
+            local_steps=local_steps,
+            scale=scale,
+        )
     raise ValueError(f"Expected mode 'sync', 'async' or 'hogwild'. Received: mode={mode!r}")

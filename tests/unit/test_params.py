@@ -5,11 +5,13 @@ from __future__ import annotations
 import pytest
 
 from spark_keras_ml import KerasEstimator, KerasTransformer
-from spark_keras_ml.params import RULES, normalize_mode, validate
+from spark_keras_ml.validation import RULES, normalize_mode, validate
 
 BAD_VALUES = {
     "mode": "fast",
     "frequency": "minute",
+    "localSteps": 0,
+    "outerOptimizer": "",
     "epochs": 0,
     "batchSize": 0,
     "inferenceBatchSize": -1,

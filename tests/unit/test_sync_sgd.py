@@ -13,6 +13,7 @@ import pytest
 
 from spark_keras_ml.config import Layout, TrainConfig
 from spark_keras_ml.executor.gradients import compile_for_gradients, gradient_update
+from spark_keras_ml.executor.local_sgd import epoch_order
 from spark_keras_ml.model_info import resolve_compile_config
 from spark_keras_ml.ps.client import ParameterClient
 from spark_keras_ml.ps.optimizer import ServerOptimizer, server_optimizer
@@ -95,10 +96,8 @@ def train_with_server(model: keras.Model) -> list[np.ndarray]:
 def train_single_process(model: keras.Model) -> list[np.ndarray]:
     """Plain Keras over the same global batches: each worker's batch ``b``, concatenated."""
     parts = partitions()
-    # The workers' shuffles: one generator per partition, seeded by (seed, partition, 0).
-    rngs = [np.random.default_rng([SEED, p, 0]) for p in range(2)]
-    for _ in range(EPOCHS):
-        orders = [rng.permutation(len(x)) for rng, (x, _) in zip(rngs, parts, strict=True)]
+    for epoch in range(EPOCHS):
+        orders = [epoch_order(SEED, p, epoch, len(x)) for p, (x, _) in enumerate(parts)]
         for b in range(5):
             picks = [order[b * LOCAL_BATCH : (b + 1) * LOCAL_BATCH] for order in orders]
             x = np.concatenate([part[0][i] for part, i in zip(parts, picks, strict=True)])

@@ -18,7 +18,9 @@ def tiny_model() -> keras.Model:
     return keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, activation="softmax")])
 
 
-def make_config(frequency: str, host: str, port: int, secret: bytes, data: bytes) -> TrainConfig:
+def make_config(
+    frequency: str, host: str, port: int, secret: bytes, data: bytes, local_steps: int = 1
+) -> TrainConfig:
     return TrainConfig(
         host=host,
         port=port,
@@ -36,11 +38,18 @@ def make_config(frequency: str, host: str, port: int, secret: bytes, data: bytes
         seed=0,
         task_cpus=1,
         layout=Layout(inputs=((4,),), targets=((),)),
+        local_steps=local_steps,
     )
 
 
-@pytest.mark.parametrize("frequency", ["epoch", "batch"])
-def test_workers_end_on_the_server_weights_with_one_history_entry_per_epoch(frequency: str) -> None:
+# (frequency, localSteps, sync rounds per epoch): partitions of 1 and 4 batches.
+SCHEDULES = [("epoch", 1, 1), ("batch", 1, 4), ("steps", 2, 2), ("steps", 3, 2), ("steps", 4, 1)]
+
+
+@pytest.mark.parametrize(("frequency", "local_steps", "rounds"), SCHEDULES)
+def test_workers_end_on_the_server_weights_with_one_history_entry_per_epoch(
+    frequency: str, local_steps: int, rounds: int
+) -> None:
     model = tiny_model()
     data = model_to_bytes(model)
     rng = np.random.default_rng(0)
@@ -56,12 +65,12 @@ def test_workers_end_on_the_server_weights_with_one_history_entry_per_epoch(freq
         secret=secret,
         frequency=frequency,
         batch_size=8,
+        local_steps=local_steps,
         timeout=30.0,
     ) as server:
-        config = make_config(frequency, *server.address, secret, data)
+        config = make_config(frequency, *server.address, secret, data, local_steps)
         finals = train_partitions(server, config, parts)
-        expected_rounds = 3 if frequency == "epoch" else 3 * 4
-        assert server.version == expected_rounds
+        assert server.version == 3 * rounds
         final = server.final_weights()
         history = server.history
     for partition in (0, 1):
@@ -69,3 +78,41 @@ def test_workers_end_on_the_server_weights_with_one_history_entry_per_epoch(freq
             np.testing.assert_array_equal(a, b)
     assert not all(np.array_equal(a, b) for a, b in zip(final, model.get_weights()))
     assert len(history["loss"]) == 3 and len(history["accuracy"]) == 3
+
+
+def test_each_epoch_visits_the_rows_in_the_seeded_order_of_that_epoch() -> None:
+    """One ``fit`` over every epoch still reshuffles per epoch, by (seed, partition, epoch), so
+    a retried attempt sees the same batches, however far ahead Keras reads."""
+    from spark_keras_ml.executor.local_sgd import epoch_batches, epoch_order
+    from spark_keras_ml.executor.rows import Rows
+
+    rows, size = 20, 8
+    x = np.arange(rows, dtype="float32").reshape(rows, 1).repeat(4, axis=1)
+    y = np.zeros(rows, dtype="float32")
+    trained: list[list[int]] = []
+
+    class Record(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch: int, logs: object = None) -> None:
+            trained.append(batch)
+
+    batches = epoch_batches(Rows([x], [y]), size, seed=5, partition=1, epochs=range(11, 14))
+    seen = [sorted(int(v) for v in batch[0][:, 0]) for batch in batches]
+    expected = []
+    for epoch in range(11, 14):
+        order = epoch_order(5, 1, epoch, rows)
+        expected += [sorted(int(i) for i in order[b : b + size]) for b in range(0, rows, size)]
+    assert seen == expected
+    model = tiny_model()
+    model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
+    stream = epoch_batches(Rows([x], [y]), size, seed=5, partition=1, epochs=range(11, 14))
+    model.fit(
+        stream,
+        steps_per_epoch=3,
+        epochs=4,
+        initial_epoch=1,
+        shuffle=False,
+        verbose=0,
+        callbacks=[Record()],
+    )
+    assert trained == [0, 1, 2] * 3  # Keras takes the stream's batches epoch by epoch
+    assert next(stream, None) is None  # and no more

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from spark_keras_ml.ps import protocol
-from spark_keras_ml.ps.messages import EpochEnd, Hello, Push, Reply
+from spark_keras_ml.ps.messages import EpochEnd, Hello, MetricState, Push, Reply
 from spark_keras_ml.ps.protocol import Op, ProtocolError
 from tests.unit.ps.support import body_bytes, raw_body, socket_pair
 
@@ -167,4 +167,89 @@ def test_bad_logs_are_refused(logs: Any) -> None:
     with pytest.raises(ProtocolError, match=r"epoch end (field 'logs'|metric)"):
         EpochEnd.decode(end)
     with pytest.raises(ProtocolError, match=r"epoch end (field 'logs'|metric)"):
+        Push.decode({"step": 0, "rows": 1, "epoch": 0, "end": end})
+
+
+# ---------------------------------------------------------------------------------------------
+# Metric states
+
+
+AUC_STATE = MetricState(
+    name="val_auc",
+    config={"module": "keras.metrics", "class_name": "AUC", "config": {"num_thresholds": 3}},
+    values=tuple(("float32", (3,), [4.0, 2.0, 0.0]) for _ in range(4)),
+)
+MEAN_STATE = MetricState(
+    name="loss",
+    config={"class_name": "Mean", "config": {"name": "loss", "dtype": "float32"}},
+    values=(("float32", (), [12.5]), ("float32", (), [30.0])),
+)
+STATEFUL_END = EpochEnd(10, 4, {"loss": 0.4, "val_auc": 0.9}, (MEAN_STATE, AUC_STATE))
+
+
+def test_states_round_trip_through_a_body_and_a_push() -> None:
+    meta = STATEFUL_END.encode()
+    assert [s["name"] for s in meta["states"]] == ["loss", "val_auc"]
+    assert meta["states"][0]["values"] == [["float32", [], [12.5]], ["float32", [], [30.0]]]
+    received = protocol.decode_message(Op.PUSH, body_bytes(meta)).meta
+    assert EpochEnd.decode(received) == STATEFUL_END
+    push = Push(step=1, rows=10, epoch=0, end=STATEFUL_END)
+    body = body_bytes(push.encode())
+    assert Push.decode(protocol.decode_message(Op.PUSH, body).meta) == push
+
+
+def test_no_states_stay_out_of_the_meta() -> None:
+    assert "states" not in EpochEnd(1, 0, {"loss": 1.0}).encode()
+    assert EpochEnd.decode({**_END, "states": []}) == EpochEnd(1, 0, {})
+    assert EpochEnd.decode({**_END, "states": None}) == EpochEnd(1, 0, {})
+    assert EpochEnd.decode(_END).states == ()
+
+
+def test_decoded_state_values_are_floats_and_non_finite_ones_nan() -> None:
+    state = MetricState("m", {}, (("float32", (2, 2), [1.0, math.nan, math.inf, -math.inf]),))
+    meta = EpochEnd(1, 0, {"m": 1.0}, (state,)).encode()
+    assert meta["states"][0]["values"][0][2] == [1.0, None, None, None]  # JSON has no NaN
+    huge = "1" + "0" * 400
+    body = raw_body(
+        f'{{"rows": 1, "held_out": 0, "logs": {{}}, "states": [{{"name": "m", "config": {{}}, '
+        f'"values": [["int64", [4], [2, NaN, {huge}, null]]]}}]}}'.encode()
+    )
+    (decoded,) = EpochEnd.decode(protocol.decode_message(Op.PUSH, body).meta).states
+    ((dtype, shape, flat),) = decoded.values
+    assert (dtype, shape) == ("int64", (4,))
+    assert flat[0] == 2.0 and isinstance(flat[0], float)
+    assert all(math.isnan(v) for v in flat[1:])
+
+
+_STATE = {"name": "loss", "config": {}, "values": [["float32", [], [1.0]]]}
+
+
+@pytest.mark.parametrize(
+    ("states", "match"),
+    [
+        ({"loss": _STATE}, "'states' must be a list of metric states"),
+        ([["loss"]], "epoch end metric state must be a JSON object"),
+        ([{"config": {}, "values": []}], "metric state has no 'name' field"),
+        ([{"name": "loss", "values": []}], "metric state has no 'config' field"),
+        ([{"name": "loss", "config": {}}], "metric state has no 'values' field"),
+        ([{**_STATE, "name": 3}], "'name' must be a string, received 3"),
+        ([{**_STATE, "config": "Mean"}], "state 'loss' field 'config' must be a JSON object"),
+        ([{**_STATE, "values": {"a": 1}}], "'values' must be a list of \\[dtype, shape, values\\]"),
+        ([{**_STATE, "values": [["float32", []]]}], "variables must be \\[dtype, shape, values\\]"),
+        ([{**_STATE, "values": [[32, [], [1.0]]]}], "variable dtype must be a string"),
+        ([{**_STATE, "values": [["", [], [1.0]]]}], "variable dtype must be a string"),
+        ([{**_STATE, "values": [["float32", 2, [1.0]]]}], "shape must be a list of non-negative"),
+        ([{**_STATE, "values": [["f4", [-1], [1.0]]]}], "shape must be a list of non-negative"),
+        ([{**_STATE, "values": [["f4", [True], [1.0]]]}], "shape must be a list of non-negative"),
+        ([{**_STATE, "values": [["f4", [2], [1.0]]]}], "of shape \\[2\\] must have 2 values"),
+        ([{**_STATE, "values": [["f4", [], 1.0]]}], "of shape \\[\\] must have 1 values"),
+        ([{**_STATE, "values": [["f4", [1], ["1"]]]}], "values must be a number or null"),
+        ([{**_STATE, "values": [["f4", [1], [False]]]}], "values must be a number or null"),
+    ],
+)
+def test_bad_states_are_refused(states: Any, match: str) -> None:
+    end = {**_END, "states": states}
+    with pytest.raises(ProtocolError, match=match):
+        EpochEnd.decode(end)
+    with pytest.raises(ProtocolError, match=match):
         Push.decode({"step": 0, "rows": 1, "epoch": 0, "end": end})

@@ -24,7 +24,7 @@ from spark_keras_ml.ps.client import ParameterClient
 from spark_keras_ml.ps.messages import Reply
 from spark_keras_ml.ps.protocol import RemoteError
 from spark_keras_ml.ps.server import ParameterServer
-from spark_keras_ml.ps.updates import AsyncRule, HogwildRule, SyncRule, make_rule
+from spark_keras_ml.ps.updates import AsyncRule, HogwildRule, SyncRule, delta_scale, make_rule
 from tests.unit.ps.support import SECRET, WAIT, run_workers, wait_until
 
 pytestmark = pytest.mark.timeout(60)
@@ -118,6 +118,61 @@ def test_make_rule_builds_each_mode_and_refuses_others() -> None:
 )
 def test_steps_per_epoch(rows: int, frequency: str, batch_size: int, steps: int) -> None:
     assert steps_per_epoch(rows, frequency, batch_size) == steps
+
+
+@pytest.mark.parametrize(
+    ("rows", "local_steps", "exchanges"),
+    [(40, 2, 5), (40, 3, 4), (40, 10, 1), (40, 50, 1), (0, 4, 1), (4, 1, 1)],
+)
+def test_steps_frequency_exchanges_every_local_steps_and_at_the_epoch_end(
+    rows: int, local_steps: int, exchanges: int
+) -> None:
+    """10 batches of 4 rows: an exchange every ``local_steps`` of them, the last one shorter."""
+    assert steps_per_epoch(rows, "steps", 4, local_steps) == exchanges
+    with pytest.raises(ValueError, match=r"local_steps >= 1\. Received: 0"):
+        make_rule("sync", zeros(), 2, frequency="steps", local_steps=0)
+
+
+@pytest.mark.parametrize("mode", ["async", "hogwild"])
+def test_async_and_hogwild_scale_each_delta(mode: str) -> None:
+    rule = make_rule(mode, zeros(), 4, frequency="steps", scale=0.25)
+    rule.register(0, 1, 10, 1.0)
+    rule.push(0, 1, 0, full(2.0), 10, 1.0)
+    np.testing.assert_allclose(rule.weights()[1][0], full(0.5)[0])
+    with pytest.raises(ValueError, match="no delta scale in mode 'sync'"):
+        make_rule("sync", zeros(), 4, scale=0.5)
+
+
+def test_delta_scale_averages_multi_step_deltas_and_keeps_single_batches_whole() -> None:
+    assert delta_scale("async", "epoch", 4) == 0.25
+    assert delta_scale("hogwild", "steps", 8) == 0.125
+    assert delta_scale("async", "batch", 4) == 1.0  # asynchronous SGD: each gradient step whole
+    assert delta_scale("sync", "steps", 4) == 1.0  # a sync round already takes the mean
+
+
+def test_sync_rule_applies_the_mean_delta_through_an_outer_optimizer() -> None:
+    """DiLoCo's outer step: SGD with Nesterov momentum on the negative of the mean delta."""
+    keras = pytest.importorskip("keras")
+    from spark_keras_ml.ps.optimizer import ServerOptimizer
+
+    weights = [np.zeros(4, np.float32), np.zeros(4, np.float32)]
+    outer = ServerOptimizer(
+        keras.optimizers.serialize(keras.optimizers.SGD(0.5, momentum=0.9, nesterov=True)),
+        weights,
+        trainable=[True, False],
+    )
+    rule = SyncRule(weights, 2, frequency="steps", batch_size=4, outer=outer)
+    run_workers(lambda: rule.register(0, 1, 8, 5.0), lambda: rule.register(1, 1, 8, 5.0))
+    one, three = [np.ones(4, np.float32)] * 2, [np.full(4, 3.0, np.float32)] * 2
+    for step in range(2):
+        out = run_workers(
+            lambda s=step: rule.push(0, 1, s, one, 8, 5.0),
+            lambda s=step: rule.push(1, 1, s, three, 8, 5.0),
+        )
+    # Keras's Nesterov SGD on g = -2: v1 = 1, w1 = 0.9 * 1 + 1 = 1.9; v2 = 1.9, w2 = w1 + 0.9 *
+    # 1.9 + 1 = 4.61. The non-trainable weight takes the mean delta as it is: 2 + 2.
+    np.testing.assert_allclose(out[0][1][0], 4.61, rtol=1e-6)
+    np.testing.assert_allclose(out[0][1][1], 4.0)
 
 
 def test_async_rule_replies_are_copy_on_write_snapshots() -> None:

@@ -1,0 +1,70 @@
+"""The Keras side of local SGD: one ``model.fit`` over every epoch of a fit, fed by
+:func:`epoch_batches` and stopped at each exchange by :class:`Exchanges`.
+
+One ``fit`` call, not one per epoch: Keras then builds its data pipeline, its callbacks and its
+train function once, which on small partitions costs more than the epoch itself. The batches
+come from a plain generator (:func:`epoch_batches`), which every Keras backend takes. This module
+imports Keras at the top, so the training task imports it only after
+:func:`~spark_keras_ml.executor.resources.configure_threads`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import keras
+import numpy as np
+
+if TYPE_CHECKING:
+    from spark_keras_ml.executor.rows import Rows
+    from spark_keras_ml.executor.train import PartitionWorker
+
+
+def epoch_order(seed: int, partition: int, epoch: int, rows: int) -> np.ndarray:
+    """The order a worker visits its rows in ``epoch`` (counted over the whole fit): seeded by
+    (seed, partition, epoch) alone, so a retried or resumed attempt sees the same batches."""
+    return np.random.default_rng([seed & 0xFFFFFFFF, partition, epoch]).permutation(rows)
+
+
+def epoch_batches(
+    rows: Rows, batch_size: int, seed: int, partition: int, epochs: range
+) -> Iterator[tuple[Any, ...]]:
+    """A partition's mini-batches for every epoch in ``epochs`` (counted over the whole fit),
+    one epoch after the other, each in its :func:`epoch_order`.
+
+    One generator for the whole ``fit``: Keras reads batches ahead of its epoch callbacks (it
+    peeks at one to learn the shapes, and prefetches), so only a stream whose order depends on
+    the position alone, not on when a hook runs, gives every epoch its own seeded order.
+    """
+    for epoch in epochs:
+        order = epoch_order(seed, partition, epoch, len(rows))
+        for start in range(0, len(rows), batch_size):
+            # Sorted: the gather then reads memory forwards; order within a batch does not matter.
+            batch = rows.take(np.sort(order[start : start + batch_size]))
+            if batch.weights is None:
+                yield batch.x, batch.y
+            else:
+                yield batch.x, batch.y, batch.weights
+
+
+class Exchanges(keras.callbacks.Callback):
+    """Hands the worker every step's end and every epoch's end of the one ``fit``."""
+
+    def __init__(self, worker: PartitionWorker, rows: int, batch_size: int) -> None:
+        super().__init__()
+        self._worker = worker
+        self._rows = rows
+        self._batch_size = batch_size
+
+    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        self._worker.begin_epoch(epoch)
+
+    def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        self._worker.after_batch(
+            batch, min(self._batch_size, self._rows - batch * self._batch_size)
+        )
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        if self._worker.end_epoch(epoch, {k: float(v) for k, v in (logs or {}).items()}):
+            self.model.stop_training = True
