@@ -144,6 +144,9 @@ class TrainConfig:
     #: ``frequency="steps"``: mini-batch steps a worker trains between two exchanges (an epoch's
     #: end is always an exchange too).
     local_steps: int = 1
+    #: Rows are held out (validationSplit or validationCol): each epoch ends with a report step
+    #: whose push carries val_* metrics measured on the weights the epoch's last exchange gave.
+    report_step: bool = False
 
 
 @dataclass(frozen=True)

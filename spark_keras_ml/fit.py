@@ -7,14 +7,12 @@ task config are built from the plan's fields, so the schedule is stated once. :f
 holds the server, the callbacks, the checkpoint writer, the Spark job and its reruns, the failure
 text and the summary.
 
-Where the parameter server lives is one seam, :class:`OnDriver`: today threads of the driver
-process. Nothing else in the fit depends on it, so that a later location can host the server
-inside the cluster (Spark Connect) without touching the rest.
+Where the parameter server lives is one seam of the plan (``FitPlan.location``, see
+:mod:`spark_keras_ml.server_location`); nothing else in the fit depends on it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import logging
@@ -22,7 +20,6 @@ import math
 import re
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -41,12 +38,14 @@ from spark_keras_ml.checkpoint import (
 from spark_keras_ml.config import TRAIN_RESULT_SCHEMA, Layout, TrainConfig
 from spark_keras_ml.executor.train import train_partition
 from spark_keras_ml.inputs import check_first_row, training_columns
+from spark_keras_ml.metric_results import results_from_states
 from spark_keras_ml.model_info import output_kind, resolve_compile_config
 from spark_keras_ml.ps.optimizer import server_optimizer
 from spark_keras_ml.ps.protocol import new_secret
 from spark_keras_ml.ps.server import ParameterServer
 from spark_keras_ml.ps.updates import delta_scale
 from spark_keras_ml.serialization import model_from_bytes
+from spark_keras_ml.server_location import OnDriver
 from spark_keras_ml.summary import TrainingSummary, fit_phases, format_epoch
 from spark_keras_ml.validation import check_local_steps, check_outer_optimizer, normalize_mode
 
@@ -57,29 +56,6 @@ if TYPE_CHECKING:
     from spark_keras_ml.tuning import SharedTrainingData
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class OnDriver:
-    """The parameter server as threads of the driver process (classic Spark).
-
-    It binds ``bind_host`` (the driver host, or ``spark.keras.ps.bindAddress``) on port 0, and
-    tasks connect to ``task_host``.
-    """
-
-    bind_host: str
-    task_host: str
-
-    @classmethod
-    def of(cls, spark: SparkSession) -> OnDriver:
-        return cls(cluster.bind_address(spark), cluster.driver_host(spark))
-
-    @contextlib.contextmanager
-    def serve(self, server: ParameterServer) -> Iterator[tuple[str, int]]:
-        """Run ``server`` for the block (no thread, socket or port outlives it); yield the
-        address tasks connect to."""
-        with server:
-            yield self.task_host, server.port
 
 
 @dataclass(frozen=True)
@@ -224,6 +200,12 @@ class FitPlan:
         return self.mode == "sync" and self.frequency == "batch"
 
     @property
+    def report_step(self) -> bool:
+        """Rows are held out: val_* metrics are measured after each epoch's last exchange, on
+        the merged weights, and reported in one more step of no rows."""
+        return self.validation_split > 0 or self.layout.held_out
+
+    @property
     def worker_batch_size(self) -> int:
         """Rows per step of one worker: its share of the global batch in sync/batch."""
         if self.gradients:
@@ -246,6 +228,7 @@ class FitPlan:
             frequency=self.frequency,
             batch_size=self.worker_batch_size,
             local_steps=self.local_steps,
+            report_step=self.report_step,
             host=self.location.bind_host,
             timeout=self.timeout,
             max_staleness=self.max_staleness,
@@ -253,6 +236,7 @@ class FitPlan:
             max_bad_updates=self.max_bad_updates,
             on_epoch=fit.on_epoch,
             on_epoch_applied=fit.on_epoch_applied,
+            finish_states=results_from_states,
             on_abort=fit.on_abort,
             optimizer=server_optimizer(self.model, self.compile_config) if self.gradients else None,
             outer=None
@@ -274,6 +258,7 @@ class FitPlan:
             first_epoch=self.resume.first_epoch,
             batch_size=self.worker_batch_size,
             local_steps=self.local_steps,
+            report_step=self.report_step,
             gradients=self.gradients,
             timeout=self.timeout,
             seed=self.seed,

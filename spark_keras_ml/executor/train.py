@@ -27,7 +27,7 @@ from spark_keras_ml.executor.resources import (
 )
 from spark_keras_ml.executor.rows import Rows, partition_rows, split_held_out
 from spark_keras_ml.ps.client import ParameterClient
-from spark_keras_ml.ps.messages import EpochEnd
+from spark_keras_ml.ps.messages import EpochEnd, MetricState
 from spark_keras_ml.ps.protocol import ProtocolError, compress_delta
 from spark_keras_ml.serialization import model_from_bytes
 
@@ -125,19 +125,17 @@ def connect(config: TrainConfig, trainee: Trainee) -> ParameterClient:
 class PartitionWorker:
     """One worker's schedule against the parameter server: :meth:`register`, then :meth:`run`.
 
-    The server says how many steps (exchanges) an epoch has; step ``s`` is exchange
-    ``s % steps`` of epoch ``s // steps``. Between exchanges the worker trains
+    The server says how many steps an epoch has; step ``s`` is step ``s % steps`` of epoch
+    ``s // steps``. A step is an exchange: the worker pushes what it learnt since the last one
+    and goes on from the weights in the reply. Between exchanges it trains
     ``config.local_steps`` mini-batches on its own (``frequency="steps"``), a whole epoch
-    (``"epoch"``) or one batch (``"batch"``). Shuffles depend only on (seed, partition, epoch),
-    so a retried attempt sees the same batches as the first one and starts at the server's
-    ``resume_step``.
+    (``"epoch"``) or one batch (``"batch"``). When rows are held out, each epoch ends with one
+    more step, of no rows, whose push carries the val_* metrics measured on the weights the
+    epoch's last exchange returned: the model the user gets, not the worker's own.
 
-    Trainable weights come from the server at every exchange. Non-trainable state (batch-norm
-    statistics, seed generators) stays the worker's own: it is pushed as a delta, so the
-    server's copy is the mean of the workers', but a worker never takes the server's back. A
-    moving average then sees every step the worker takes, instead of the 1/N share it would
-    keep if each exchange reset it to the mean. In sync/batch a step pushes the batch's
-    gradients, and the server's weights, all of them, are taken every step.
+    Shuffles depend only on (seed, partition, epoch), so a retried attempt sees the same batches
+    as the first one; it starts at the server's ``resume_step``, training the steps before it
+    again without pushing them. In sync/batch a step pushes the batch's gradients, not a delta.
     """
 
     def __init__(
@@ -154,7 +152,6 @@ class PartitionWorker:
         self._client = client
         self._train, self._held_out = data
         self.partition = partition
-        self._trainable = [v.trainable for v in self._model.weights]
         self._weights: list[np.ndarray] = []
         #: What the local model held right after the last exchange: deltas are measured from it.
         self._base: list[np.ndarray] = []
@@ -199,14 +196,18 @@ class PartitionWorker:
                 self._run_empty(first)
         self._model.set_weights(self._weights)
 
+    @property
+    def _exchanges(self) -> int:
+        """Exchanges per epoch: the steps, less the report step."""
+        return self._steps - 1 if self._config.report_step else self._steps
+
     # --- local SGD: one model.fit over every epoch ----------------------------------------------
 
     def _fit(self, first: int) -> None:
         from spark_keras_ml.executor.local_sgd import Exchanges, epoch_batches
 
         config, model = self._config, self._model
-        model.set_weights(self._weights)
-        self._base = model.get_weights()
+        self._take()
         start = config.first_epoch
         batches = epoch_batches(
             self._train,
@@ -229,7 +230,8 @@ class PartitionWorker:
         """Called as ``epoch`` (of this fit) starts."""
         self._current_epoch = epoch
         self._exchange = 0
-        self._rows_since = self._batches_since = 0
+        self._rows_since = 0
+        self._batches_since = 0
 
     def after_batch(self, batch: int, rows: int) -> None:
         """Called after each mini-batch step: exchange every ``local_steps`` of them."""
@@ -237,14 +239,21 @@ class PartitionWorker:
         self._batches_since += 1
         last = batch == self._batches_per_epoch - 1
         if self._batches_since >= self._local_steps and not last:  # the epoch's end pushes last
-            self._exchange_now(self._current_epoch, end=None)
+            self._exchange_now(self._current_epoch)
 
     def end_epoch(self, epoch: int, logs: dict[str, float]) -> bool:
-        """Called at the end of ``epoch``: its last exchanges; True when training must stop."""
-        self._current_epoch = epoch
-        while self._exchange < self._steps - 1:  # a short partition pads the sync rounds
-            self._exchange_now(epoch, end=None)
-        self._exchange_now(epoch, end=self._epoch_end(logs))
+        """Called at the end of ``epoch`` with its training logs: the epoch's last exchanges
+        and its report; True when training must stop."""
+        from spark_keras_ml.executor.metric_state import metric_states
+
+        states = metric_states(self._model)  # before an evaluate resets them
+        while self._exchange < self._exchanges - 1:  # a short partition pads the sync rounds
+            self._exchange_now(epoch)
+        if self._config.report_step:
+            self._exchange_now(epoch)
+            self._report(epoch, logs, states)
+        else:
+            self._exchange_now(epoch, self._epoch_end(logs, states))
         self.completed = self._config.first_epoch + epoch + 1
         return self._stop_after is not None and self.completed > self._stop_after
 
@@ -260,41 +269,42 @@ class PartitionWorker:
             return self._config.local_steps
         return 1 if frequency == "batch" else self._batches_per_epoch
 
-    def _exchange_now(self, epoch: int, end: EpochEnd | None) -> None:
-        """Push what changed since the last exchange; go on from the server's trainable weights
-        and the worker's own non-trainable state."""
-        model = self._model
+    def _step(self, epoch: int) -> int:
+        """The number of the next step of ``epoch``, counted over the fit; moves on."""
         step = epoch * self._steps + self._exchange
-        current = model.get_weights()
-        rows = self._rows_since
         self._exchange += 1
-        self._rows_since = self._batches_since = 0
-        if step < self._resume_step:  # done by an earlier attempt: only catch up with it
-            self._take(current)
-            return
-        delta = [now - base for now, base in zip(current, self._base, strict=True)]
-        at = self._config.first_epoch + epoch
-        self._push(delta, step=step, rows=rows, epoch=at, end=end)
-        self._take(current)
+        return step
 
-    def _take(self, current: list[np.ndarray]) -> None:
-        """Load the server's trainable weights; keep the worker's own non-trainable state."""
-        merged = [
-            server if trainable else own
-            for server, own, trainable in zip(self._weights, current, self._trainable, strict=True)
-        ]
-        for variable, value, trainable in zip(
-            self._model.weights, merged, self._trainable, strict=True
-        ):
-            if trainable:
-                variable.assign(value)
-        self._base = merged
+    def _exchange_now(self, epoch: int, end: EpochEnd | None = None) -> None:
+        """Push what changed since the last exchange; go on from the weights in the reply."""
+        step, rows = self._step(epoch), self._rows_since
+        self._rows_since = self._batches_since = 0
+        if step >= self._resume_step:  # else done by an earlier attempt: catch up with it
+            weights = self._model.get_weights()
+            delta = [now - base for now, base in zip(weights, self._base, strict=True)]
+            at = self._config.first_epoch + epoch
+            self._push(delta, step=step, rows=rows, epoch=at, end=end)
+        self._take()
+
+    def _report(self, epoch: int, logs: dict[str, float], states: tuple[MetricState, ...]) -> None:
+        """The report step: the epoch's logs, val_* measured on the model just received."""
+        step = self._step(epoch)
+        if step >= self._resume_step:
+            end = self._epoch_end(logs, states)
+            at = self._config.first_epoch + epoch
+            self._push([], step=step, rows=0, epoch=at, end=end)
+            self._take()
+
+    def _take(self) -> None:
+        """Train on from the server's weights (all of them: batch-norm statistics too)."""
+        self._model.set_weights(self._weights)
+        self._base = self._weights
 
     def _run_empty(self, first: int) -> None:
         """A worker without rows still takes part in every round of every epoch."""
+        self._take()
         for epoch in range(first, self._config.epochs):
             self.begin_epoch(epoch)
-            self._base = self._model.get_weights()
             if self.end_epoch(epoch, {}):
                 break
 
@@ -320,8 +330,9 @@ class PartitionWorker:
         # train_on_batch resets the metrics on every call: keep the epoch's row-weighted sums.
         sums: dict[str, float] = {}
         trained = 0
-        for batch in range(self._steps):
-            step = epoch * self._steps + batch
+        self._exchange = 0
+        for batch in range(self._exchanges):
+            step = self._step(epoch)
             if step < self._resume_step:
                 continue
             index = order[batch * size : (batch + 1) * size]
@@ -335,17 +346,22 @@ class PartitionWorker:
                     sums[key] = sums.get(key, 0.0) + float(value) * len(index)
                 trained += len(index)
             update = gradient_update(capture, self._weights)
-            end = None
-            if batch == self._steps - 1:
-                end = self._epoch_end({k: v / trained for k, v in sums.items()} if trained else {})
+            last = batch == self._exchanges - 1
+            means = {k: v / trained for k, v in sums.items()} if trained else {}
+            end = self._epoch_end(means, ()) if last and not self._config.report_step else None
             at = self._config.first_epoch + epoch
             self._push(update, step=step, rows=len(index), epoch=at, end=end)
+        if self._config.report_step:
+            model.set_weights(self._weights)
+            self._report(epoch, {k: v / trained for k, v in sums.items()} if trained else {}, ())
 
-    def _epoch_end(self, logs: dict[str, float]) -> EpochEnd:
-        """The epoch's training logs, with val_* metrics on the held-out rows (measured after
-        this epoch's local training) and the rows behind each."""
+    def _epoch_end(self, logs: dict[str, float], states: tuple[MetricState, ...]) -> EpochEnd:
+        """The epoch's training logs and metric states, with val_* metrics of the model as it
+        is now on the held-out rows, and the rows behind each."""
         held_out = self._held_out
         if len(held_out):
+            from spark_keras_ml.executor.metric_state import metric_states
+
             scores = self._model.evaluate(
                 held_out.x,
                 held_out.y,
@@ -355,8 +371,11 @@ class PartitionWorker:
                 return_dict=True,
             )
             logs = {**logs, **{f"val_{k}": float(v) for k, v in scores.items()}}
+            states = (*states, *metric_states(self._model, "val_"))
         # A non-finite metric (a diverged loss) travels as null: EpochEnd.encode sees to it.
-        return EpochEnd(rows=len(self._train), held_out=len(held_out), logs=dict(logs))
+        return EpochEnd(
+            rows=len(self._train), held_out=len(held_out), logs=dict(logs), states=states
+        )
 
     def _push(
         self, update: list[np.ndarray], *, step: int, rows: int, epoch: int, end: EpochEnd | None

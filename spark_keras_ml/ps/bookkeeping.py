@@ -54,7 +54,8 @@ class UpdateRule:
     """Shared state and bookkeeping; subclasses decide how a delta is applied.
 
     ``frequency`` (one of :data:`FREQUENCIES`), ``batch_size`` and ``local_steps`` fix the
-    exchanges (steps) per epoch.
+    exchanges (steps) per epoch; ``report_step`` adds one more, of no rows, to each epoch, whose
+    push carries the epoch's logs with val_* metrics measured on the merged weights.
     """
 
     mode = ""
@@ -67,6 +68,7 @@ class UpdateRule:
         frequency: str = "epoch",
         batch_size: int = 32,
         local_steps: int = 1,
+        report_step: bool = False,
     ) -> None:
         if frequency not in FREQUENCIES:
             raise ValueError(f"Expected a frequency in {FREQUENCIES}. Received: {frequency!r}")
@@ -79,6 +81,7 @@ class UpdateRule:
         self._frequency = frequency
         self._batch_size = batch_size
         self._local_steps = local_steps
+        self._report_step = report_step
         self._cond = threading.Condition()
         self._version = 0
         self._abort_reason: str | None = None
@@ -149,7 +152,10 @@ class UpdateRule:
         )
 
     def _steps_per_epoch(self, rows: int) -> int:
-        return steps_per_epoch(rows, self._frequency, self._batch_size, self._local_steps)
+        steps = steps_per_epoch(rows, self._frequency, self._batch_size, self._local_steps)
+        # The report step: a push of no rows, after the epoch's last exchange, that carries
+        # the val_* logs measured on the weights that exchange produced.
+        return steps + 1 if self._report_step else steps
 
     def is_current(self, partition: int, attempt: int) -> bool:
         """Whether ``attempt`` is the newest registered attempt of ``partition``."""

@@ -24,7 +24,7 @@ import numpy as np
 
 from spark_keras_ml.ps import protocol
 from spark_keras_ml.ps.bookkeeping import Superseded, TrainingAborted
-from spark_keras_ml.ps.messages import Hello, Push, Reply
+from spark_keras_ml.ps.messages import Hello, MetricState, Push, Reply
 from spark_keras_ml.ps.metrics import EpochAggregator
 from spark_keras_ml.ps.protocol import Message, Op, ProtocolError, RemoteError
 from spark_keras_ml.ps.updates import make_rule
@@ -56,9 +56,10 @@ class ParameterServer:
         The per-fit key of the HMAC handshake.
     mode:
         ``"sync"``, ``"async"`` or ``"hogwild"``: which update rule applies the deltas.
-    frequency, batch_size, local_steps:
+    frequency, batch_size, local_steps, report_step:
         The schedule: the server computes each worker's steps (exchanges) per epoch from them
-        and sends it with the worker's first weights.
+        and sends it with the worker's first weights. With ``report_step`` each epoch ends with
+        a push of no rows (and no arrays) that carries the logs measured after the merge.
     host:
         The address to bind; the driver host, never all interfaces by default.
     timeout:
@@ -77,6 +78,9 @@ class ParameterServer:
     on_epoch_applied:
         Called with ``(epoch, weights)`` (a copy) once the push that completed the epoch is
         applied: in sync, the weights after the epoch's last round (checkpoints, best weights).
+    finish_states:
+        Computes metrics from their states summed over the workers (see
+        :class:`~spark_keras_ml.ps.metrics.EpochAggregator`).
     on_abort:
         Called once, from a server thread, with the reason when training is aborted (the
         estimator cancels its Spark job there).
@@ -101,6 +105,7 @@ class ParameterServer:
         frequency: str = "epoch",
         batch_size: int = 32,
         local_steps: int = 1,
+        report_step: bool = False,
         host: str = "127.0.0.1",
         timeout: float = 600.0,
         max_staleness: int | None = None,
@@ -108,6 +113,7 @@ class ParameterServer:
         max_bad_updates: int = 3,
         on_epoch: EpochCallback | None = None,
         on_epoch_applied: Callable[[int, list[np.ndarray]], None] | None = None,
+        finish_states: Callable[[list[MetricState]], dict[str, float]] | None = None,
         on_abort: Callable[[str], None] | None = None,
         optimizer: ServerOptimizer | None = None,
         outer: ServerOptimizer | None = None,
@@ -120,6 +126,7 @@ class ParameterServer:
             frequency=frequency,
             batch_size=batch_size,
             local_steps=local_steps,
+            report_step=report_step,
             max_staleness=max_staleness,
             allow_rejoin=allow_rejoin,
             optimizer=optimizer,
@@ -133,7 +140,7 @@ class ParameterServer:
         self._max_bad_updates = max_bad_updates
         self._max_body = protocol.message_bytes_limit(weights)
         self._shapes = [(tuple(w.shape), np.dtype(np.float32).str) for w in weights]
-        self._epochs = EpochAggregator(num_workers, on_epoch)
+        self._epochs = EpochAggregator(num_workers, on_epoch, finish_states)
         self._on_abort = on_abort
         self._abort_reported = False
         self._run = 0
@@ -414,10 +421,12 @@ class ParameterServer:
             # Applying a gradient as a delta (or the reverse) would train silently wrong.
             wanted, got = ("gradients", "a delta") if self._gradients else ("deltas", "gradients")
             raise ProtocolError(f"this server takes {wanted} (sync/batch), received {got}")
-        delta = protocol.decompress_delta(arrays, push.precision)
-        self._check_delta(delta)
+        delta: list[np.ndarray] | None = None
+        if arrays or push.rows:  # a push of no rows may come without arrays (a report step)
+            delta = protocol.decompress_delta(arrays, push.precision)
+            self._check_delta(delta)
         # A delta behind zero rows is never applied, so only the others need checking.
-        usable = push.rows == 0 or self._finite(partition, delta)
+        usable = push.rows == 0 or (delta is not None and self._finite(partition, delta))
         epoch, end = push.epoch, push.end  # end: set on the epoch's last push (with its epoch)
         completed = False
         if epoch is not None and end is not None and self._rule.is_current(*worker):

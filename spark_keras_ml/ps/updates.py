@@ -52,6 +52,7 @@ class SyncRule(UpdateRule):
         frequency: str = "epoch",
         batch_size: int = 32,
         local_steps: int = 1,
+        report_step: bool = False,
         allow_rejoin: bool = False,
         optimizer: ServerOptimizer | None = None,
         outer: ServerOptimizer | None = None,
@@ -62,6 +63,7 @@ class SyncRule(UpdateRule):
             frequency=frequency,
             batch_size=batch_size,
             local_steps=local_steps,
+            report_step=report_step,
         )
         if optimizer is not None and outer is not None:
             raise ValueError("Expected gradients (optimizer) or deltas (outer), not both")
@@ -216,6 +218,7 @@ class AsyncRule(UpdateRule):
         frequency: str = "epoch",
         batch_size: int = 32,
         local_steps: int = 1,
+        report_step: bool = False,
         max_staleness: int | None = None,
         scale: float = 1.0,
     ) -> None:
@@ -225,6 +228,7 @@ class AsyncRule(UpdateRule):
             frequency=frequency,
             batch_size=batch_size,
             local_steps=local_steps,
+            report_step=report_step,
         )
         self._max_staleness = max_staleness
         self._scale = scale
@@ -295,6 +299,7 @@ class HogwildRule(UpdateRule):
         frequency: str = "epoch",
         batch_size: int = 32,
         local_steps: int = 1,
+        report_step: bool = False,
         scale: float = 1.0,
     ) -> None:
         super().__init__(
@@ -303,6 +308,7 @@ class HogwildRule(UpdateRule):
             frequency=frequency,
             batch_size=batch_size,
             local_steps=local_steps,
+            report_step=report_step,
         )
         self._scale = scale
 
@@ -347,6 +353,7 @@ def make_rule(
     frequency: str = "epoch",
     batch_size: int = 32,
     local_steps: int = 1,
+    report_step: bool = False,
     max_staleness: int | None = None,
     allow_rejoin: bool = False,
     optimizer: ServerOptimizer | None = None,
@@ -367,6 +374,7 @@ def make_rule(
             frequency=frequency,
             batch_size=batch_size,
             local_steps=local_steps,
+            report_step=report_step,
             allow_rejoin=allow_rejoin,
             optimizer=optimizer,
             outer=outer,
@@ -378,6 +386,7 @@ def make_rule(
             frequency=frequency,
             batch_size=batch_size,
             local_steps=local_steps,
+            report_step=report_step,
             max_staleness=max_staleness,
             scale=scale,
         )
@@ -388,6 +397,7 @@ def make_rule(
             frequency=frequency,
             batch_size=batch_size,
             local_steps=local_steps,
+            report_step=report_step,
             scale=scale,
         )
     raise ValueError(f"Expected mode 'sync', 'async' or 'hogwild'. Received: mode={mode!r}")

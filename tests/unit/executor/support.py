@@ -17,18 +17,23 @@ def train_partitions(
     config: TrainConfig,
     parts: list[tuple[np.ndarray, np.ndarray]],
     timeout: float = 60.0,
+    held_out: list[tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> list[list[np.ndarray]]:
-    """Train partition ``p`` on ``parts[p]`` (x, y) in its own thread, as a task would, and
-    return every worker's final weights; a worker's error is raised here."""
+    """Train partition ``p`` on ``parts[p]`` (x, y) in its own thread, as a task would, holding
+    out ``held_out[p]``, and return every worker's final weights; a worker's error is raised
+    here."""
 
     def work(partition: int) -> list[np.ndarray]:
         trainee = build_trainee(config)
         assert (trainee.capture is not None) == config.gradients
         x, y = parts[partition]
         rows = Rows([x], [y])
-        held_out = rows.take(np.zeros(0, dtype=np.int64))
+        if held_out is None:
+            kept = rows.take(np.zeros(0, dtype=np.int64))
+        else:
+            kept = Rows([held_out[partition][0]], [held_out[partition][1]])
         with connect(config, trainee) as client:
-            worker = PartitionWorker(config, trainee, client, (rows, held_out), partition)
+            worker = PartitionWorker(config, trainee, client, (rows, kept), partition)
             worker.register(attempt=1)
             worker.run()
         return trainee.model.get_weights()

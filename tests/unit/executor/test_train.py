@@ -116,3 +116,54 @@ def test_each_epoch_visits_the_rows_in_the_seeded_order_of_that_epoch() -> None:
     )
     assert trained == [0, 1, 2] * 3  # Keras takes the stream's batches epoch by epoch
     assert next(stream, None) is None  # and no more
+
+
+@pytest.mark.parametrize("frequency", ["steps", "batch"])
+def test_val_metrics_are_those_of_the_merged_model_on_every_held_out_row(frequency: str) -> None:
+    """With rows held out, each epoch ends with a report step: val_* is measured on the weights
+    the epoch's last exchange returned, and summed over the workers' rows (metric states), so
+    it is exactly what Keras reports for the final model over all held-out rows."""
+    import dataclasses
+
+    from spark_keras_ml.metric_results import results_from_states
+
+    model = tiny_model()
+    rng = np.random.default_rng(1)
+
+    def rows(n: int) -> tuple[np.ndarray, np.ndarray]:
+        return rng.normal(size=(n, 4)).astype("float32"), rng.integers(0, 3, n).astype("float32")
+
+    parts, held_out = [rows(24), rows(17)], [rows(7), rows(12)]
+    secret = new_secret()
+    gradients = frequency == "batch"
+    compile_config = make_config("steps", "", 0, secret, b"").compile_config
+    optimizer = None
+    if gradients:
+        from spark_keras_ml.ps.optimizer import server_optimizer
+
+        optimizer = server_optimizer(model, compile_config)
+    with ParameterServer(
+        model.get_weights(),
+        num_workers=2,
+        secret=secret,
+        frequency=frequency,
+        batch_size=8,
+        local_steps=2,
+        report_step=True,
+        timeout=30.0,
+        finish_states=results_from_states,
+        optimizer=optimizer,
+    ) as server:
+        config = make_config(frequency, *server.address, secret, model_to_bytes(model), 2)
+        config = dataclasses.replace(config, report_step=True, gradients=gradients)
+        train_partitions(server, config, parts, held_out=held_out)
+        final, history = server.final_weights(), server.history
+    merged = tiny_model()
+    merged.compile(**compile_config)
+    merged.set_weights(final)
+    x = np.concatenate([h[0] for h in held_out])
+    y = np.concatenate([h[1] for h in held_out])
+    expected = merged.evaluate(x, y, verbose=0, return_dict=True)
+    assert len(history["val_loss"]) == 3
+    assert history["val_loss"][-1] == pytest.approx(expected["loss"], rel=1e-5)
+    assert history["val_accuracy"][-1] == pytest.approx(expected["accuracy"], rel=1e-6)
