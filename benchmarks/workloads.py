@@ -4,6 +4,9 @@
   random teacher network; MLP 64-256-256-10, Adam 1e-3, batch 128, 3 epochs.
 - wide: 20,000 rows of 256 features; MLP 256-1024-1024-10 (about 1.3M parameters), 2 epochs.
 - digits: scikit-learn's digits, 80/20 split; MLP 64-64-10, 20 epochs, batch 32.
+- conv: 4,000 + 1,000 generated series of 64 steps (noise, or noise with a sine burst);
+  Conv1D-BatchNormalization-Dropout classifier, 5 epochs, batch 32: a model with non-trainable
+  state and a convolutional one.
 """
 
 from __future__ import annotations
@@ -27,6 +30,9 @@ class Workload:
     epochs: int
     batch_size: int
     learning_rate: float = 1e-3
+    #: "mlp", or "conv" for a Conv1D-BatchNormalization-Dropout classifier of (steps, 1) series.
+    family: str = "mlp"
+    classes: int = 10
 
     @property
     def features(self) -> int:
@@ -36,10 +42,20 @@ class Workload:
         import keras
 
         keras.utils.set_random_seed(seed)
-        layers = [keras.layers.Dense(h, activation="relu") for h in self.hidden]
-        model = keras.Sequential(
-            [keras.Input((self.features,)), *layers, keras.layers.Dense(10, activation="softmax")]
-        )
+        if self.family == "conv":
+            layers = [
+                keras.Input((self.features, 1)),
+                keras.layers.Conv1D(16, 5),
+                keras.layers.BatchNormalization(),
+                keras.layers.ReLU(),
+                keras.layers.Dropout(0.2),
+                keras.layers.GlobalAveragePooling1D(),
+            ]
+        else:
+            layers = [keras.Input((self.features,))]
+            layers += [keras.layers.Dense(h, activation="relu") for h in self.hidden]
+        output = keras.layers.Dense(self.classes, activation="softmax")
+        model = keras.Sequential([*layers, output])
         model.compile(
             optimizer=keras.optimizers.Adam(self.learning_rate),
             loss="sparse_categorical_crossentropy",
@@ -101,11 +117,35 @@ def digits() -> Workload:
     )
 
 
+def conv(scale: float = 1.0) -> Workload:
+    """Series of 64 steps: noise (class 0), or noise with a sine burst at a random place."""
+    rng = np.random.default_rng(13)
+    rows, holdout, steps = int(4_000 * scale), int(1_000 * scale), 64
+    y = rng.integers(0, 2, rows + holdout)
+    x = rng.normal(scale=1.0, size=(rows + holdout, steps)).astype(np.float32)
+    for i in np.flatnonzero(y):
+        start = rng.integers(0, steps - 16)
+        x[i, start : start + 16] += 1.5 * np.sin(np.linspace(0, 4 * np.pi, 16, dtype=np.float32))
+    y = y.astype(np.float64)
+    return Workload(
+        "conv",
+        x[:rows],
+        y[:rows],
+        x[rows:],
+        y[rows:],
+        (),
+        epochs=5,
+        batch_size=32,
+        family="conv",
+        classes=2,
+    )
+
+
 def make(name: str, scale: float = 1.0) -> Workload:
     """A workload by name (how a reference subprocess rebuilds the same seeded data)."""
     if name == "digits":
         return digits()
-    return {"dense": dense, "wide": wide}[name](scale)
+    return {"dense": dense, "wide": wide, "conv": conv}[name](scale)
 
 
 def to_frame(spark: Any, x: np.ndarray, y: np.ndarray) -> Any:

@@ -26,7 +26,12 @@ from pyspark.sql import DataFrame
 
 from spark_keras_ml import fit
 from spark_keras_ml.callbacks import Callback, check_callbacks
-from spark_keras_ml.params import DEFAULT_LOCAL_STEPS, HasOutputParams, HasTrainingParams
+from spark_keras_ml.params import (
+    DEFAULT_LOCAL_STEPS,
+    DEFAULT_OUTER_OPTIMIZER,
+    HasOutputParams,
+    HasTrainingParams,
+)
 from spark_keras_ml.persistence import KerasReadable, KerasWritable
 from spark_keras_ml.serialization import model_from_bytes, model_to_bytes
 from spark_keras_ml.transformer import KerasTransformer
@@ -42,8 +47,9 @@ class KerasEstimator(Estimator, HasTrainingParams, HasOutputParams, KerasReadabl
     ones. ``fit`` returns a :class:`~spark_keras_ml.KerasTransformer` holding the trained model.
 
     Defaults: ``mode="sync"``, ``frequency="steps"`` with ``localSteps=16`` (local SGD: each
-    worker trains 16 mini-batches on its own, then the round averages), ``outerOptimizer=None``,
-    ``epochs=1``, ``batchSize=32``,
+    worker trains 16 steps on its own share of the batch, then the round applies the mean of
+    the changes through ``outerOptimizer``, Nesterov momentum as in DiLoCo), ``epochs=1``,
+    ``batchSize=32`` (the global batch of a step, split over the workers),
     ``numWorkers=None`` (every task slot), ``timeout=600`` seconds, ``maxStaleness=None``,
     ``syncRetries=0``, ``maxBadUpdates=3``, ``deltaPrecision="float32"``.
 
@@ -57,7 +63,7 @@ class KerasEstimator(Estimator, HasTrainingParams, HasOutputParams, KerasReadabl
     Modes: ``sync`` runs every worker at once in a barrier stage and applies the row-weighted
     mean of their deltas each round (through ``outerOptimizer`` when set); ``async`` applies
     each delta under a lock as it arrives; ``hogwild`` adds deltas in place without a lock
-    (racy by design). Async and hogwild scale a delta of several steps by 1/numWorkers, so the
+    (racy by design). Async and hogwild scale each delta by 1/numWorkers, so the
     single-process learning rate works as it is. A push is never applied
     twice: a retried task resumes after the last step the server applied for its partition.
 
@@ -95,7 +101,7 @@ class KerasEstimator(Estimator, HasTrainingParams, HasOutputParams, KerasReadabl
         mode: str = "sync",
         frequency: str = "steps",
         localSteps: int = DEFAULT_LOCAL_STEPS,
-        outerOptimizer: Any = None,
+        outerOptimizer: Any = DEFAULT_OUTER_OPTIMIZER,
         epochs: int = 1,
         batchSize: int = 32,
         numWorkers: int | None = None,
@@ -138,7 +144,7 @@ class KerasEstimator(Estimator, HasTrainingParams, HasOutputParams, KerasReadabl
         mode: str = "sync",
         frequency: str = "steps",
         localSteps: int = DEFAULT_LOCAL_STEPS,
-        outerOptimizer: Any = None,
+        outerOptimizer: Any = DEFAULT_OUTER_OPTIMIZER,
         epochs: int = 1,
         batchSize: int = 32,
         numWorkers: int | None = None,

@@ -47,7 +47,7 @@ from spark_keras_ml.ps.updates import delta_scale
 from spark_keras_ml.serialization import model_from_bytes
 from spark_keras_ml.server_location import OnDriver
 from spark_keras_ml.summary import TrainingSummary, fit_phases, format_epoch
-from spark_keras_ml.validation import check_local_steps, check_outer_optimizer, normalize_mode
+from spark_keras_ml.validation import check_local_steps, normalize_mode, outer_optimizer
 
 if TYPE_CHECKING:
     import keras
@@ -77,8 +77,8 @@ class FitPlan:
     frequency: str
     #: frequency="steps": mini-batch steps between two exchanges.
     local_steps: int
-    #: Sync, not per batch: the optimizer config the server applies each round's mean delta
-    #: with (None: the mean delta is added).
+    #: Sync rounds of deltas: the optimizer config the server applies each round's mean delta
+    #: with (None: the mean delta is added, and always outside sync rounds of deltas).
     outer_optimizer: Any
     epochs: int
     #: The user's batchSize: in sync/batch the global batch, split over the workers.
@@ -138,24 +138,19 @@ class FitPlan:
                 "Expected a DataFrame with at least one row to fit on. Received: an empty DataFrame"
             )
         frequency, local_steps = estimator.getFrequency(), estimator.getLocalSteps()
-        outer = estimator.getOuterOptimizer()
-        check_outer_optimizer(outer, mode, frequency, model)
-        if frequency == "steps" and estimator.isSet(estimator.localSteps):
-            # A count reads the table once; only a K the user chose is worth it (the default
-            # exchanges at each epoch's end anyway when an epoch is shorter).
-            check_local_steps(
-                local_steps,
-                rows=dataset.count(),
-                num_workers=num_workers,
-                batch_size=estimator.getBatchSize(),
-                validation_split=validation_split,
-            )
+        outer = outer_optimizer(
+            estimator.getOuterOptimizer(),
+            chosen=estimator.isSet(estimator.outerOptimizer),
+            mode=mode,
+            frequency=frequency,
+            model=model,
+        )
 
         def convert() -> DataFrame:
             return dataset.select(*columns.columns).repartition(num_workers)
 
         progress: list[Callback] = [ProgressBar()] if estimator.getProgressBar() else []
-        return cls(
+        plan = cls(
             uid=estimator.uid,
             spark=spark,
             model=model,
@@ -184,6 +179,17 @@ class FitPlan:
             location=OnDriver.of(spark),
             reruns=estimator.getSyncRetries() if mode == "sync" else 0,
         )
+        if frequency == "steps" and estimator.isSet(estimator.localSteps):
+            # A count reads the table once; only a K the user chose is worth it (the default
+            # exchanges at each epoch's end anyway when an epoch is shorter).
+            check_local_steps(
+                local_steps,
+                rows=dataset.count(),
+                num_workers=num_workers,
+                batch_size=plan.worker_batch_size,
+                validation_split=validation_split,
+            )
+        return plan
 
     # --- what the mode decides ----------------------------------------------------------------
 
@@ -207,10 +213,15 @@ class FitPlan:
 
     @property
     def worker_batch_size(self) -> int:
-        """Rows per step of one worker: its share of the global batch in sync/batch."""
-        if self.gradients:
-            return math.ceil(self.batch_size / self.num_workers)
-        return self.batch_size
+        """Rows per step of one worker: its share of the global batch, in every mode.
+
+        A fit then makes as many optimizer steps per epoch as single-process Keras makes, each
+        over ``batchSize`` rows in all, as ``tf.distribute`` splits the batch given to ``fit``.
+        Whole batches per worker would leave N times fewer steps per epoch: on small tables
+        the model then ends the same epochs under-trained (docs/benchmarks.md), and moving
+        averages such as batch-norm statistics see N times fewer updates.
+        """
+        return math.ceil(self.batch_size / self.num_workers)
 
     @property
     def epochs_left(self) -> int:
@@ -242,7 +253,7 @@ class FitPlan:
             outer=None
             if self.outer_optimizer is None
             else server_optimizer(self.model, {"optimizer": self.outer_optimizer}),
-            delta_scale=delta_scale(self.mode, self.frequency, self.num_workers),
+            delta_scale=delta_scale(self.mode, self.num_workers),
         )
 
     def task_config(self, address: tuple[str, int], secret: bytes) -> TrainConfig:

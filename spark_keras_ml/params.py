@@ -21,9 +21,15 @@ from pyspark.ml.param.shared import (
     HasSeed,
 )
 
-#: Steps between exchanges by default (frequency="steps"): chosen in the quality benchmark as
-#: the fewest exchanges that stay within a point of single-process Keras (docs/benchmarks.md).
+#: Steps between exchanges by default (frequency="steps"), and the outer optimizer of sync
+#: rounds (DiLoCo's: Nesterov momentum over the mean deltas): chosen in the quality benchmark,
+#: where they stay within a point of single-process Keras at 2, 4 and 8 workers
+#: (docs/benchmarks.md).
 DEFAULT_LOCAL_STEPS = 16
+DEFAULT_OUTER_OPTIMIZER = {
+    "class_name": "SGD",
+    "config": {"learning_rate": 0.7, "momentum": 0.9, "nesterov": True},
+}
 
 
 def _json_native(value: Any) -> Any:
@@ -72,9 +78,9 @@ class HasTrainingParams(HasFeaturesCol, HasLabelCol, HasSeed):
         Params._dummy(),
         "outerOptimizer",
         "Sync with frequency 'steps' or 'epoch': the optimizer the server applies to each "
-        "round's mean delta, taken as the negative of a gradient (DiLoCo uses "
-        "{'class_name': 'SGD', 'config': {'learning_rate': 0.7, 'momentum': 0.9, "
-        "'nesterov': True}}). None adds the mean delta (model averaging).",
+        "round's mean delta, taken as the negative of a gradient. The default is DiLoCo's "
+        "outer step, {'class_name': 'SGD', 'config': {'learning_rate': 0.7, 'momentum': 0.9, "
+        "'nesterov': True}}; None adds the mean delta as it is (model averaging).",
         typeConverter=_json_native,
     )
     epochs: Param[int] = Param(
@@ -83,8 +89,9 @@ class HasTrainingParams(HasFeaturesCol, HasLabelCol, HasSeed):
     batchSize: Param[int] = Param(
         Params._dummy(),
         "batchSize",
-        "Rows per training mini-batch on each worker; in sync/batch, the global batch of one "
-        "synchronous step, split over the workers.",
+        "Rows per training step: the global batch, split over the workers (as tf.distribute "
+        "splits the batch given to fit), so an epoch has as many steps as in single-process "
+        "Keras.",
         typeConverter=TypeConverters.toInt,
     )
     numWorkers: Param[int] = Param(
@@ -208,7 +215,7 @@ class HasTrainingParams(HasFeaturesCol, HasLabelCol, HasSeed):
             mode="sync",
             frequency="steps",
             localSteps=DEFAULT_LOCAL_STEPS,
-            outerOptimizer=None,
+            outerOptimizer=DEFAULT_OUTER_OPTIMIZER,
             epochs=1,
             batchSize=32,
             numWorkers=None,

@@ -187,11 +187,19 @@ def normalize_mode(mode: str) -> str:
     return MODE_ALIASES.get(mode, mode)
 
 
-def check_outer_optimizer(outer: Any, mode: str, frequency: str, model: keras.Model) -> None:
-    """An outer optimizer steps sync rounds of deltas; anywhere else it would be ignored."""
+def outer_optimizer(
+    outer: Any, *, chosen: bool, mode: str, frequency: str, model: keras.Model
+) -> Any:
+    """The outer optimizer config a fit uses: ``outer`` in sync rounds of deltas, else None.
+
+    An outer optimizer steps sync rounds of deltas; one the user ``chosen`` for another mode
+    would be ignored, so it is refused; the default simply does not apply there.
+    """
     if outer is None:
-        return
+        return None
     if mode != "sync" or frequency == "batch":
+        if not chosen:
+            return None
         raise ValueError(
             "Expected outerOptimizer only with mode='sync' and frequency 'steps' or 'epoch' "
             "(it steps each round's mean delta). Leave it None in this mode. Received: "
@@ -205,6 +213,7 @@ def check_outer_optimizer(outer: Any, mode: str, frequency: str, model: keras.Mo
             "{'class_name': 'SGD', 'config': {'learning_rate': 0.7, 'momentum': 0.9, "
             f"'nesterov': True}}}}. Received: outerOptimizer={outer!r} ({exc})"
         ) from exc
+    return outer
 
 
 def check_local_steps(

@@ -330,19 +330,16 @@ class HogwildRule(UpdateRule):
         return self._version, self._weights
 
 
-def delta_scale(mode: str, frequency: str, num_workers: int) -> float:
-    """What async and hogwild multiply each delta by before adding it.
+def delta_scale(mode: str, num_workers: int) -> float:
+    """What async and hogwild multiply each delta by before adding it: 1/N.
 
-    A delta of one mini-batch is added whole: that is asynchronous SGD. A delta of many local
-    steps already holds a learning rate's worth of progress per step; N workers adding theirs
-    whole would move the weights N times as far as one process at the same rate (and diverge at
-    the rate a user tuned alone). Scaled by 1/N, the N concurrent deltas of one stretch add up
-    to their mean, as a sync round would, so the single-process learning rate works as it is
-    at any worker count.
+    Each of N workers trains on its 1/N share of the global batch, so the deltas N workers
+    push over the same stretch of training add up to their mean, as a sync round's would, and
+    the single-process learning rate works as it is at any worker count. Added whole, they
+    would move the weights N times as far as one process does at that rate: whole-epoch
+    deltas then diverge at the rate a user tuned alone.
     """
-    if mode == "sync" or frequency == "batch":
-        return 1.0
-    return 1.0 / num_workers
+    return 1.0 if mode == "sync" else 1.0 / num_workers
 
 
 def make_rule(

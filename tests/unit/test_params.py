@@ -75,3 +75,38 @@ def test_mode_aliases() -> None:
     assert normalize_mode("synchronous") == "sync"
     assert normalize_mode("asynchronous") == "async"
     assert normalize_mode("hogwild") == "hogwild"
+
+
+def test_an_outer_optimizer_applies_to_sync_rounds_of_deltas_only() -> None:
+    import keras
+
+    from spark_keras_ml.params import DEFAULT_OUTER_OPTIMIZER
+    from spark_keras_ml.validation import outer_optimizer
+
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    chosen = {"class_name": "SGD", "config": {"learning_rate": 1.0, "momentum": 0.5}}
+    assert outer_optimizer(chosen, chosen=True, mode="sync", frequency="steps", model=model)
+    # The default simply does not apply where there are no sync rounds of deltas ...
+    for mode, frequency in [("async", "steps"), ("hogwild", "epoch"), ("sync", "batch")]:
+        default = DEFAULT_OUTER_OPTIMIZER
+        assert (
+            outer_optimizer(default, chosen=False, mode=mode, frequency=frequency, model=model)
+            is None
+        )
+        # ... but one the user chose would be ignored there: refused before any job.
+        with pytest.raises(ValueError, match="Expected outerOptimizer only with mode='sync'"):
+            outer_optimizer(chosen, chosen=True, mode=mode, frequency=frequency, model=model)
+    with pytest.raises(ValueError, match=r"Keras optimizer name or config dict\. Use e\.g\."):
+        outer_optimizer("adamz", chosen=True, mode="sync", frequency="steps", model=model)
+
+
+def test_local_steps_longer_than_an_epoch_are_refused() -> None:
+    from spark_keras_ml.validation import check_local_steps
+
+    # 1,000 rows, 10% held out, 2 workers: 450 rows each, 15 steps of 32.
+    check_local_steps(15, rows=1000, num_workers=2, batch_size=32, validation_split=0.1)
+    with pytest.raises(ValueError) as info:
+        check_local_steps(16, rows=1000, num_workers=2, batch_size=32, validation_split=0.1)
+    message = str(info.value)
+    assert message.startswith("Expected localSteps to be at most the steps of an epoch on one")
+    assert "frequency='epoch'" in message and message.endswith("Received: localSteps=16")

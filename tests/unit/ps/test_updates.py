@@ -143,11 +143,10 @@ def test_async_and_hogwild_scale_each_delta(mode: str) -> None:
         make_rule("sync", zeros(), 4, scale=0.5)
 
 
-def test_delta_scale_averages_multi_step_deltas_and_keeps_single_batches_whole() -> None:
-    assert delta_scale("async", "epoch", 4) == 0.25
-    assert delta_scale("hogwild", "steps", 8) == 0.125
-    assert delta_scale("async", "batch", 4) == 1.0  # asynchronous SGD: each gradient step whole
-    assert delta_scale("sync", "steps", 4) == 1.0  # a sync round already takes the mean
+def test_delta_scale_makes_concurrent_deltas_add_up_to_their_mean() -> None:
+    assert delta_scale("async", 4) == 0.25
+    assert delta_scale("hogwild", 8) == 0.125
+    assert delta_scale("sync", 4) == 1.0  # a sync round already takes the mean
 
 
 def test_sync_rule_applies_the_mean_delta_through_an_outer_optimizer() -> None:
