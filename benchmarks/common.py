@@ -42,6 +42,9 @@ class Result:
     limit: bool = False
     #: How the target reads in the table, when the ratio alone says it badly.
     target_note: str = ""
+    #: True when the ratio must stay at or below the target (a wall time against the
+    #: reference's), not reach it.
+    ceiling: bool = False
 
     @property
     def ratio(self) -> float | None:
@@ -55,6 +58,8 @@ class Result:
             return None
         if self.limit:
             return self.value <= self.target
+        if self.ceiling:
+            return self.ratio is not None and self.ratio <= self.target
         return self.ratio is not None and self.ratio >= self.target
 
     def target_text(self) -> str:
@@ -85,9 +90,19 @@ class Report:
         target: float | None = None,
         limit: bool = False,
         target_note: str = "",
+        ceiling: bool = False,
     ) -> Result:
         result = Result(
-            section, name, ours, unit, reference, reference_name, target, limit, target_note
+            section,
+            name,
+            ours,
+            unit,
+            reference,
+            reference_name,
+            target,
+            limit,
+            target_note,
+            ceiling,
         )
         self.results.append(result)
         return result
@@ -147,7 +162,7 @@ class Report:
         ]
         ax.barh(names, [r.ratio for r in rated], color=colors)
         for i, r in enumerate(rated):
-            if r.target is not None and not r.limit:
+            if r.target is not None and not r.limit:  # a ceiling too: its tick is its bound
                 ax.plot([r.target, r.target], [i - 0.4, i + 0.4], color="black")
         ax.axvline(1.0, color="gray", linestyle=":")
         ax.set_xlabel("ratio to the reference measured in the same run; black tick: target")

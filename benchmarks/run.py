@@ -58,7 +58,7 @@ def main() -> None:
 
 
 def _result(row: dict[str, Any]) -> Result:
-    return Result(**{k: row[k] for k in Result.__dataclass_fields__})
+    return Result(**{k: row[k] for k in Result.__dataclass_fields__ if k in row})
 
 
 def write_docs(report: Report, stem: Path, seconds: float, quick: bool) -> None:

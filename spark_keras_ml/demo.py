@@ -77,8 +77,6 @@ def run(epochs: int, output: str, master: str) -> dict[str, float]:
             StandardScaler(inputCol="pixels", outputCol="features", withMean=True),
             KerasEstimator(
                 model=digits_model(),
-                mode="sync",
-                frequency="epoch",
                 epochs=epochs,
                 batchSize=32,
                 numWorkers=2,

@@ -77,8 +77,9 @@ class HasTrainingParams(HasFeaturesCol, HasLabelCol, HasSeed):
     outerOptimizer: Param[Any] = Param(
         Params._dummy(),
         "outerOptimizer",
-        "Sync with frequency 'steps' or 'epoch': the optimizer the server applies to each "
-        "round's mean delta, taken as the negative of a gradient. The default is DiLoCo's "
+        "Sync or async with frequency 'steps' or 'epoch': the optimizer the server applies to "
+        "the mean delta of each round (in async, of each buffer of one delta per running "
+        "worker), taken as the negative of a gradient. The default is DiLoCo's "
         "outer step, {'class_name': 'SGD', 'config': {'learning_rate': 0.7, 'momentum': 0.9, "
         "'nesterov': True}}; None adds the mean delta as it is (model averaging).",
         typeConverter=_json_native,

@@ -190,19 +190,21 @@ def normalize_mode(mode: str) -> str:
 def outer_optimizer(
     outer: Any, *, chosen: bool, mode: str, frequency: str, model: keras.Model
 ) -> Any:
-    """The outer optimizer config a fit uses: ``outer`` in sync rounds of deltas, else None.
+    """The outer optimizer config a fit uses: ``outer`` over rounds of deltas (sync, or
+    buffered async), else None.
 
-    An outer optimizer steps sync rounds of deltas; one the user ``chosen`` for another mode
-    would be ignored, so it is refused; the default simply does not apply there.
+    It steps the mean of a round of deltas; one the user ``chosen`` where there are no such
+    rounds (hogwild takes no lock, and per batch a sync round is of gradients) would be
+    ignored, so it is refused; the default simply does not apply there.
     """
     if outer is None:
         return None
-    if mode != "sync" or frequency == "batch":
+    if mode == "hogwild" or frequency == "batch":
         if not chosen:
             return None
         raise ValueError(
-            "Expected outerOptimizer only with mode='sync' and frequency 'steps' or 'epoch' "
-            "(it steps each round's mean delta). Leave it None in this mode. Received: "
+            "Expected outerOptimizer only with mode 'sync' or 'async' and frequency 'steps' or "
+            "'epoch' (it steps the mean of a round of deltas). Leave it None here. Received: "
             f"outerOptimizer={outer!r} with mode={mode!r}, frequency={frequency!r}"
         )
     try:

@@ -205,7 +205,11 @@ class AsyncRule(UpdateRule):
     worker (stale synchronous parallel); None leaves it unbounded. Workers still queued for a
     task slot do not count, or the running ones would wait for them forever.
 
-    Each delta is multiplied by ``scale`` first (see :func:`delta_scale`).
+    Each delta is multiplied by ``scale`` first (see :func:`delta_scale`). With ``outer``, the
+    deltas are buffered instead (as in FedBuff): once as many have arrived as workers are
+    running, their row-weighted mean goes through the outer optimizer, as a sync round's would,
+    but nobody waits for it. Momentum applied to every single delta is unstable (asynchrony
+    already acts as momentum); applied to the buffer's mean, it is DiLoCo's outer step.
     """
 
     mode = "async"
@@ -221,6 +225,7 @@ class AsyncRule(UpdateRule):
         report_step: bool = False,
         max_staleness: int | None = None,
         scale: float = 1.0,
+        outer: ServerOptimizer | None = None,
     ) -> None:
         super().__init__(
             weights,
@@ -232,6 +237,11 @@ class AsyncRule(UpdateRule):
         )
         self._max_staleness = max_staleness
         self._scale = scale
+        self._outer = outer
+        # The buffer of deltas not yet applied (with an outer optimizer): row-weighted sum.
+        self._buffer = [np.zeros_like(w, dtype=np.float64) for w in self._weights]
+        self._buffered = 0
+        self._buffered_rows = 0
 
     def push(
         self,
@@ -244,17 +254,44 @@ class AsyncRule(UpdateRule):
     ) -> tuple[int, list[np.ndarray]]:
         with self._cond:
             if self._admit(partition, attempt, step, rows > 0) and delta is not None and rows > 0:
-                self._weights = [
-                    (w + self._scale * d if self._scale != 1.0 else w + d).astype(
-                        w.dtype, copy=False
-                    )
-                    for w, d in zip(self._weights, delta, strict=True)
-                ]
+                if self._outer is None:
+                    self._weights = [
+                        (w + self._scale * d if self._scale != 1.0 else w + d).astype(
+                            w.dtype, copy=False
+                        )
+                        for w, d in zip(self._weights, delta, strict=True)
+                    ]
+                else:
+                    for acc, d in zip(self._buffer, delta, strict=True):
+                        acc += rows * d.astype(np.float64, copy=False)
+                    self._buffered += 1
+                    self._buffered_rows += rows
+                    self._apply_full_buffer()
                 self._version += 1
                 self._cond.notify_all()
             if self._max_staleness is not None:
                 self._wait_for_slowest(partition, attempt, timeout)
             return self._version, self._weights
+
+    def finish(self, partition: int, attempt: int) -> None:
+        super().finish(partition, attempt)
+        with self._cond:
+            self._apply_full_buffer()  # fewer workers are running: the buffer may be full
+
+    def lost(self, partition: int, attempt: int, why: str) -> None:
+        super().lost(partition, attempt, why)
+        with self._cond:
+            self._apply_full_buffer()
+
+    def _apply_full_buffer(self) -> None:
+        """Under the lock: apply the buffer's mean once it holds a delta per running worker."""
+        if self._outer is None or not self._buffered or self._buffered < len(self._active):
+            return
+        mean = [acc / self._buffered_rows for acc in self._buffer]
+        self._weights = self._outer.step_delta(self._weights, mean)
+        for acc in self._buffer:
+            acc.fill(0.0)
+        self._buffered = self._buffered_rows = 0
 
     def _wait_for_slowest(self, partition: int, attempt: int, timeout: float) -> None:
         limit = self._max_staleness or 0
@@ -360,8 +397,10 @@ def make_rule(
     """The update rule of ``mode``, scheduling ``frequency`` steps of ``batch_size`` rows (every
     ``local_steps`` batches with ``frequency="steps"``); async and hogwild multiply each delta
     by ``scale`` (see :func:`delta_scale`)."""
-    if (optimizer is not None or outer is not None) and mode != "sync":
+    if optimizer is not None and mode != "sync":
         raise ValueError(f"Expected mode 'sync' for a server-side optimizer. Received: {mode!r}")
+    if outer is not None and mode == "hogwild":
+        raise ValueError("Expected no outer optimizer in mode 'hogwild': it takes no lock")
     if scale != 1.0 and mode == "sync":
         raise ValueError(f"Expected no delta scale in mode 'sync'. Received: scale={scale}")
     if mode == "sync":
@@ -386,6 +425,7 @@ def make_rule(
             report_step=report_step,
             max_staleness=max_staleness,
             scale=scale,
+            outer=outer,
         )
     if mode == "hogwild":
         return HogwildRule(

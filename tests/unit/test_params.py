@@ -87,14 +87,15 @@ def test_an_outer_optimizer_applies_to_sync_rounds_of_deltas_only() -> None:
     chosen = {"class_name": "SGD", "config": {"learning_rate": 1.0, "momentum": 0.5}}
     assert outer_optimizer(chosen, chosen=True, mode="sync", frequency="steps", model=model)
     # The default simply does not apply where there are no sync rounds of deltas ...
-    for mode, frequency in [("async", "steps"), ("hogwild", "epoch"), ("sync", "batch")]:
+    assert outer_optimizer(chosen, chosen=True, mode="async", frequency="epoch", model=model)
+    for mode, frequency in [("hogwild", "steps"), ("async", "batch"), ("sync", "batch")]:
         default = DEFAULT_OUTER_OPTIMIZER
         assert (
             outer_optimizer(default, chosen=False, mode=mode, frequency=frequency, model=model)
             is None
         )
         # ... but one the user chose would be ignored there: refused before any job.
-        with pytest.raises(ValueError, match="Expected outerOptimizer only with mode='sync'"):
+        with pytest.raises(ValueError, match="Expected outerOptimizer only with mode 'sync' or"):
             outer_optimizer(chosen, chosen=True, mode=mode, frequency=frequency, model=model)
     with pytest.raises(ValueError, match=r"Keras optimizer name or config dict\. Use e\.g\."):
         outer_optimizer("adamz", chosen=True, mode="sync", frequency="steps", model=model)

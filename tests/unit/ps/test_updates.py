@@ -149,6 +149,28 @@ def test_delta_scale_makes_concurrent_deltas_add_up_to_their_mean() -> None:
     assert delta_scale("sync", 4) == 1.0  # a sync round already takes the mean
 
 
+def test_async_buffers_one_delta_per_running_worker_for_its_outer_optimizer() -> None:
+    """FedBuff-style: the outer step applies the mean of a buffer, and nobody waits for it."""
+    from spark_keras_ml.ps.optimizer import ServerOptimizer
+
+    weights = [np.zeros(4, np.float32)]
+    outer = ServerOptimizer("sgd", weights, trainable=[True])  # SGD(0.01): a small, exact step
+    rule = make_rule("async", weights, 2, frequency="steps", outer=outer, scale=0.5)
+    rule.register(0, 1, 8, 1.0)
+    rule.register(1, 1, 8, 1.0)
+    version, after_one = rule.push(0, 1, 0, [np.full(4, 10.0, np.float32)], 8, 1.0)
+    assert version == 1
+    np.testing.assert_array_equal(after_one[0], 0.0)  # buffered: one of two running workers
+    _, after_two = rule.push(1, 1, 0, [np.full(4, 30.0, np.float32)], 24, 1.0)
+    np.testing.assert_allclose(after_two[0], 0.01 * 25.0)  # (8 * 10 + 24 * 30) / 32, stepped
+    rule.push(0, 1, 1, [np.full(4, 100.0, np.float32)], 8, 1.0)
+    np.testing.assert_allclose(rule.weights()[1][0], 0.25)
+    rule.finish(1, 1)  # one worker left running: its buffered delta is applied now
+    np.testing.assert_allclose(rule.weights()[1][0], 0.25 + 0.01 * 100.0)
+    with pytest.raises(ValueError, match="no outer optimizer in mode 'hogwild'"):
+        make_rule("hogwild", weights, 2, outer=outer)
+
+
 def test_sync_rule_applies_the_mean_delta_through_an_outer_optimizer() -> None:
     """DiLoCo's outer step: SGD with Nesterov momentum on the negative of the mean delta."""
     keras = pytest.importorskip("keras")
