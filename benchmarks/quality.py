@@ -95,10 +95,8 @@ def run(report: Report, quick: bool) -> None:
                     unit="%",
                     reference=100 * reference,
                     reference_name=f"single-process, {mean_of}same epochs",
-                    target=None if points is None else 1 - points / (100 * reference),
-                    target_note=""
-                    if points is None
-                    else f"at most {points:g} point{'s' if points > 1 else ''} below",
+                    target=1 - points / (100 * reference),
+                    target_note=f"at most {points:g} point{'s' if points > 1 else ''} below",
                 )
         train.unpersist()
     spark.stop()

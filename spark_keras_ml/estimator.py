@@ -28,7 +28,6 @@ from spark_keras_ml import fit
 from spark_keras_ml.callbacks import Callback, check_callbacks
 from spark_keras_ml.params import (
     DEFAULT_LOCAL_STEPS,
-    DEFAULT_OUTER_OPTIMIZER,
     HasOutputParams,
     HasTrainingParams,
 )
@@ -48,7 +47,8 @@ class KerasEstimator(Estimator, HasTrainingParams, HasOutputParams, KerasReadabl
 
     Defaults: ``mode="sync"``, ``frequency="steps"`` with ``localSteps=16`` (local SGD: each
     worker trains 16 steps on its own share of the batch, then the round applies the mean of
-    the changes through ``outerOptimizer``, Nesterov momentum as in DiLoCo), ``epochs=1``,
+    the changes; ``outerOptimizer`` can step it instead, e.g. DiLoCo's Nesterov step),
+    ``epochs=1``,
     ``batchSize=32`` (the global batch of a step, split over the workers),
     ``numWorkers=None`` (every task slot), ``timeout=600`` seconds, ``maxStaleness=None``,
     ``syncRetries=0``, ``maxBadUpdates=3``, ``deltaPrecision="float32"``.
@@ -101,7 +101,7 @@ class KerasEstimator(Estimator, HasTrainingParams, HasOutputParams, KerasReadabl
         mode: str = "sync",
         frequency: str = "steps",
         localSteps: int = DEFAULT_LOCAL_STEPS,
-        outerOptimizer: Any = DEFAULT_OUTER_OPTIMIZER,
+        outerOptimizer: Any = None,
         epochs: int = 1,
         batchSize: int = 32,
         numWorkers: int | None = None,
@@ -144,7 +144,7 @@ class KerasEstimator(Estimator, HasTrainingParams, HasOutputParams, KerasReadabl
         mode: str = "sync",
         frequency: str = "steps",
         localSteps: int = DEFAULT_LOCAL_STEPS,
-        outerOptimizer: Any = DEFAULT_OUTER_OPTIMIZER,
+        outerOptimizer: Any = None,
         epochs: int = 1,
         batchSize: int = 32,
         numWorkers: int | None = None,

@@ -42,10 +42,14 @@ def epoch_batches(
         for start in range(0, len(rows), batch_size):
             # Sorted: the gather then reads memory forwards; order within a batch does not matter.
             batch = rows.take(np.sort(order[start : start + batch_size]))
-            if batch.weights is None:
-                yield batch.x, batch.y
-            else:
-                yield batch.x, batch.y, batch.weights
+            # Tuples, not lists, for several inputs or outputs: tf.data reads a list as a
+            # single tensor spec and refuses it.
+            x, y = _structure(batch.x), _structure(batch.y)
+            yield (x, y) if batch.weights is None else (x, y, batch.weights)
+
+
+def _structure(arrays: np.ndarray | list[np.ndarray]) -> np.ndarray | tuple[np.ndarray, ...]:
+    return tuple(arrays) if isinstance(arrays, list) else arrays
 
 
 class Exchanges(keras.callbacks.Callback):

@@ -135,7 +135,8 @@ class PartitionWorker:
 
     Shuffles depend only on (seed, partition, epoch), so a retried attempt sees the same batches
     as the first one; it starts at the server's ``resume_step``, training the steps before it
-    again without pushing them. In sync/batch a step pushes the batch's gradients, not a delta.
+    again without pushing them. In sync/batch a step pushes the batch's gradients, not a delta:
+    the same ``fit`` runs, with a stand-in optimizer that keeps them.
     """
 
     def __init__(
@@ -188,9 +189,7 @@ class PartitionWorker:
         first = min(self._resume_step // self._steps, self._config.epochs)
         self.completed = self._config.first_epoch + first
         if first < self._config.epochs:
-            if self._capture is not None:
-                self._run_gradients(first, self._capture)
-            elif len(self._train):
+            if len(self._train):
                 self._fit(first)
             else:
                 self._run_empty(first)
@@ -280,11 +279,19 @@ class PartitionWorker:
         step, rows = self._step(epoch), self._rows_since
         self._rows_since = self._batches_since = 0
         if step >= self._resume_step:  # else done by an earlier attempt: catch up with it
-            weights = self._model.get_weights()
-            delta = [now - base for now, base in zip(weights, self._base, strict=True)]
             at = self._config.first_epoch + epoch
-            self._push(delta, step=step, rows=rows, epoch=at, end=end)
+            self._push(self._update(), step=step, rows=rows, epoch=at, end=end)
         self._take()
+
+    def _update(self) -> list[np.ndarray]:
+        """What changed since the last exchange: the delta, or in sync/batch the step's
+        gradients (the worker's stand-in optimizer kept them instead of applying them)."""
+        if self._capture is not None:
+            from spark_keras_ml.executor.gradients import gradient_update
+
+            return gradient_update(self._capture, self._base)
+        weights = self._model.get_weights()
+        return [now - base for now, base in zip(weights, self._base, strict=True)]
 
     def _report(self, epoch: int, logs: dict[str, float], states: tuple[MetricState, ...]) -> None:
         """The report step: the epoch's logs, val_* measured on the model just received."""
@@ -307,53 +314,6 @@ class PartitionWorker:
             self.begin_epoch(epoch)
             if self.end_epoch(epoch, {}):
                 break
-
-    # --- sync/batch: exact synchronous SGD -------------------------------------------------------
-
-    def _run_gradients(self, first: int, capture: GradientCapture) -> None:
-        from spark_keras_ml.executor.local_sgd import epoch_order
-
-        config = self._config
-        for epoch in range(first, config.epochs):
-            if self._stop_after is not None and self.completed > self._stop_after:
-                break
-            at = config.first_epoch + epoch
-            order = epoch_order(config.seed, self.partition, at, len(self._train))
-            self._train_batches(epoch, order, capture)
-            self.completed = at + 1
-
-    def _train_batches(self, epoch: int, order: np.ndarray, capture: GradientCapture) -> None:
-        """One push of gradients per batch, in lockstep with the other workers."""
-        from spark_keras_ml.executor.gradients import gradient_update  # Keras is loaded by now
-
-        model, size = self._model, self._config.batch_size
-        # train_on_batch resets the metrics on every call: keep the epoch's row-weighted sums.
-        sums: dict[str, float] = {}
-        trained = 0
-        self._exchange = 0
-        for batch in range(self._exchanges):
-            step = self._step(epoch)
-            if step < self._resume_step:
-                continue
-            index = order[batch * size : (batch + 1) * size]
-            model.set_weights(self._weights)
-            if len(index):
-                part = self._train.take(index)
-                logs = model.train_on_batch(
-                    part.x, part.y, sample_weight=part.weights, return_dict=True
-                )
-                for key, value in logs.items():
-                    sums[key] = sums.get(key, 0.0) + float(value) * len(index)
-                trained += len(index)
-            update = gradient_update(capture, self._weights)
-            last = batch == self._exchanges - 1
-            means = {k: v / trained for k, v in sums.items()} if trained else {}
-            end = self._epoch_end(means, ()) if last and not self._config.report_step else None
-            at = self._config.first_epoch + epoch
-            self._push(update, step=step, rows=len(index), epoch=at, end=end)
-        if self._config.report_step:
-            model.set_weights(self._weights)
-            self._report(epoch, {k: v / trained for k, v in sums.items()} if trained else {}, ())
 
     def _epoch_end(self, logs: dict[str, float], states: tuple[MetricState, ...]) -> EpochEnd:
         """The epoch's training logs and metric states, with val_* metrics of the model as it

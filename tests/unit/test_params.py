@@ -80,7 +80,7 @@ def test_mode_aliases() -> None:
 def test_an_outer_optimizer_applies_to_sync_rounds_of_deltas_only() -> None:
     import keras
 
-    from spark_keras_ml.params import DEFAULT_OUTER_OPTIMIZER
+    from spark_keras_ml.params import DILOCO
     from spark_keras_ml.validation import outer_optimizer
 
     model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
@@ -89,9 +89,8 @@ def test_an_outer_optimizer_applies_to_sync_rounds_of_deltas_only() -> None:
     # The default simply does not apply where there are no sync rounds of deltas ...
     assert outer_optimizer(chosen, chosen=True, mode="async", frequency="epoch", model=model)
     for mode, frequency in [("hogwild", "steps"), ("async", "batch"), ("sync", "batch")]:
-        default = DEFAULT_OUTER_OPTIMIZER
         assert (
-            outer_optimizer(default, chosen=False, mode=mode, frequency=frequency, model=model)
+            outer_optimizer(DILOCO, chosen=False, mode=mode, frequency=frequency, model=model)
             is None
         )
         # ... but one the user chose would be ignored there: refused before any job.
