@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.common import Report, log, section_main
+from spark_keras_ml.ps.bookkeeping import Schedule
 from spark_keras_ml.ps.client import ParameterClient
 from spark_keras_ml.ps.protocol import new_secret
 from spark_keras_ml.ps.server import ParameterServer
@@ -124,7 +125,12 @@ def server_run(
     start, results = context.Event(), context.Queue()
     # Every round of a sync server waits for all clients; a step budget keeps them in step.
     with ParameterServer(
-        weights, num_workers=clients, secret=secret, mode=mode, frequency="batch", timeout=120.0
+        weights,
+        num_workers=clients,
+        secret=secret,
+        mode=mode,
+        timeout=120.0,
+        schedule=Schedule(frequency="batch"),
     ) as server:
         procs = [
             context.Process(

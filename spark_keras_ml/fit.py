@@ -40,6 +40,7 @@ from spark_keras_ml.executor.train import train_partition
 from spark_keras_ml.inputs import check_first_row, training_columns
 from spark_keras_ml.metric_results import results_from_states
 from spark_keras_ml.model_info import output_kind, resolve_compile_config
+from spark_keras_ml.ps.bookkeeping import Schedule
 from spark_keras_ml.ps.optimizer import server_optimizer
 from spark_keras_ml.ps.protocol import new_secret
 from spark_keras_ml.ps.server import ParameterServer
@@ -236,10 +237,9 @@ class FitPlan:
             num_workers=self.num_workers,
             secret=secret,
             mode=self.mode,
-            frequency=self.frequency,
-            batch_size=self.worker_batch_size,
-            local_steps=self.local_steps,
-            report_step=self.report_step,
+            schedule=Schedule(
+                self.frequency, self.worker_batch_size, self.local_steps, self.report_step
+            ),
             host=self.location.bind_host,
             timeout=self.timeout,
             max_staleness=self.max_staleness,

@@ -41,6 +41,39 @@ class Superseded(TrainingAborted):
 
 
 @dataclass(frozen=True)
+class Schedule:
+    """When workers exchange with the server, which fixes the steps (exchanges) per epoch.
+
+    ``frequency`` is one of :data:`FREQUENCIES`; ``batch_size`` the rows of a worker's step;
+    ``local_steps`` the steps between exchanges with ``frequency="steps"``; ``report_step``
+    adds one more step, of no rows, to each epoch, whose push carries the epoch's logs with
+    val_* metrics measured on the merged weights.
+    """
+
+    frequency: str = "epoch"
+    batch_size: int = 32
+    local_steps: int = 1
+    report_step: bool = False
+
+    def __post_init__(self) -> None:
+        if self.frequency not in FREQUENCIES:
+            raise ValueError(f"Expected a frequency in {FREQUENCIES}. Received: {self.frequency!r}")
+        if self.batch_size < 1:
+            raise ValueError(f"Expected a positive batch size. Received: {self.batch_size}")
+        if self.local_steps < 1:
+            raise ValueError(f"Expected local_steps >= 1. Received: {self.local_steps}")
+
+    def steps_per_epoch(self, rows: int) -> int:
+        """Steps per epoch of a worker with ``rows`` rows (see :func:`steps_per_epoch`)."""
+        steps = steps_per_epoch(rows, self.frequency, self.batch_size, self.local_steps)
+        return steps + 1 if self.report_step else steps
+
+
+#: One exchange per epoch, in steps of 32 rows: the schedule of a rule or server given none.
+PER_EPOCH = Schedule()
+
+
+@dataclass(frozen=True)
 class Registration:
     version: int
     weights: list[np.ndarray]
@@ -51,12 +84,8 @@ class Registration:
 
 
 class UpdateRule:
-    """Shared state and bookkeeping; subclasses decide how a delta is applied.
-
-    ``frequency`` (one of :data:`FREQUENCIES`), ``batch_size`` and ``local_steps`` fix the
-    exchanges (steps) per epoch; ``report_step`` adds one more, of no rows, to each epoch, whose
-    push carries the epoch's logs with val_* metrics measured on the merged weights.
-    """
+    """Shared state and bookkeeping; subclasses decide how a delta is applied. The
+    ``schedule`` fixes the steps per epoch."""
 
     mode = ""
 
@@ -65,23 +94,11 @@ class UpdateRule:
         weights: Sequence[np.ndarray],
         num_workers: int,
         *,
-        frequency: str = "epoch",
-        batch_size: int = 32,
-        local_steps: int = 1,
-        report_step: bool = False,
+        schedule: Schedule = PER_EPOCH,
     ) -> None:
-        if frequency not in FREQUENCIES:
-            raise ValueError(f"Expected a frequency in {FREQUENCIES}. Received: {frequency!r}")
-        if batch_size < 1:
-            raise ValueError(f"Expected a positive batch size. Received: {batch_size}")
-        if local_steps < 1:
-            raise ValueError(f"Expected local_steps >= 1. Received: {local_steps}")
         self._weights = [np.array(w, dtype=w.dtype, copy=True) for w in weights]
         self._num_workers = num_workers
-        self._frequency = frequency
-        self._batch_size = batch_size
-        self._local_steps = local_steps
-        self._report_step = report_step
+        self._schedule = schedule
         self._cond = threading.Condition()
         self._version = 0
         self._abort_reason: str | None = None
@@ -148,14 +165,8 @@ class UpdateRule:
             self._version,
             self._weights,
             self._last_step.get(partition, -1) + 1,
-            self._steps_per_epoch(rows),
+            self._schedule.steps_per_epoch(rows),
         )
-
-    def _steps_per_epoch(self, rows: int) -> int:
-        steps = steps_per_epoch(rows, self._frequency, self._batch_size, self._local_steps)
-        # The report step: a push of no rows, after the epoch's last exchange, that carries
-        # the val_* logs measured on the weights that exchange produced.
-        return steps + 1 if self._report_step else steps
 
     def is_current(self, partition: int, attempt: int) -> bool:
         """Whether ``attempt`` is the newest registered attempt of ``partition``."""

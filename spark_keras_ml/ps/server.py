@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from spark_keras_ml.ps import protocol
-from spark_keras_ml.ps.bookkeeping import Superseded, TrainingAborted
+from spark_keras_ml.ps.bookkeeping import PER_EPOCH, Schedule, Superseded, TrainingAborted
 from spark_keras_ml.ps.messages import Hello, MetricState, Push, Reply
 from spark_keras_ml.ps.metrics import EpochAggregator
 from spark_keras_ml.ps.protocol import Message, Op, ProtocolError, RemoteError
@@ -56,10 +56,10 @@ class ParameterServer:
         The per-fit key of the HMAC handshake.
     mode:
         ``"sync"``, ``"async"`` or ``"hogwild"``: which update rule applies the deltas.
-    frequency, batch_size, local_steps, report_step:
-        The schedule: the server computes each worker's steps (exchanges) per epoch from them
-        and sends it with the worker's first weights. With ``report_step`` each epoch ends with
-        a push of no rows (and no arrays) that carries the logs measured after the merge.
+    schedule:
+        When workers exchange: the server computes each worker's steps per epoch from it and
+        sends it with the worker's first weights. With ``report_step`` each epoch ends with a
+        push of no rows (and no arrays) that carries the logs measured after the merge.
     host:
         The address to bind; the driver host, never all interfaces by default.
     timeout:
@@ -102,10 +102,7 @@ class ParameterServer:
         num_workers: int,
         secret: bytes,
         mode: str = "sync",
-        frequency: str = "epoch",
-        batch_size: int = 32,
-        local_steps: int = 1,
-        report_step: bool = False,
+        schedule: Schedule = PER_EPOCH,
         host: str = "127.0.0.1",
         timeout: float = 600.0,
         max_staleness: int | None = None,
@@ -123,10 +120,7 @@ class ParameterServer:
             mode,
             weights,
             num_workers,
-            frequency=frequency,
-            batch_size=batch_size,
-            local_steps=local_steps,
-            report_step=report_step,
+            schedule=schedule,
             max_staleness=max_staleness,
             allow_rejoin=allow_rejoin,
             optimizer=optimizer,

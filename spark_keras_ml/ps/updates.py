@@ -15,7 +15,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from spark_keras_ml.ps.bookkeeping import (
+    PER_EPOCH,
     Registration,
+    Schedule,
     TrainingAborted,
     UpdateRule,
 )
@@ -49,22 +51,12 @@ class SyncRule(UpdateRule):
         weights: Sequence[np.ndarray],
         num_workers: int,
         *,
-        frequency: str = "epoch",
-        batch_size: int = 32,
-        local_steps: int = 1,
-        report_step: bool = False,
+        schedule: Schedule = PER_EPOCH,
         allow_rejoin: bool = False,
         optimizer: ServerOptimizer | None = None,
         outer: ServerOptimizer | None = None,
     ) -> None:
-        super().__init__(
-            weights,
-            num_workers,
-            frequency=frequency,
-            batch_size=batch_size,
-            local_steps=local_steps,
-            report_step=report_step,
-        )
+        super().__init__(weights, num_workers, schedule=schedule)
         if optimizer is not None and outer is not None:
             raise ValueError("Expected gradients (optimizer) or deltas (outer), not both")
         self._allow_rejoin = allow_rejoin
@@ -93,7 +85,7 @@ class SyncRule(UpdateRule):
             lambda: self._generation == generation,
         )
         # The longest partition's count: one that runs out of data pushes empty updates.
-        steps = max(self._steps_per_epoch(r) for r in self._registered_rows.values())
+        steps = max(self._schedule.steps_per_epoch(r) for r in self._registered_rows.values())
         # Every closed round is one step of every partition: the version is the next step.
         return Registration(self._version, self._weights, self._version, steps)
 
@@ -219,22 +211,12 @@ class AsyncRule(UpdateRule):
         weights: Sequence[np.ndarray],
         num_workers: int,
         *,
-        frequency: str = "epoch",
-        batch_size: int = 32,
-        local_steps: int = 1,
-        report_step: bool = False,
+        schedule: Schedule = PER_EPOCH,
         max_staleness: int | None = None,
         scale: float = 1.0,
         outer: ServerOptimizer | None = None,
     ) -> None:
-        super().__init__(
-            weights,
-            num_workers,
-            frequency=frequency,
-            batch_size=batch_size,
-            local_steps=local_steps,
-            report_step=report_step,
-        )
+        super().__init__(weights, num_workers, schedule=schedule)
         self._max_staleness = max_staleness
         self._scale = scale
         self._outer = outer
@@ -333,20 +315,10 @@ class HogwildRule(UpdateRule):
         weights: Sequence[np.ndarray],
         num_workers: int,
         *,
-        frequency: str = "epoch",
-        batch_size: int = 32,
-        local_steps: int = 1,
-        report_step: bool = False,
+        schedule: Schedule = PER_EPOCH,
         scale: float = 1.0,
     ) -> None:
-        super().__init__(
-            weights,
-            num_workers,
-            frequency=frequency,
-            batch_size=batch_size,
-            local_steps=local_steps,
-            report_step=report_step,
-        )
+        super().__init__(weights, num_workers, schedule=schedule)
         self._scale = scale
 
     def push(
@@ -384,19 +356,15 @@ def make_rule(
     weights: Sequence[np.ndarray],
     num_workers: int,
     *,
-    frequency: str = "epoch",
-    batch_size: int = 32,
-    local_steps: int = 1,
-    report_step: bool = False,
+    schedule: Schedule = PER_EPOCH,
     max_staleness: int | None = None,
     allow_rejoin: bool = False,
     optimizer: ServerOptimizer | None = None,
     outer: ServerOptimizer | None = None,
     scale: float = 1.0,
 ) -> UpdateRule:
-    """The update rule of ``mode``, scheduling ``frequency`` steps of ``batch_size`` rows (every
-    ``local_steps`` batches with ``frequency="steps"``); async and hogwild multiply each delta
-    by ``scale`` (see :func:`delta_scale`)."""
+    """The update rule of ``mode`` for ``schedule``; async and hogwild multiply each delta by
+    ``scale`` (see :func:`delta_scale`)."""
     if optimizer is not None and mode != "sync":
         raise ValueError(f"Expected mode 'sync' for a server-side optimizer. Received: {mode!r}")
     if outer is not None and mode == "hogwild":
@@ -407,10 +375,7 @@ def make_rule(
         return SyncRule(
             weights,
             num_workers,
-            frequency=frequency,
-            batch_size=batch_size,
-            local_steps=local_steps,
-            report_step=report_step,
+            schedule=schedule,
             allow_rejoin=allow_rejoin,
             optimizer=optimizer,
             outer=outer,
@@ -419,10 +384,7 @@ def make_rule(
         return AsyncRule(
             weights,
             num_workers,
-            frequency=frequency,
-            batch_size=batch_size,
-            local_steps=local_steps,
-            report_step=report_step,
+            schedule=schedule,
             max_staleness=max_staleness,
             scale=scale,
             outer=outer,
@@ -431,10 +393,7 @@ def make_rule(
         return HogwildRule(
             weights,
             num_workers,
-            frequency=frequency,
-            batch_size=batch_size,
-            local_steps=local_steps,
-            report_step=report_step,
+            schedule=schedule,
             scale=scale,
         )
     raise ValueError(f"Expected mode 'sync', 'async' or 'hogwild'. Received: mode={mode!r}")

@@ -15,6 +15,7 @@ from spark_keras_ml.config import Layout, TrainConfig
 from spark_keras_ml.executor.gradients import compile_for_gradients, gradient_update
 from spark_keras_ml.executor.local_sgd import epoch_order
 from spark_keras_ml.model_info import resolve_compile_config
+from spark_keras_ml.ps.bookkeeping import Schedule
 from spark_keras_ml.ps.client import ParameterClient
 from spark_keras_ml.ps.optimizer import ServerOptimizer, server_optimizer
 from spark_keras_ml.ps.protocol import ProtocolError, new_secret
@@ -68,10 +69,9 @@ def train_with_server(model: keras.Model) -> list[np.ndarray]:
         model.get_weights(),
         num_workers=2,
         secret=secret,
-        frequency="batch",
-        batch_size=LOCAL_BATCH,
         timeout=60.0,
         optimizer=server_optimizer(model, compile_config),
+        schedule=Schedule(frequency="batch", batch_size=LOCAL_BATCH),
     ) as server:
         config = TrainConfig(
             host=server.address[0],

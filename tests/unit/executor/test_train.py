@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from spark_keras_ml.config import Layout, TrainConfig
+from spark_keras_ml.ps.bookkeeping import Schedule
 from spark_keras_ml.ps.protocol import new_secret
 from spark_keras_ml.ps.server import ParameterServer
 from spark_keras_ml.serialization import model_to_bytes
@@ -63,10 +64,8 @@ def test_workers_end_on_the_server_weights_with_one_history_entry_per_epoch(
         model.get_weights(),
         num_workers=2,
         secret=secret,
-        frequency=frequency,
-        batch_size=8,
-        local_steps=local_steps,
         timeout=30.0,
+        schedule=Schedule(frequency=frequency, batch_size=8, local_steps=local_steps),
     ) as server:
         config = make_config(frequency, *server.address, secret, data, local_steps)
         finals = train_partitions(server, config, parts)
@@ -146,13 +145,10 @@ def test_val_metrics_are_those_of_the_merged_model_on_every_held_out_row(frequen
         model.get_weights(),
         num_workers=2,
         secret=secret,
-        frequency=frequency,
-        batch_size=8,
-        local_steps=2,
-        report_step=True,
         timeout=30.0,
         finish_states=results_from_states,
         optimizer=optimizer,
+        schedule=Schedule(frequency=frequency, batch_size=8, local_steps=2, report_step=True),
     ) as server:
         config = make_config(frequency, *server.address, secret, model_to_bytes(model), 2)
         config = dataclasses.replace(config, report_step=True, gradients=gradients)

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from spark_keras_ml.ps import protocol
+from spark_keras_ml.ps.bookkeeping import Schedule
 from spark_keras_ml.ps.client import ParameterClient
 from spark_keras_ml.ps.messages import EpochEnd, Reply
 from spark_keras_ml.ps.protocol import (
@@ -129,7 +130,11 @@ def test_sync_rounds_apply_the_row_weighted_mean() -> None:
             return replies
 
     with ParameterServer(
-        initial_weights(), num_workers=N, secret=SECRET, batch_size=16, timeout=10.0
+        initial_weights(),
+        num_workers=N,
+        secret=SECRET,
+        timeout=10.0,
+        schedule=Schedule(batch_size=16),
     ) as server:
         results = run_workers(*(lambda p=p: worker(p) for p in range(N)))
         final, version, failure = server.final_weights(), server.version, server.failure
@@ -226,9 +231,8 @@ def test_hello_reports_the_longest_partitions_batch_count(
         initial_weights(),
         num_workers=3,
         secret=SECRET,
-        frequency="batch",
-        batch_size=batch_size,
         timeout=10.0,
+        schedule=Schedule(frequency="batch", batch_size=batch_size),
     ) as server:
         replies = run_workers(*(lambda p=p: worker(p) for p in range(3)))
     for reply in replies:
@@ -246,9 +250,8 @@ def test_hello_reports_each_async_workers_own_batch_count(mode: str, frequency: 
         num_workers=3,
         secret=SECRET,
         mode=mode,
-        frequency=frequency,
-        batch_size=batch_size,
         timeout=10.0,
+        schedule=Schedule(frequency=frequency, batch_size=batch_size),
     ) as server:
         for p in range(3):
             with client_for(server) as client:
@@ -301,10 +304,9 @@ def test_epoch_logs_are_aggregated_by_epoch_rows() -> None:
         initial_weights(),
         num_workers=N,
         secret=SECRET,
-        frequency="batch",
-        batch_size=20,
         timeout=10.0,
         on_epoch=on_epoch,
+        schedule=Schedule(frequency="batch", batch_size=20),
     ) as server:
         replies = run_workers(*(lambda p=p: worker(p) for p in range(N)))
         history = server.history

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from spark_keras_ml.ps import protocol
-from spark_keras_ml.ps.bookkeeping import steps_per_epoch
+from spark_keras_ml.ps.bookkeeping import Schedule, steps_per_epoch
 from spark_keras_ml.ps.client import ParameterClient
 from spark_keras_ml.ps.messages import Reply
 from spark_keras_ml.ps.protocol import RemoteError
@@ -100,9 +100,9 @@ def test_make_rule_builds_each_mode_and_refuses_others() -> None:
     with pytest.raises(ValueError, match="mode='bsp'"):
         make_rule("bsp", zeros(), 2)
     with pytest.raises(ValueError, match=r"frequency in .* Received: 'step'"):
-        make_rule("async", zeros(), 2, frequency="step")
+        make_rule("async", zeros(), 2, schedule=Schedule(frequency="step"))
     with pytest.raises(ValueError, match=r"positive batch size\. Received: 0"):
-        make_rule("sync", zeros(), 2, batch_size=0)
+        make_rule("sync", zeros(), 2, schedule=Schedule(batch_size=0))
 
 
 @pytest.mark.parametrize(
@@ -130,12 +130,12 @@ def test_steps_frequency_exchanges_every_local_steps_and_at_the_epoch_end(
     """10 batches of 4 rows: an exchange every ``local_steps`` of them, the last one shorter."""
     assert steps_per_epoch(rows, "steps", 4, local_steps) == exchanges
     with pytest.raises(ValueError, match=r"local_steps >= 1\. Received: 0"):
-        make_rule("sync", zeros(), 2, frequency="steps", local_steps=0)
+        make_rule("sync", zeros(), 2, schedule=Schedule(frequency="steps", local_steps=0))
 
 
 @pytest.mark.parametrize("mode", ["async", "hogwild"])
 def test_async_and_hogwild_scale_each_delta(mode: str) -> None:
-    rule = make_rule(mode, zeros(), 4, frequency="steps", scale=0.25)
+    rule = make_rule(mode, zeros(), 4, scale=0.25, schedule=Schedule(frequency="steps"))
     rule.register(0, 1, 10, 1.0)
     rule.push(0, 1, 0, full(2.0), 10, 1.0)
     np.testing.assert_allclose(rule.weights()[1][0], full(0.5)[0])
@@ -155,7 +155,9 @@ def test_async_buffers_one_delta_per_running_worker_for_its_outer_optimizer() ->
 
     weights = [np.zeros(4, np.float32)]
     outer = ServerOptimizer("sgd", weights, trainable=[True])  # SGD(0.01): a small, exact step
-    rule = make_rule("async", weights, 2, frequency="steps", outer=outer, scale=0.5)
+    rule = make_rule(
+        "async", weights, 2, outer=outer, scale=0.5, schedule=Schedule(frequency="steps")
+    )
     rule.register(0, 1, 8, 1.0)
     rule.register(1, 1, 8, 1.0)
     version, after_one = rule.push(0, 1, 0, [np.full(4, 10.0, np.float32)], 8, 1.0)
@@ -182,7 +184,7 @@ def test_sync_rule_applies_the_mean_delta_through_an_outer_optimizer() -> None:
         weights,
         trainable=[True, False],
     )
-    rule = SyncRule(weights, 2, frequency="steps", batch_size=4, outer=outer)
+    rule = SyncRule(weights, 2, outer=outer, schedule=Schedule(frequency="steps", batch_size=4))
     run_workers(lambda: rule.register(0, 1, 8, 5.0), lambda: rule.register(1, 1, 8, 5.0))
     one, three = [np.ones(4, np.float32)] * 2, [np.full(4, 3.0, np.float32)] * 2
     for step in range(2):
@@ -197,7 +199,7 @@ def test_sync_rule_applies_the_mean_delta_through_an_outer_optimizer() -> None:
 
 
 def test_async_rule_replies_are_copy_on_write_snapshots() -> None:
-    rule = AsyncRule(zeros(), 1, frequency="batch", batch_size=2)
+    rule = AsyncRule(zeros(), 1, schedule=Schedule(frequency="batch", batch_size=2))
     registration = rule.register(0, 1, 5, 1.0)
     assert (registration.resume_step, registration.steps_per_epoch) == (0, 3)
     v1, w1 = rule.push(0, 1, 0, full(1.0), 1, 1.0)
@@ -213,7 +215,7 @@ def test_async_rule_replies_are_copy_on_write_snapshots() -> None:
 
 
 def test_sync_rule_row_weighted_mean_and_zero_rows() -> None:
-    rule = SyncRule(zeros(), 2, frequency="epoch", batch_size=4)
+    rule = SyncRule(zeros(), 2, schedule=Schedule(frequency="epoch", batch_size=4))
     regs = run_workers(
         lambda: rule.register(0, 1, 10, 5.0),
         lambda: rule.register(1, 1, 30, 5.0),
