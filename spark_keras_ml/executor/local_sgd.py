@@ -48,6 +48,36 @@ def epoch_batches(
             yield (x, y) if batch.weights is None else (x, y, batch.weights)
 
 
+def epoch_data(rows: Rows, batch_size: int, seed: int, partition: int, epochs: range) -> Any:
+    """What ``fit`` trains on: :func:`epoch_batches`' batches, in the same order.
+
+    On TensorFlow they come from a ``tf.data`` pipeline that gathers each batch from the rows
+    inside the graph, which costs half the time per step of a Python generator (one
+    ``from_generator`` call and one numpy copy per batch); other backends take the generator.
+    """
+    if keras.backend.backend() != "tensorflow":
+        return epoch_batches(rows, batch_size, seed, partition, epochs)
+    import tensorflow as tf
+
+    orders = np.stack([epoch_order(seed, partition, e, len(rows)) for e in epochs])
+    arrays = [*rows.inputs, *rows.targets, *([] if rows.weights is None else [rows.weights])]
+    tensors = [tf.constant(a) for a in arrays]
+    inputs, targets = len(rows.inputs), len(rows.targets)
+
+    def gather(index: Any) -> tuple[Any, ...]:
+        # Sorted, as in epoch_batches: the same rows in the same order within a batch.
+        picked = [tf.gather(t, tf.sort(index)) for t in tensors]
+        x, y = picked[:inputs], picked[inputs : inputs + targets]
+        batch = (x[0] if inputs == 1 else tuple(x), y[0] if targets == 1 else tuple(y))
+        return batch if rows.weights is None else (*batch, picked[-1])
+
+    epochs_data = tf.data.Dataset.from_tensor_slices(orders)
+    batches = epochs_data.flat_map(
+        lambda order: tf.data.Dataset.from_tensor_slices(order).batch(batch_size)
+    )
+    return batches.map(gather).prefetch(2)
+
+
 def _structure(arrays: np.ndarray | list[np.ndarray]) -> np.ndarray | tuple[np.ndarray, ...]:
     return tuple(arrays) if isinstance(arrays, list) else arrays
 

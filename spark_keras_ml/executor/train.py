@@ -203,12 +203,12 @@ class PartitionWorker:
     # --- local SGD: one model.fit over every epoch ----------------------------------------------
 
     def _fit(self, first: int) -> None:
-        from spark_keras_ml.executor.local_sgd import Exchanges, epoch_batches
+        from spark_keras_ml.executor.local_sgd import Exchanges, epoch_data
 
         config, model = self._config, self._model
         self._take()
         start = config.first_epoch
-        batches = epoch_batches(
+        batches = epoch_data(
             self._train,
             config.batch_size,
             config.seed,

@@ -163,3 +163,25 @@ def test_val_metrics_are_those_of_the_merged_model_on_every_held_out_row(frequen
     assert len(history["val_loss"]) == 3
     assert history["val_loss"][-1] == pytest.approx(expected["loss"], rel=1e-5)
     assert history["val_accuracy"][-1] == pytest.approx(expected["accuracy"], rel=1e-6)
+
+
+def test_the_tensorflow_pipeline_gives_the_generator_s_batches() -> None:
+    """``epoch_data`` (tf.data on TensorFlow) trains on exactly the batches of ``epoch_batches``,
+    inputs, targets and sample weights alike, across epochs and short last batches."""
+    from spark_keras_ml.executor.local_sgd import epoch_batches, epoch_data
+    from spark_keras_ml.executor.rows import Rows
+
+    rng = np.random.default_rng(2)
+    rows = Rows(
+        [rng.normal(size=(21, 4)).astype("float32"), rng.normal(size=(21, 2)).astype("float32")],
+        [rng.integers(0, 3, 21).astype("float32")],
+        weights=rng.random(21).astype("float32"),
+    )
+    expected = list(epoch_batches(rows, 8, seed=3, partition=1, epochs=range(2, 5)))
+    got = list(epoch_data(rows, 8, seed=3, partition=1, epochs=range(2, 5)))
+    assert len(got) == len(expected) == 9
+    for (gx, gy, gw), (ex, ey, ew) in zip(got, expected, strict=True):
+        for a, b in zip(gx, ex, strict=True):
+            np.testing.assert_array_equal(np.asarray(a), b)
+        np.testing.assert_array_equal(np.asarray(gy), ey)
+        np.testing.assert_array_equal(np.asarray(gw), ew)
