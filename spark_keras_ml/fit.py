@@ -214,7 +214,9 @@ class FitPlan:
 
     @property
     def worker_batch_size(self) -> int:
-        """Rows per step of one worker: its share of the global batch, in every mode.
+        """Rows per step of one worker: its share of the global batch; in async and hogwild
+        per batch, the whole batch, since each push is then one optimizer step of its own
+        (asynchronous SGD).
 
         A fit then makes as many optimizer steps per epoch as single-process Keras makes, each
         over ``batchSize`` rows in all, as ``tf.distribute`` splits the batch given to ``fit``.
@@ -222,6 +224,8 @@ class FitPlan:
         the model then ends the same epochs under-trained (docs/benchmarks.md), and moving
         averages such as batch-norm statistics see N times fewer updates.
         """
+        if self.mode != "sync" and self.frequency == "batch":
+            return self.batch_size
         return math.ceil(self.batch_size / self.num_workers)
 
     @property
@@ -253,7 +257,7 @@ class FitPlan:
             outer=None
             if self.outer_optimizer is None
             else server_optimizer(self.model, {"optimizer": self.outer_optimizer}),
-            delta_scale=delta_scale(self.mode, self.num_workers),
+            delta_scale=delta_scale(self.mode, self.frequency, self.num_workers),
         )
 
     def task_config(self, address: tuple[str, int], secret: bytes) -> TrainConfig:

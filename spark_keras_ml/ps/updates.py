@@ -339,16 +339,17 @@ class HogwildRule(UpdateRule):
         return self._version, self._weights
 
 
-def delta_scale(mode: str, num_workers: int) -> float:
-    """What async and hogwild multiply each delta by before adding it: 1/N.
+def delta_scale(mode: str, frequency: str, num_workers: int) -> float:
+    """What async and hogwild multiply each delta by before adding it.
 
-    Each of N workers trains on its 1/N share of the global batch, so the deltas N workers
-    push over the same stretch of training add up to their mean, as a sync round's would, and
-    the single-process learning rate works as it is at any worker count. Added whole, they
-    would move the weights N times as far as one process does at that rate: whole-epoch
-    deltas then diverge at the rate a user tuned alone.
+    Per batch, 1: each push is one optimizer step over a whole batch (asynchronous SGD).
+    Otherwise 1/N: each of N workers trains on its 1/N share of the global batch, so the deltas
+    N workers push over the same stretch of training add up to their mean, as a sync round's
+    would, and the single-process learning rate works as it is at any worker count. Added
+    whole, they would move the weights N times as far as one process does at that rate:
+    whole-epoch deltas then diverge at the rate a user tuned alone.
     """
-    return 1.0 if mode == "sync" else 1.0 / num_workers
+    return 1.0 if mode == "sync" or frequency == "batch" else 1.0 / num_workers
 
 
 def make_rule(

@@ -144,9 +144,10 @@ def test_async_and_hogwild_scale_each_delta(mode: str) -> None:
 
 
 def test_delta_scale_makes_concurrent_deltas_add_up_to_their_mean() -> None:
-    assert delta_scale("async", 4) == 0.25
-    assert delta_scale("hogwild", 8) == 0.125
-    assert delta_scale("sync", 4) == 1.0  # a sync round already takes the mean
+    assert delta_scale("async", "epoch", 4) == 0.25
+    assert delta_scale("hogwild", "steps", 8) == 0.125
+    assert delta_scale("async", "batch", 4) == 1.0  # asynchronous SGD: each step whole
+    assert delta_scale("sync", "steps", 4) == 1.0  # a sync round already takes the mean
 
 
 def test_async_buffers_one_delta_per_running_worker_for_its_outer_optimizer() -> None:
