@@ -75,7 +75,12 @@ def epoch_data(rows: Rows, batch_size: int, seed: int, partition: int, epochs: r
     batches = epochs_data.flat_map(
         lambda order: tf.data.Dataset.from_tensor_slices(order).batch(batch_size)
     )
-    return batches.map(gather).prefetch(2)
+    # Without tf.data's autotuning: its model thread, which a finished iterator waits for,
+    # kept a worker busy for seconds at the end of a fit (the more epochs, the longer), and
+    # this pipeline has nothing to tune.
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return batches.map(gather).prefetch(2).with_options(options)
 
 
 def _structure(arrays: np.ndarray | list[np.ndarray]) -> np.ndarray | tuple[np.ndarray, ...]:

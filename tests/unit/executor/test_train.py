@@ -185,3 +185,9 @@ def test_the_tensorflow_pipeline_gives_the_generator_s_batches() -> None:
             np.testing.assert_array_equal(np.asarray(a), b)
         np.testing.assert_array_equal(np.asarray(gy), ey)
         np.testing.assert_array_equal(np.asarray(gw), ew)
+    # No tf.data autotuning: a finished iterator waited for its model thread, which kept a
+    # worker busy for seconds at the end of every fit (in the fit's "train" phase).
+    assert (
+        epoch_data(rows, 8, seed=3, partition=1, epochs=range(2)).options().autotune.enabled
+        is False
+    )
