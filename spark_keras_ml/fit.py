@@ -208,9 +208,10 @@ class FitPlan:
 
     @property
     def report_step(self) -> bool:
-        """Rows are held out: val_* metrics are measured after each epoch's last exchange, on
-        the merged weights, and reported in one more step of no rows."""
-        return self.validation_split > 0 or self.layout.held_out
+        """Each epoch's logs travel in one more step of no rows, after its last exchange: with
+        rows held out (val_* measured on the merged weights) and in sync/batch (whose exchanges
+        run inside the train step)."""
+        return self.validation_split > 0 or self.layout.held_out or self.gradients
 
     @property
     def worker_batch_size(self) -> int:

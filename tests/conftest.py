@@ -12,6 +12,10 @@ import pytest
 # Workers must run this interpreter (with pyarrow and the package).
 os.environ["PYSPARK_PYTHON"] = sys.executable
 os.environ["PYSPARK_DRIVER_PYTHON"] = sys.executable
+# Unit tests run several workers as threads of one process with the server. In sync/batch each
+# worker's train step holds one of TensorFlow's inter-op threads while it waits for the round,
+# and the server's optimizer needs one more; TensorFlow's default is one per core (2 here).
+os.environ.setdefault("TF_NUM_INTEROP_THREADS", "8")
 
 
 def build_spark(master: str):  # type: ignore[no-untyped-def]

@@ -8,6 +8,7 @@ pools once, at import.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Iterable, Iterator
@@ -34,7 +35,14 @@ from spark_keras_ml.serialization import model_from_bytes
 if TYPE_CHECKING:
     import keras
 
-    from spark_keras_ml.executor.gradients import GradientCapture
+    from spark_keras_ml.executor.gradients import Replica
+
+logger = logging.getLogger(__name__)
+
+#: How far (largest absolute difference) a sync/batch worker's weights may be from the server's
+#: at an epoch's end before it warns: optimizer replicas fed the same mean gradients agree
+#: exactly on one machine, and only arithmetic that differs between machines moves them apart.
+REPLICA_DRIFT_WARNING = 1e-3
 
 
 def train_partition(config: TrainConfig, batches: Iterable[pd.DataFrame]) -> Iterator[pd.DataFrame]:
@@ -88,35 +96,41 @@ def train_partition(config: TrainConfig, batches: Iterable[pd.DataFrame]) -> Ite
 
 @dataclass
 class Trainee:
-    """The model a task trains, and in sync/batch the optimizer stand-in that keeps gradients."""
+    """The model a task trains, and in sync/batch its optimizer replica."""
 
     model: keras.Model
-    capture: GradientCapture | None = None
+    replica: Replica | None = None
 
 
-def build_trainee(config: TrainConfig) -> Trainee:
+def build_trainee(config: TrainConfig, in_graph: bool | None = None) -> Trainee:
     """A fresh model per task: its optimizer state then lives exactly as long as the fit.
 
-    In sync/batch (``config.gradients``) the model gets a
-    :class:`~spark_keras_ml.executor.gradients.GradientCapture` instead of its optimizer, which
-    then runs on the server.
+    In sync/batch (``config.gradients``) the model's optimizer is a replica of the server's
+    (:mod:`~spark_keras_ml.executor.gradients`), which exchanges inside the train step on
+    TensorFlow (``in_graph``, by default) and after it elsewhere.
     """
     model = model_from_bytes(config.model_bytes, custom_objects=config.custom_objects)
     if config.gradients:
-        from spark_keras_ml.executor.gradients import compile_for_gradients
+        import keras
 
-        return Trainee(model, compile_for_gradients(model, config.compile_config))
+        from spark_keras_ml.executor.gradients import compile_replica
+
+        if in_graph is None:
+            in_graph = keras.backend.backend() == "tensorflow"
+        return Trainee(model, compile_replica(model, config.compile_config, in_graph))
     model.compile_from_config(config.compile_config)
     return Trainee(model)
 
 
 def connect(config: TrainConfig, trainee: Trainee) -> ParameterClient:
-    """A client for the fit's server; its replies can be no larger than the model's weights."""
+    """A client for the fit's server; its replies can be no larger than the model's weights
+    (in sync/batch, and the optimizer's state)."""
+    state = [] if trainee.replica is None else trainee.replica.state()
     return ParameterClient(
         config.host,
         config.port,
         config.secret,
-        like=trainee.model.get_weights(),
+        like=[*trainee.model.get_weights(), *state],
         timeout=config.timeout,
         reuse_buffers=True,  # a worker is done with each reply's weights after one push
     )
@@ -136,7 +150,8 @@ class PartitionWorker:
     Shuffles depend only on (seed, partition, epoch), so a retried attempt sees the same batches
     as the first one; it starts at the server's ``resume_step``, training the steps before it
     again without pushing them. In sync/batch a step pushes the batch's gradients, not a delta:
-    the same ``fit`` runs, with a stand-in optimizer that keeps them.
+    the same ``fit`` runs, and each worker's optimizer replica steps on the round's mean
+    gradient (:mod:`~spark_keras_ml.executor.gradients`).
     """
 
     def __init__(
@@ -149,7 +164,9 @@ class PartitionWorker:
     ) -> None:
         self._config = config
         self._model = trainee.model
-        self._capture = trainee.capture
+        self._replica = trainee.replica
+        #: An error raised inside the train step, which TensorFlow would hand on as its own.
+        self._failure: BaseException | None = None
         self._client = client
         self._train, self._held_out = data
         self.partition = partition
@@ -177,11 +194,17 @@ class PartitionWorker:
 
     def register(self, attempt: int) -> None:
         """Say HELLO: learn the steps per epoch, where to resume, and the starting weights."""
-        reply, self._weights = self._client.hello(
+        reply, arrays = self._client.hello(
             partition=self.partition, attempt=attempt, run=self._config.run, rows=len(self._train)
         )
         if reply.steps_per_epoch is None or reply.resume_step is None:
             raise ProtocolError("the server's reply to HELLO carries no schedule")
+        count = len(self._model.weights)
+        self._weights = arrays[:count]
+        if self._replica is not None:  # sync/batch: the server's optimizer state follows
+            self._replica.load_state(arrays[count:])
+        elif len(arrays) != count:
+            raise ProtocolError(f"expected {count} weights in reply to HELLO, got {len(arrays)}")
         self._steps, self._resume_step = reply.steps_per_epoch, reply.resume_step
 
     def run(self) -> None:
@@ -207,6 +230,10 @@ class PartitionWorker:
 
         config, model = self._config, self._model
         self._take()
+        if self._replica is not None and self._replica.capture is None:
+            from spark_keras_ml.executor.gradients import exchange_in_graph
+
+            exchange_in_graph(self._replica, self._in_step)
         start = config.first_epoch
         batches = epoch_data(
             self._train,
@@ -215,15 +242,28 @@ class PartitionWorker:
             self.partition,
             range(start + first, start + config.epochs),
         )
-        model.fit(
-            batches,
-            steps_per_epoch=self._batches_per_epoch,
-            epochs=config.epochs,
-            initial_epoch=first,
-            shuffle=False,  # epoch_batches shuffles, by a seed a retried attempt shares
-            verbose=0,
-            callbacks=[Exchanges(self, len(self._train), config.batch_size)],
-        )
+        try:
+            model.fit(
+                batches,
+                steps_per_epoch=self._batches_per_epoch,
+                epochs=config.epochs,
+                initial_epoch=first,
+                shuffle=False,  # epoch_batches shuffles, by a seed a retried attempt shares
+                verbose=0,
+                callbacks=[Exchanges(self, len(self._train), config.batch_size)],
+            )
+        except Exception:
+            if self._failure is not None:  # raised in the train step: the error as it was
+                raise self._failure from None
+            raise
+
+    def _in_step(self, update: list[np.ndarray]) -> list[np.ndarray] | None:
+        """Sync/batch on TensorFlow: the exchange, called from inside the train step."""
+        try:
+            return self._gradient_step(update)
+        except BaseException as exc:
+            self._failure = exc
+            raise
 
     def begin_epoch(self, epoch: int) -> None:
         """Called as ``epoch`` (of this fit) starts."""
@@ -234,6 +274,10 @@ class PartitionWorker:
 
     def after_batch(self, batch: int, rows: int) -> None:
         """Called after each mini-batch step: exchange every ``local_steps`` of them."""
+        if self._replica is not None:  # sync/batch: exchanged in the step, or now
+            if self._replica.capture is not None:
+                self._replica.apply(self._gradient_step(self._replica.captured_update()))
+            return
         self._rows_since += rows
         self._batches_since += 1
         last = batch == self._batches_per_epoch - 1
@@ -246,6 +290,12 @@ class PartitionWorker:
         from spark_keras_ml.executor.metric_state import metric_states
 
         states = metric_states(self._model)  # before an evaluate resets them
+        if self._replica is not None:  # sync/batch: every batch exchanged; then the report
+            while self._exchange < self._exchanges:  # a short partition pads the sync rounds
+                self._replica.apply(self._gradient_step(self._replica.zero_update()))
+            self._report(epoch, logs, states)
+            self.completed = self._config.first_epoch + epoch + 1
+            return self._stop_after is not None and self.completed > self._stop_after
         while self._exchange < self._exchanges - 1:  # a short partition pads the sync rounds
             self._exchange_now(epoch)
         if self._config.report_step:
@@ -284,14 +334,34 @@ class PartitionWorker:
         self._take()
 
     def _update(self) -> list[np.ndarray]:
-        """What changed since the last exchange: the delta, or in sync/batch the step's
-        gradients (the worker's stand-in optimizer kept them instead of applying them)."""
-        if self._capture is not None:
-            from spark_keras_ml.executor.gradients import gradient_update
-
-            return gradient_update(self._capture, self._base)
+        """What changed since the last exchange."""
         weights = self._model.get_weights()
         return [now - base for now, base in zip(weights, self._base, strict=True)]
+
+    def _gradient_step(self, update: list[np.ndarray]) -> list[np.ndarray] | None:
+        """Sync/batch: push the next batch's update (gradients, non-trainable changes); the
+        round's mean update comes back, or None where the step is not to be applied (a round
+        without rows, or one an earlier attempt already pushed)."""
+        batch, size = self._exchange, self._config.batch_size
+        rows = max(0, min(size, len(self._train) - batch * size))  # 0: past a short partition
+        epoch = self._current_epoch
+        step = self._step(epoch)
+        if step < self._resume_step:  # applied already: the server's weights include it
+            return None
+        reply, arrays = self._client.push(
+            compress_delta(update, self._config.delta_precision),
+            precision=self._config.delta_precision,
+            gradients=True,
+            step=step,
+            rows=rows,
+            epoch=self._config.first_epoch + epoch,
+        )
+        self.pushes += 1
+        if not reply.update:
+            raise ProtocolError(f"expected the mean update of round {step}, received weights")
+        if reply.stop_after is not None:
+            self._stop_after = reply.stop_after
+        return arrays or None
 
     def _report(self, epoch: int, logs: dict[str, float], states: tuple[MetricState, ...]) -> None:
         """The report step: the epoch's logs, val_* measured on the model just received."""
@@ -304,7 +374,19 @@ class PartitionWorker:
 
     def _take(self) -> None:
         """Train on from the server's weights (all of them: batch-norm statistics too)."""
-        self._model.set_weights(self._weights)
+        if self._replica is not None:
+            drift = self._replica.take(self._weights)
+            if drift > REPLICA_DRIFT_WARNING:
+                logger.warning(
+                    "partition %d: this worker's weights were %.3g from the server's (at most "
+                    "%.0e expected): the workers' arithmetic differs; the server's weights "
+                    "are taken",
+                    self.partition,
+                    drift,
+                    REPLICA_DRIFT_WARNING,
+                )
+        else:
+            self._model.set_weights(self._weights)
         self._base = self._weights
 
     def _run_empty(self, first: int) -> None:
@@ -348,7 +430,7 @@ class PartitionWorker:
         reply, self._weights = self._client.push(
             compress_delta(update, precision),
             precision=precision,
-            gradients=self._capture is not None,
+            gradients=self._replica is not None,
             step=step,
             rows=rows,
             epoch=epoch,
@@ -357,7 +439,3 @@ class PartitionWorker:
         self.pushes += 1
         if reply.stop_after is not None:
             self._stop_after = reply.stop_after
-
-
-def _delta(model: keras.Model, before: list[np.ndarray]) -> list[np.ndarray]:
-    return [after - old for after, old in zip(model.get_weights(), before, strict=True)]

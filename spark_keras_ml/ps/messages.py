@@ -224,6 +224,9 @@ class Reply:
     rejected: bool = False
     #: PUSH replies, once early stopping is decided: the last epoch every worker finishes.
     stop_after: int | None = None
+    #: PUSH replies in sync/batch: the arrays are the round's mean update (gradients and
+    #: non-trainable changes), not weights; none at all when the round had no rows to apply.
+    update: bool = False
 
     def encode(self) -> dict[str, Any]:
         meta: dict[str, Any] = {"version": self.version}
@@ -231,8 +234,9 @@ class Reply:
             value = getattr(self, name)
             if value is not None:
                 meta[name] = value
-        if self.rejected:
-            meta["rejected"] = True
+        for name in ("rejected", "update"):
+            if getattr(self, name):
+                meta[name] = True
         return meta
 
     @classmethod
@@ -245,6 +249,7 @@ class Reply:
             steps_per_epoch=_optional_int_field(meta, "steps_per_epoch", what),
             rejected=_bool_field(meta, "rejected", what),
             stop_after=_optional_int_field(meta, "stop_after", what),
+            update=_bool_field(meta, "update", what),
         )
 
 

@@ -2,19 +2,24 @@
 
 In sync/batch every worker pushes the gradients of its share of the global batch
 (:mod:`spark_keras_ml.executor.gradients`); the sync rule takes their row-weighted mean, which is
-the gradient of the whole batch, and hands it here. One optimizer with one state then makes
-the step a single process would have made, so the number of workers changes the speed of a
-fit, not what it learns. Non-trainable weights (batch-norm statistics) are not optimized:
+the gradient of the whole batch, replies it to every worker, whose optimizer replica steps on
+it, and hands it here. This copy makes the same step, so the server always holds the weights
+and the optimizer state a single process would have after as many steps: what checkpoints and
+early stopping see, and what a rerun's replicas start from. The number of workers changes the
+speed of a fit, not what it learns. Non-trainable weights (batch-norm statistics) are not optimized:
 their mean change is added, as in every other mode.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import numpy as np
+
+logger = logging.getLogger(__name__)
 
 
 class ServerOptimizer:
@@ -50,6 +55,11 @@ class ServerOptimizer:
     @property
     def iterations(self) -> int:
         return int(self._optimizer.iterations.numpy())
+
+    def state(self) -> list[np.ndarray]:
+        """The optimizer's variables (step count, learning rate, moments), in Keras's order:
+        what a worker's replica loads to step as this optimizer does."""
+        return [np.array(v.numpy()) for v in self._optimizer.variables]
 
     def step(self, weights: Sequence[np.ndarray], mean: Sequence[np.ndarray]) -> list[np.ndarray]:
         """New weights from the round's mean update (gradients where trainable, else deltas)."""
@@ -88,7 +98,8 @@ def server_optimizer(model: Any, compile_config: dict[str, Any]) -> ServerOptimi
 def _compiled(optimizer: Any, variables: list[Any]) -> Callable[[list[np.ndarray]], list[Any]]:
     """``optimizer.apply``, returning the new values, as one TensorFlow graph: eager, a round
     would pay Python overhead per variable and per slot, which for a small model costs more than
-    the arithmetic."""
+    the arithmetic. XLA fuses the graph's element-wise kernels, which halves a step of Adam on a
+    small model; an optimizer XLA cannot compile runs as a plain graph."""
     import keras
 
     def apply(gradients: list[Any]) -> list[Any]:
@@ -100,7 +111,20 @@ def _compiled(optimizer: Any, variables: list[Any]) -> Callable[[list[np.ndarray
     import tensorflow as tf
 
     signature = [[tf.TensorSpec(tuple(v.shape), tf.float32) for v in variables]]
-    # tf.function is untyped; what it returns takes and returns what `apply` does.
-    return cast(
-        Callable[[list[np.ndarray]], list[Any]], tf.function(apply, input_signature=signature)
-    )
+    fused = tf.function(apply, input_signature=signature, jit_compile=True)
+    chosen: list[Callable[[list[np.ndarray]], list[Any]]] = []
+
+    def step(gradients: list[np.ndarray]) -> list[Any]:
+        if chosen:
+            return chosen[0](gradients)
+        try:
+            result = fused(gradients)
+            chosen.append(fused)
+        except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError) as exc:
+            # Compilation fails before the graph runs: nothing was applied yet.
+            logger.debug("the optimizer does not compile with XLA (%s): a plain graph runs", exc)
+            chosen.append(tf.function(apply, input_signature=signature))
+            result = chosen[0](gradients)
+        return cast(list[Any], result)
+
+    return step

@@ -27,7 +27,7 @@ from spark_keras_ml.ps.bookkeeping import PER_EPOCH, Schedule, Superseded, Train
 from spark_keras_ml.ps.messages import Hello, MetricState, Push, Reply
 from spark_keras_ml.ps.metrics import EpochAggregator
 from spark_keras_ml.ps.protocol import Message, Op, ProtocolError, RemoteError
-from spark_keras_ml.ps.updates import make_rule
+from spark_keras_ml.ps.updates import SyncRule, make_rule
 
 if TYPE_CHECKING:
     from spark_keras_ml.ps.optimizer import ServerOptimizer
@@ -85,8 +85,8 @@ class ParameterServer:
         Called once, from a server thread, with the reason when training is aborted (the
         estimator cancels its Spark job there).
     optimizer:
-        Sync only: pushes are then gradients (``Push.gradients``), and each round applies their
-        row-weighted mean with this optimizer (sync/batch).
+        Sync/batch: pushes are gradients; each round's row-weighted mean is replied to every
+        worker's optimizer replica and stepped by this one. HELLO replies carry its state.
     outer:
         Sync only: each round's mean delta is applied by this optimizer, as the negative of a
         gradient (an outer optimizer over local SGD, as in DiLoCo); None adds the mean delta.
@@ -127,7 +127,10 @@ class ParameterServer:
             outer=outer,
             scale=delta_scale,
         )
+        self._optimizer = optimizer
         self._gradients = optimizer is not None
+        # Sync/batch: the rule whose rounds' means the replies carry.
+        self._rounds = self._rule if isinstance(self._rule, SyncRule) else None
         self._secret = secret
         self._host = host
         self._timeout = timeout
@@ -390,7 +393,10 @@ class ParameterServer:
                 resume_step=registration.resume_step,
                 steps_per_epoch=registration.steps_per_epoch,
             )
-            protocol.send_message(conn, Op.WEIGHTS, reply.encode(), registration.weights)
+            # Sync/batch: the optimizer's state for the worker's replica (no round closes
+            # before this worker pushes, so it is the state that goes with these weights).
+            state = [] if self._optimizer is None else self._optimizer.state()
+            protocol.send_message(conn, Op.WEIGHTS, reply.encode(), registration.weights + state)
             return hello.partition, hello.attempt
         if worker is None:
             raise ProtocolError(f"{message.op.name} before HELLO")
@@ -441,8 +447,14 @@ class ParameterServer:
             if epoch is not None:  # the worker goes on with the next epoch after an end
                 self._current_epoch[partition] = epoch + 1 if end is not None else epoch
             stop_after = self._stop_after
-        reply = Reply(version=version, rejected=not usable, stop_after=stop_after)
+        rounds = self._rounds if self._gradients and arrays else None
+        if rounds is not None:  # sync/batch: the round's mean, which every replica applies
+            weights = rounds.round_mean(push.step) or []
+        update = rounds is not None
+        reply = Reply(version=version, rejected=not usable, stop_after=stop_after, update=update)
         protocol.send_message(conn, Op.WEIGHTS, reply.encode(), weights)
+        if rounds is not None:  # the server's own step on that mean, while the workers train on
+            rounds.settle()
 
     def _finite(self, partition: int, delta: list[np.ndarray]) -> bool:
         """Reject (and count) a delta holding NaN or inf; too many fail the fit."""

@@ -70,8 +70,14 @@ class SyncRule(UpdateRule):
         self._rows = 0
         self._applied_in_round = 0
         self._acc = [np.zeros_like(w, dtype=np.float64) for w in self._weights]
+        # Sync/batch: the last closed round and its mean update (see round_mean), and the
+        # server optimizer's step on it, when not taken yet (see settle).
+        self._mean_round = -1
+        self._mean: list[np.ndarray] | None = None
+        self._pending: list[np.ndarray] | None = None
 
     def _registered(self, partition: int, rows: int, timeout: float) -> Registration:
+        self._step_pending()
         if partition in self._registered_rows or len(self._registered_rows) == self._num_workers:
             self._new_generation()
         self._registered_rows[partition] = rows
@@ -166,10 +172,42 @@ class SyncRule(UpdateRule):
             )
             return self._version, self._weights
 
-    def _close_round(self) -> None:
-        if self._rows > 0 and self.optimizer is not None:
-            mean = [acc / self._rows for acc in self._acc]
+    def weights(self) -> tuple[int, list[np.ndarray]]:
+        with self._cond:
+            self._step_pending()
+            return self._version, self._weights
+
+    def settle(self) -> None:
+        """Sync/batch: take the server optimizer's step on the last round's mean, if it is still
+        to be taken. The server calls it after replying the mean, so the step overlaps the
+        workers' next batch instead of delaying every reply; whatever reads the weights
+        (registration, :meth:`weights`, the next round) takes it first if nobody has."""
+        with self._cond:
+            self._step_pending()
+
+    def _step_pending(self) -> None:
+        if self._pending is not None and self.optimizer is not None:
+            mean, self._pending = self._pending, None
             self._weights = self.optimizer.step(self._weights, mean)
+
+    def round_mean(self, step: int) -> list[np.ndarray] | None:
+        """Sync/batch: the mean update of round ``step`` (what every worker's optimizer replica
+        applies), or None when it had no rows to apply. Kept for the last round only: a worker
+        asks for it before it pushes again, and the next round cannot close without its push."""
+        with self._cond:
+            if step != self._mean_round:
+                raise TrainingAborted(
+                    f"the mean update of round {step} is gone (the last is {self._mean_round})"
+                )
+            return self._mean
+
+    def _close_round(self) -> None:
+        if self.optimizer is not None:
+            self._step_pending()
+            self._mean_round, self._mean = self._version, None
+        if self._rows > 0 and self.optimizer is not None:
+            self._mean = [(acc / self._rows).astype(np.float32) for acc in self._acc]
+            self._pending = self._mean  # stepped once the replies are out (see settle)
         elif self._rows > 0 and self._outer is not None:
             mean = [acc / self._rows for acc in self._acc]
             self._weights = self._outer.step_delta(self._weights, mean)

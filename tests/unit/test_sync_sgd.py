@@ -1,8 +1,10 @@
-"""Sync/batch as synchronous SGD: workers push gradients, the server steps the real optimizer.
+"""Sync/batch as synchronous SGD: workers push gradients, and every optimizer replica (each
+worker's, the server's) steps on their mean.
 
 The claim under test: a round is exactly one single-process step of the model's optimizer on
 the union of the workers' batches, so a 2-worker fit ends on the weights that plain Keras
-reaches with ``train_on_batch`` over the same global batches.
+reaches with ``train_on_batch`` over the same global batches, whether the exchange runs inside
+the train step (TensorFlow) or after it (other backends).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import numpy as np
 import pytest
 
 from spark_keras_ml.config import Layout, TrainConfig
-from spark_keras_ml.executor.gradients import compile_for_gradients, gradient_update
+from spark_keras_ml.executor.gradients import compile_replica
 from spark_keras_ml.executor.local_sgd import epoch_order
 from spark_keras_ml.model_info import resolve_compile_config
 from spark_keras_ml.ps.bookkeeping import Schedule
@@ -60,7 +62,7 @@ def partitions() -> list[tuple[np.ndarray, np.ndarray]]:
     ]
 
 
-def train_with_server(model: keras.Model) -> list[np.ndarray]:
+def train_with_server(model: keras.Model, in_graph: bool = True) -> list[np.ndarray]:
     compile_config = resolve_compile_config(
         model, optimizer=None, learning_rate=None, loss=None, metrics=None
     )
@@ -71,7 +73,7 @@ def train_with_server(model: keras.Model) -> list[np.ndarray]:
         secret=secret,
         timeout=60.0,
         optimizer=server_optimizer(model, compile_config),
-        schedule=Schedule(frequency="batch", batch_size=LOCAL_BATCH),
+        schedule=Schedule(frequency="batch", batch_size=LOCAL_BATCH, report_step=True),
     ) as server:
         config = TrainConfig(
             host=server.address[0],
@@ -83,14 +85,19 @@ def train_with_server(model: keras.Model) -> list[np.ndarray]:
             epochs=EPOCHS,
             batch_size=LOCAL_BATCH,
             gradients=True,
+            report_step=True,
             timeout=60.0,
             seed=SEED,
             task_cpus=1,
             layout=Layout(inputs=((4,),), targets=((),)),
         )
-        train_partitions(server, config, partitions())
-        assert server.version == EPOCHS * 5
-        return server.final_weights()
+        workers = train_partitions(server, config, partitions(), in_graph=in_graph)
+        assert server.version == EPOCHS * 6  # 5 rounds and the report step
+        final = server.final_weights()
+        for weights in workers:  # every replica ends where the server's optimizer did
+            for got, want in zip(weights, final, strict=True):
+                np.testing.assert_array_equal(got, want)
+        return final
 
 
 def train_single_process(model: keras.Model) -> list[np.ndarray]:
@@ -106,9 +113,10 @@ def train_single_process(model: keras.Model) -> list[np.ndarray]:
     return model.get_weights()
 
 
-def test_two_workers_end_on_the_weights_of_single_process_training() -> None:
+@pytest.mark.parametrize("in_graph", [True, False], ids=["in-step", "after-step"])
+def test_two_workers_end_on_the_weights_of_single_process_training(in_graph: bool) -> None:
     initial = small_model().get_weights()
-    distributed = train_with_server(small_model())
+    distributed = train_with_server(small_model(), in_graph)
     single = train_single_process(small_model())
     moved = [not np.allclose(a, b) for a, b in zip(single, initial, strict=True)]
     assert all(moved[i] for i, v in enumerate(small_model().weights) if v.trainable)
@@ -116,29 +124,48 @@ def test_two_workers_end_on_the_weights_of_single_process_training() -> None:
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
-def test_gradient_capture_leaves_trainable_weights_and_reports_keras_gradients() -> None:
+@pytest.mark.parametrize("in_graph", [True, False], ids=["in-step", "after-step"])
+def test_a_replica_pushes_keras_gradients_and_steps_on_the_mean(in_graph: bool) -> None:
+    """What one step pushes is Keras's gradient of the batch (and the batch-norm statistics'
+    change); what it applies is the reply, through the model's own optimizer."""
     model = small_model(batch_norm=True)
-    compile_config = model.get_compile_config()
     worker = small_model(batch_norm=True)
-    capture = compile_for_gradients(worker, compile_config)
+    replica = compile_replica(worker, model.get_compile_config(), in_graph)
     x, y = partitions()[1]
     before = worker.get_weights()
-    worker.train_on_batch(x, y)
-    update = gradient_update(capture, before)
+    pushed: list[list[np.ndarray]] = []
+    mean = [np.full(w.shape, 0.5, np.float32) for w in before]
+
+    def exchange(update: list[np.ndarray]) -> list[np.ndarray]:
+        pushed.append([np.array(u) for u in update])
+        return mean
+
+    if in_graph:
+        from spark_keras_ml.executor.gradients import exchange_in_graph
+
+        exchange_in_graph(replica, exchange)
+        worker.train_on_batch(x, y)
+    else:
+        worker.train_on_batch(x, y)
+        replica.apply(exchange(replica.captured_update()))
+    (update,) = pushed
 
     import tensorflow as tf
 
     with tf.GradientTape() as tape:
         loss = keras.losses.sparse_categorical_crossentropy(y, model(x, training=True))
         loss = tf.reduce_mean(loss)
-    expected = tape.gradient(loss, model.trainable_variables)
-    trainable = iter(expected)
-    for variable, old, got in zip(worker.weights, before, update, strict=True):
+    expected = iter(tape.gradient(loss, model.trainable_variables))
+    for variable, old, got, now in zip(model.weights, before, update, worker.weights, strict=True):
         if variable.trainable:
-            np.testing.assert_array_equal(variable.numpy(), old)  # not stepped
-            np.testing.assert_allclose(got, next(trainable).numpy(), rtol=1e-5, atol=1e-6)
-        else:  # batch-norm statistics moved, and their change is what is pushed
-            np.testing.assert_allclose(got, variable.numpy() - old, rtol=1e-6, atol=1e-7)
+            np.testing.assert_allclose(got, next(expected).numpy(), rtol=1e-5, atol=1e-6)
+            # The model's optimizer (Adam 0.05), one step on the reply's gradient.
+            reference = keras.Variable(old)
+            keras.optimizers.Adam(0.05).apply([np.full(old.shape, 0.5, np.float32)], [reference])
+            np.testing.assert_allclose(now.numpy(), reference.numpy(), rtol=1e-6, atol=1e-7)
+        else:  # batch-norm statistics moved; their change is pushed, the mean change applied
+            np.testing.assert_allclose(got, variable.numpy() - old, atol=1e-6)
+            np.testing.assert_allclose(now.numpy(), old + 0.5, rtol=1e-6)
     assert any(np.abs(u).max() > 0 for u, v in zip(update, worker.weights) if not v.trainable)
 
 
@@ -174,3 +201,55 @@ def test_a_push_of_the_wrong_kind_is_refused(server_takes_gradients: bool) -> No
                 client.push(weights, rows=5, step=0, gradients=not server_takes_gradients)
         assert server.version == 0
         assert server.failure is not None
+
+
+def test_a_worker_that_registers_mid_fit_loads_the_server_optimizer_state() -> None:
+    """A rerun's replicas start from the server's optimizer state (Adam's moments and step
+    count), not from a fresh optimizer, or they would step differently from a single process."""
+    from spark_keras_ml.executor.rows import Rows
+    from spark_keras_ml.executor.train import PartitionWorker, build_trainee, connect
+
+    model = small_model()
+    compile_config = resolve_compile_config(
+        model, optimizer=None, learning_rate=None, loss=None, metrics=None
+    )
+    optimizer = server_optimizer(model, compile_config)
+    weights = model.get_weights()
+    for step in range(3):
+        weights = optimizer.step(
+            weights, [np.full(w.shape, 0.1 * step, np.float32) for w in weights]
+        )
+    secret = new_secret()
+    schedule = Schedule(frequency="batch", batch_size=LOCAL_BATCH, report_step=True)
+    with ParameterServer(
+        weights, num_workers=1, secret=secret, timeout=30.0, optimizer=optimizer, schedule=schedule
+    ) as server:
+        config = TrainConfig(
+            host=server.address[0],
+            port=server.address[1],
+            secret=secret,
+            model_bytes=model_to_bytes(model),
+            compile_config=compile_config,
+            frequency="batch",
+            batch_size=LOCAL_BATCH,
+            gradients=True,
+            report_step=True,
+            timeout=30.0,
+            epochs=1,
+            seed=SEED,
+            task_cpus=1,
+            layout=Layout(inputs=((4,),), targets=((),)),
+        )
+        trainee = build_trainee(config)
+        assert trainee.replica is not None
+        x, y = partitions()[0]
+        with connect(config, trainee) as client:
+            worker = PartitionWorker(
+                config, trainee, client, (Rows([x], [y]), Rows([x[:0]], [y[:0]])), 0
+            )
+            worker.register(attempt=1)
+        state = trainee.replica.state()
+        assert int(trainee.replica.optimizer.iterations.numpy()) == 3
+        assert any(np.abs(s).max() > 0 for s in state[2:])  # the moments, not only zeros
+        for got, want in zip(state, optimizer.state(), strict=True):
+            np.testing.assert_array_equal(got, want)

@@ -18,14 +18,15 @@ def train_partitions(
     parts: list[tuple[np.ndarray, np.ndarray]],
     timeout: float = 60.0,
     held_out: list[tuple[np.ndarray, np.ndarray]] | None = None,
+    in_graph: bool | None = None,
 ) -> list[list[np.ndarray]]:
     """Train partition ``p`` on ``parts[p]`` (x, y) in its own thread, as a task would, holding
     out ``held_out[p]``, and return every worker's final weights; a worker's error is raised
-    here."""
+    here. ``in_graph``: where a sync/batch worker exchanges (see ``build_trainee``)."""
 
     def work(partition: int) -> list[np.ndarray]:
-        trainee = build_trainee(config)
-        assert (trainee.capture is not None) == config.gradients
+        trainee = build_trainee(config, in_graph)
+        assert (trainee.replica is not None) == config.gradients
         x, y = parts[partition]
         rows = Rows([x], [y])
         if held_out is None:

@@ -28,7 +28,7 @@ MESSAGES = [
     Push(step=2**40, rows=1, epoch=2, precision="float16", end=EpochEnd(1, 0, {"lr": 0.01})),
     Reply(version=0, resume_step=0, steps_per_epoch=1),
     Reply(version=5, rejected=True, stop_after=2),
-    Reply(version=3, rejected=False),
+    Reply(version=3, rejected=False, update=True),
     Reply(version=9, resume_step=4, steps_per_epoch=3, rejected=True, stop_after=0),
 ]
 
