@@ -234,6 +234,10 @@ class PartitionWorker:
             from spark_keras_ml.executor.gradients import exchange_in_graph
 
             exchange_in_graph(self._replica, self._in_step)
+            # Every exchange happens inside the step, so Keras may run a whole epoch in one
+            # call of its train function: its Python loop cost about 2 ms a step, as much as a
+            # small model's step itself.
+            model.steps_per_execution = self._batches_per_epoch
         start = config.first_epoch
         batches = epoch_data(
             self._train,

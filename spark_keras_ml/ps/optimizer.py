@@ -119,12 +119,15 @@ def _compiled(optimizer: Any, variables: list[Any]) -> Callable[[list[np.ndarray
             return chosen[0](gradients)
         try:
             result = fused(gradients)
-            chosen.append(fused)
+            function = fused
         except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError) as exc:
             # Compilation fails before the graph runs: nothing was applied yet.
             logger.debug("the optimizer does not compile with XLA (%s): a plain graph runs", exc)
-            chosen.append(tf.function(apply, input_signature=signature))
-            result = chosen[0](gradients)
+            function = tf.function(apply, input_signature=signature)
+            result = function(gradients)
+        # The concrete function: calling the tf.function binds and casts its inputs against
+        # the signature again on every call, which cost as much as a small model's step.
+        chosen.append(function.get_concrete_function())
         return cast(list[Any], result)
 
     return step
