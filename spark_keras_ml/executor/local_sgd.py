@@ -10,7 +10,7 @@ imports Keras at the top, so the training task imports it only after
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import keras
@@ -107,3 +107,47 @@ class Exchanges(keras.callbacks.Callback):
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         if self._worker.end_epoch(epoch, {k: float(v) for k, v in (logs or {}).items()}):
             self.model.stop_training = True
+
+
+def exchange_in_graph(
+    model: keras.Model,
+    local_steps: int,
+    batches_per_epoch: int,
+    first_epoch: int,
+    exchange: Callable[[list[np.ndarray]], list[np.ndarray]],
+) -> None:
+    """Make the mid-epoch exchanges of local SGD run inside the train step (TensorFlow only).
+
+    After every ``local_steps``-th step of an epoch, except its last (whose exchange carries the
+    epoch's logs, so it stays with :class:`Exchanges`), the optimizer's ``apply`` hands every
+    weight to ``exchange`` through ``tf.py_function`` and sets them to what it returns. Keras
+    can then run a whole epoch in one call of its train function.
+    """
+    import tensorflow as tf
+
+    optimizer, weights = model.optimizer, model.weights
+    original = optimizer.apply
+    # Steps of the fit so far; not a Keras variable, so never among the model's weights.
+    step = tf.Variable(first_epoch * batches_per_epoch, dtype=tf.int64, trainable=False)
+
+    def run(*values: Any) -> list[np.ndarray]:
+        return exchange([np.asarray(v.numpy()) for v in values])
+
+    def swap() -> Any:
+        new = tf.py_function(
+            run, [tf.convert_to_tensor(w) for w in weights], Tout=[w.dtype for w in weights]
+        )
+        for variable, value in zip(weights, new, strict=True):
+            variable.assign(tf.reshape(value, variable.shape))
+        return tf.constant(True)
+
+    def apply(grads: Any, trainable_variables: Any = None) -> None:
+        original(grads, trainable_variables)
+        batch = step % batches_per_epoch
+        step.assign_add(1)
+        due = tf.logical_and(
+            tf.equal((batch + 1) % local_steps, 0), tf.not_equal(batch, batches_per_epoch - 1)
+        )
+        tf.cond(due, swap, lambda: tf.constant(False))
+
+    optimizer.apply = apply

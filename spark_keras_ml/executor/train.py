@@ -13,7 +13,7 @@ import math
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -180,6 +180,8 @@ class PartitionWorker:
         self._exchange = 0
         self._rows_since = 0
         self._batches_since = 0
+        #: Whether the mid-epoch exchanges run inside the train step (TensorFlow).
+        self._in_graph = False
         #: Early stopping: the last epoch every worker must finish, once the server says so.
         self._stop_after: int | None = None
         #: Pushes (steps) this attempt made.
@@ -230,13 +232,23 @@ class PartitionWorker:
 
         config, model = self._config, self._model
         self._take()
+        import keras
+
         if self._replica is not None and self._replica.capture is None:
             from spark_keras_ml.executor.gradients import exchange_in_graph
 
             exchange_in_graph(self._replica, self._in_step)
-            # Every exchange happens inside the step, so Keras may run a whole epoch in one
-            # call of its train function: its Python loop cost about 2 ms a step, as much as a
-            # small model's step itself.
+            self._in_graph = True
+        elif self._replica is None and keras.backend.backend() == "tensorflow":
+            from spark_keras_ml.executor import local_sgd
+
+            steps = self._batches_per_epoch
+            local_sgd.exchange_in_graph(model, self._local_steps, steps, first, self._in_step)
+            self._in_graph = True
+        if self._in_graph:
+            # No exchange needs Python between the steps of an epoch, so Keras may run a whole
+            # epoch in one call of its train function: its Python loop cost about 2 ms a step,
+            # as much as a small model's step itself.
             model.steps_per_execution = self._batches_per_epoch
         start = config.first_epoch
         batches = epoch_data(
@@ -261,10 +273,16 @@ class PartitionWorker:
                 raise self._failure from None
             raise
 
-    def _in_step(self, update: list[np.ndarray]) -> list[np.ndarray] | None:
-        """Sync/batch on TensorFlow: the exchange, called from inside the train step."""
+    def _in_step(self, values: list[np.ndarray]) -> Any:
+        """An exchange called from inside the train step (TensorFlow): in sync/batch with the
+        step's update, returning the round's mean; else with the weights, returning the
+        weights to go on from."""
         try:
-            return self._gradient_step(update)
+            if self._replica is not None:
+                return self._gradient_step(values)
+            self._rows_since = self._local_steps * self._config.batch_size  # full batches
+            self._exchange_now(self._current_epoch, weights=values)
+            return self._weights
         except BaseException as exc:
             self._failure = exc
             raise
@@ -278,9 +296,10 @@ class PartitionWorker:
 
     def after_batch(self, batch: int, rows: int) -> None:
         """Called after each mini-batch step: exchange every ``local_steps`` of them."""
-        if self._replica is not None:  # sync/batch: exchanged in the step, or now
-            if self._replica.capture is not None:
-                self._replica.apply(self._gradient_step(self._replica.captured_update()))
+        if self._in_graph:  # exchanged inside the steps
+            return
+        if self._replica is not None:  # sync/batch elsewhere: exchange now
+            self._replica.apply(self._gradient_step(self._replica.captured_update()))
             return
         self._rows_since += rows
         self._batches_since += 1
@@ -300,6 +319,8 @@ class PartitionWorker:
             self._report(epoch, logs, states)
             self.completed = self._config.first_epoch + epoch + 1
             return self._stop_after is not None and self.completed > self._stop_after
+        if self._in_graph:  # the rows since the last exchange inside the steps
+            self._rows_since = max(0, len(self._train) - self._rows_exchanged)
         while self._exchange < self._exchanges - 1:  # a short partition pads the sync rounds
             self._exchange_now(epoch)
         if self._config.report_step:
@@ -328,18 +349,29 @@ class PartitionWorker:
         self._exchange += 1
         return step
 
-    def _exchange_now(self, epoch: int, end: EpochEnd | None = None) -> None:
-        """Push what changed since the last exchange; go on from the weights in the reply."""
+    @property
+    def _rows_exchanged(self) -> int:
+        """Rows of this epoch pushed by the exchanges inside its steps (all full batches)."""
+        return self._exchange * self._local_steps * self._config.batch_size
+
+    def _exchange_now(
+        self, epoch: int, end: EpochEnd | None = None, weights: list[np.ndarray] | None = None
+    ) -> None:
+        """Push what changed since the last exchange; go on from the weights in the reply.
+        ``weights``: the model's, when the exchange runs inside a step (which then sets them)."""
         step, rows = self._step(epoch), self._rows_since
         self._rows_since = self._batches_since = 0
         if step >= self._resume_step:  # else done by an earlier attempt: catch up with it
             at = self._config.first_epoch + epoch
-            self._push(self._update(), step=step, rows=rows, epoch=at, end=end)
-        self._take()
+            self._push(self._update(weights), step=step, rows=rows, epoch=at, end=end)
+        if weights is None:
+            self._take()
+        else:
+            self._base = self._weights
 
-    def _update(self) -> list[np.ndarray]:
+    def _update(self, weights: list[np.ndarray] | None = None) -> list[np.ndarray]:
         """What changed since the last exchange."""
-        weights = self._model.get_weights()
+        weights = self._model.get_weights() if weights is None else weights
         return [now - base for now, base in zip(weights, self._base, strict=True)]
 
     def _gradient_step(self, update: list[np.ndarray]) -> list[np.ndarray] | None:

@@ -79,6 +79,38 @@ def test_workers_end_on_the_server_weights_with_one_history_entry_per_epoch(
     assert len(history["loss"]) == 3 and len(history["accuracy"]) == 3
 
 
+@pytest.mark.parametrize(("frequency", "local_steps"), [("steps", 2), ("batch", 1), ("epoch", 1)])
+def test_one_worker_trains_exactly_as_keras_whatever_its_exchanges(
+    frequency: str, local_steps: int
+) -> None:
+    """With one worker, every exchange hands back what the worker pushed, so the fit must end
+    on plain Keras's weights over the same batches: an exchange inside the step that read the
+    weights before the step's update, or set stale ones, would lose steps."""
+    from spark_keras_ml.executor.local_sgd import epoch_batches
+    from spark_keras_ml.executor.rows import Rows
+
+    model = tiny_model()
+    rng = np.random.default_rng(4)
+    x, y = rng.normal(size=(37, 4)).astype("float32"), rng.integers(0, 3, 37).astype("float32")
+    secret = new_secret()
+    with ParameterServer(
+        model.get_weights(),
+        num_workers=1,
+        secret=secret,
+        timeout=30.0,
+        schedule=Schedule(frequency=frequency, batch_size=8, local_steps=local_steps),
+    ) as server:
+        config = make_config(frequency, *server.address, secret, model_to_bytes(model), local_steps)
+        train_partitions(server, config, [(x, y)])
+        final = server.final_weights()
+    reference = tiny_model()
+    reference.compile(**config.compile_config)
+    for batch_x, batch_y in epoch_batches(Rows([x], [y]), 8, seed=0, partition=0, epochs=range(3)):
+        reference.train_on_batch(batch_x, batch_y)
+    for got, want in zip(final, reference.get_weights(), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_each_epoch_visits_the_rows_in_the_seeded_order_of_that_epoch() -> None:
     """One ``fit`` over every epoch still reshuffles per epoch, by (seed, partition, epoch), so
     a retried attempt sees the same batches, however far ahead Keras reads."""
