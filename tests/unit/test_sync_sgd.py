@@ -62,6 +62,32 @@ def partitions() -> list[tuple[np.ndarray, np.ndarray]]:
     ]
 
 
+def sync_sgd_config(
+    server: ParameterServer,
+    secret: bytes,
+    model: keras.Model,
+    compile_config: dict[str, object],
+    epochs: int,
+) -> TrainConfig:
+    """A sync/batch task's config against ``server``, in batches of ``LOCAL_BATCH`` rows."""
+    return TrainConfig(
+        host=server.address[0],
+        port=server.address[1],
+        secret=secret,
+        model_bytes=model_to_bytes(model),
+        compile_config=compile_config,
+        frequency="batch",
+        epochs=epochs,
+        batch_size=LOCAL_BATCH,
+        gradients=True,
+        report_step=True,
+        timeout=60.0,
+        seed=SEED,
+        task_cpus=1,
+        layout=Layout(inputs=((4,),), targets=((),)),
+    )
+
+
 def train_with_server(model: keras.Model, in_graph: bool = True) -> list[np.ndarray]:
     compile_config = resolve_compile_config(
         model, optimizer=None, learning_rate=None, loss=None, metrics=None
@@ -75,22 +101,7 @@ def train_with_server(model: keras.Model, in_graph: bool = True) -> list[np.ndar
         optimizer=server_optimizer(model, compile_config),
         schedule=Schedule(frequency="batch", batch_size=LOCAL_BATCH, report_step=True),
     ) as server:
-        config = TrainConfig(
-            host=server.address[0],
-            port=server.address[1],
-            secret=secret,
-            model_bytes=model_to_bytes(model),
-            compile_config=compile_config,
-            frequency="batch",
-            epochs=EPOCHS,
-            batch_size=LOCAL_BATCH,
-            gradients=True,
-            report_step=True,
-            timeout=60.0,
-            seed=SEED,
-            task_cpus=1,
-            layout=Layout(inputs=((4,),), targets=((),)),
-        )
+        config = sync_sgd_config(server, secret, model, compile_config, EPOCHS)
         workers = train_partitions(server, config, partitions(), in_graph=in_graph)
         assert server.version == EPOCHS * 6  # 5 rounds and the report step
         final = server.final_weights()
@@ -224,22 +235,7 @@ def test_a_worker_that_registers_mid_fit_loads_the_server_optimizer_state() -> N
     with ParameterServer(
         weights, num_workers=1, secret=secret, timeout=30.0, optimizer=optimizer, schedule=schedule
     ) as server:
-        config = TrainConfig(
-            host=server.address[0],
-            port=server.address[1],
-            secret=secret,
-            model_bytes=model_to_bytes(model),
-            compile_config=compile_config,
-            frequency="batch",
-            batch_size=LOCAL_BATCH,
-            gradients=True,
-            report_step=True,
-            timeout=30.0,
-            epochs=1,
-            seed=SEED,
-            task_cpus=1,
-            layout=Layout(inputs=((4,),), targets=((),)),
-        )
+        config = sync_sgd_config(server, secret, model, compile_config, epochs=1)
         trainee = build_trainee(config)
         assert trainee.replica is not None
         x, y = partitions()[0]
