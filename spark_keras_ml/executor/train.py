@@ -110,16 +110,23 @@ def build_trainee(config: TrainConfig, in_graph: bool | None = None) -> Trainee:
     TensorFlow (``in_graph``, by default) and after it elsewhere.
     """
     model = model_from_bytes(config.model_bytes, custom_objects=config.custom_objects)
+    model.compile_from_config(config.compile_config)
     if config.gradients:
-        import keras
-
         from spark_keras_ml.executor.gradients import compile_replica
 
         if in_graph is None:
-            in_graph = keras.backend.backend() == "tensorflow"
+            in_graph = exchanges_in_step(model)
         return Trainee(model, compile_replica(model, config.compile_config, in_graph))
-    model.compile_from_config(config.compile_config)
     return Trainee(model)
+
+
+def exchanges_in_step(model: keras.Model) -> bool:
+    """Whether exchanges can run inside the train step: on TensorFlow, unless the step is
+    compiled by XLA (``jit_compile``, which "auto" turns on where a GPU is), which cannot
+    compile the ``tf.py_function`` they are; such a step exchanges from outside instead."""
+    import keras
+
+    return keras.backend.backend() == "tensorflow" and not model.jit_compile
 
 
 def connect(config: TrainConfig, trainee: Trainee) -> ParameterClient:
@@ -232,14 +239,12 @@ class PartitionWorker:
 
         config, model = self._config, self._model
         self._take()
-        import keras
-
         if self._replica is not None and self._replica.capture is None:
             from spark_keras_ml.executor.gradients import exchange_in_graph
 
             exchange_in_graph(self._replica, self._in_step)
             self._in_graph = True
-        elif self._replica is None and keras.backend.backend() == "tensorflow":
+        elif self._replica is None and exchanges_in_step(model):
             from spark_keras_ml.executor import local_sgd
 
             steps = self._batches_per_epoch

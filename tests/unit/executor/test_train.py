@@ -223,3 +223,52 @@ def test_the_tensorflow_pipeline_gives_the_generator_s_batches() -> None:
         epoch_data(rows, 8, seed=3, partition=1, epochs=range(2)).options().autotune.enabled
         is False
     )
+
+
+@pytest.mark.parametrize("frequency", ["steps", "batch"])
+def test_a_model_compiled_for_xla_exchanges_from_outside_its_step(frequency: str) -> None:
+    """XLA cannot compile the ``tf.py_function`` an exchange inside the step is, so a model
+    compiled with ``jit_compile=True`` (what "auto" chooses where a GPU is) exchanges from the
+    callback, or in sync/batch after the step, and still trains."""
+    import dataclasses
+
+    from spark_keras_ml.executor.train import build_trainee
+
+    model = tiny_model()
+    rng = np.random.default_rng(5)
+    parts = [
+        (rng.normal(size=(n, 4)).astype("float32"), rng.integers(0, 3, n).astype("float32"))
+        for n in (19, 24)
+    ]
+    secret = new_secret()
+    gradients = frequency == "batch"
+    config = make_config(frequency, "", 0, secret, b"", local_steps=2)
+    compile_config = {**config.compile_config, "jit_compile": True}
+    optimizer = None
+    if gradients:
+        from spark_keras_ml.ps.optimizer import server_optimizer
+
+        optimizer = server_optimizer(model, compile_config)
+    with ParameterServer(
+        model.get_weights(),
+        num_workers=2,
+        secret=secret,
+        timeout=30.0,
+        optimizer=optimizer,
+        schedule=Schedule(frequency=frequency, batch_size=8, local_steps=2, report_step=gradients),
+    ) as server:
+        config = dataclasses.replace(
+            make_config(frequency, *server.address, secret, model_to_bytes(model), 2),
+            compile_config=compile_config,
+            gradients=gradients,
+            report_step=gradients,
+        )
+        trainee = build_trainee(config)
+        assert trainee.model.jit_compile
+        assert gradients == (trainee.replica is not None and trainee.replica.capture is not None)
+        finals = train_partitions(server, config, parts)
+        final = server.final_weights()
+    assert not all(np.array_equal(a, b) for a, b in zip(final, model.get_weights()))
+    for weights in finals:
+        for got, want in zip(weights, final, strict=True):
+            np.testing.assert_array_equal(got, want)
