@@ -130,7 +130,7 @@ class ParameterServer:
         self._optimizer = optimizer
         self._gradients = optimizer is not None
         # Sync/batch: the rule whose rounds' means the replies carry.
-        self._rounds = self._rule if isinstance(self._rule, SyncRule) else None
+        self._rounds = self._rule if self._gradients and isinstance(self._rule, SyncRule) else None
         self._secret = secret
         self._host = host
         self._timeout = timeout
@@ -447,7 +447,7 @@ class ParameterServer:
             if epoch is not None:  # the worker goes on with the next epoch after an end
                 self._current_epoch[partition] = epoch + 1 if end is not None else epoch
             stop_after = self._stop_after
-        rounds = self._rounds if self._gradients and arrays else None
+        rounds = self._rounds if arrays else None
         if rounds is not None:  # sync/batch: the round's mean, which every replica applies
             weights = rounds.round_mean(push.step) or []
         update = rounds is not None

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import keras
 import numpy as np
 import pytest
 
 from spark_keras_ml.config import Layout, TrainConfig
 from spark_keras_ml.ps.bookkeeping import Schedule
+from spark_keras_ml.ps.optimizer import ServerOptimizer, server_optimizer
 from spark_keras_ml.ps.protocol import new_secret
 from spark_keras_ml.ps.server import ParameterServer
 from spark_keras_ml.serialization import model_to_bytes
@@ -41,6 +44,13 @@ def make_config(
         layout=Layout(inputs=((4,),), targets=((),)),
         local_steps=local_steps,
     )
+
+
+def sync_sgd_optimizer(
+    frequency: str, model: keras.Model, compile_config: dict[str, Any]
+) -> ServerOptimizer | None:
+    """The server's optimizer where pushes are gradients (sync, ``frequency="batch"``)."""
+    return server_optimizer(model, compile_config) if frequency == "batch" else None
 
 
 # (frequency, localSteps, sync rounds per epoch): partitions of 1 and 4 batches.
@@ -168,11 +178,7 @@ def test_val_metrics_are_those_of_the_merged_model_on_every_held_out_row(frequen
     secret = new_secret()
     gradients = frequency == "batch"
     compile_config = make_config("steps", "", 0, secret, b"").compile_config
-    optimizer = None
-    if gradients:
-        from spark_keras_ml.ps.optimizer import server_optimizer
-
-        optimizer = server_optimizer(model, compile_config)
+    optimizer = sync_sgd_optimizer(frequency, model, compile_config)
     with ParameterServer(
         model.get_weights(),
         num_workers=2,
@@ -244,11 +250,7 @@ def test_a_model_compiled_for_xla_exchanges_from_outside_its_step(frequency: str
     gradients = frequency == "batch"
     config = make_config(frequency, "", 0, secret, b"", local_steps=2)
     compile_config = {**config.compile_config, "jit_compile": True}
-    optimizer = None
-    if gradients:
-        from spark_keras_ml.ps.optimizer import server_optimizer
-
-        optimizer = server_optimizer(model, compile_config)
+    optimizer = sync_sgd_optimizer(frequency, model, compile_config)
     with ParameterServer(
         model.get_weights(),
         num_workers=2,
