@@ -41,10 +41,10 @@ from spark_keras_ml.inputs import check_first_row, training_columns
 from spark_keras_ml.metric_results import results_from_states
 from spark_keras_ml.model_info import output_kind, resolve_compile_config
 from spark_keras_ml.ps.bookkeeping import Schedule
-from spark_keras_ml.ps.optimizer import server_optimizer
+from spark_keras_ml.ps.optimizer import normalizes_steps, server_optimizer
 from spark_keras_ml.ps.protocol import new_secret
 from spark_keras_ml.ps.server import ParameterServer
-from spark_keras_ml.ps.updates import delta_scale
+from spark_keras_ml.ps.updates import boost_caps, delta_scale
 from spark_keras_ml.serialization import model_from_bytes
 from spark_keras_ml.server_location import OnDriver
 from spark_keras_ml.summary import TrainingSummary, fit_phases, format_epoch
@@ -230,6 +230,22 @@ class FitPlan:
         return math.ceil(self.batch_size / self.num_workers)
 
     @property
+    def boost_caps(self) -> list[float] | None:
+        """How far a sync round may lengthen each array of its mean delta, to make up the
+        shorter steps of a normalizing optimizer on each worker's share of the batch (see
+        :func:`~spark_keras_ml.ps.updates.restoring_boost`). Sync rounds of deltas only:
+        async and hogwild have no round to measure the workers' agreement in, and an outer
+        optimizer sets its step itself."""
+        if self.mode != "sync" or self.outer_optimizer is not None:
+            return None
+        return boost_caps(
+            self.frequency,
+            self.num_workers,
+            trainable=[v.trainable for v in self.model.weights],
+            normalizing=normalizes_steps(self.compile_config["optimizer"]),
+        )
+
+    @property
     def epochs_left(self) -> int:
         return self.epochs - self.resume.first_epoch
 
@@ -259,6 +275,7 @@ class FitPlan:
             if self.outer_optimizer is None
             else server_optimizer(self.model, {"optimizer": self.outer_optimizer}),
             delta_scale=delta_scale(self.mode, self.frequency, self.num_workers),
+            boost_caps=self.boost_caps,
         )
 
     def task_config(self, address: tuple[str, int], secret: bytes) -> TrainConfig:

@@ -95,6 +95,19 @@ def server_optimizer(model: Any, compile_config: dict[str, Any]) -> ServerOptimi
     )
 
 
+def normalizes_steps(optimizer_config: str | dict[str, Any]) -> bool:
+    """Whether the optimizer divides its step by a running scale of the gradients (Adam,
+    RMSprop, Adagrad, Lion's sign, ...), which makes its step on 1/N of a batch shorter than on
+    the whole batch (see :func:`~spark_keras_ml.ps.updates.delta_scales`). Only SGD's step is
+    linear in the gradient; an unknown optimizer is taken to normalize, as nearly all do."""
+    import keras
+
+    optimizer = keras.optimizers.get(copy.deepcopy(optimizer_config))
+    # A loss-scale wrapper (mixed precision) steps with the optimizer it wraps.
+    optimizer = getattr(optimizer, "inner_optimizer", optimizer)
+    return not isinstance(optimizer, keras.optimizers.SGD)
+
+
 def _compiled(optimizer: Any, variables: list[Any]) -> Callable[[list[np.ndarray]], list[Any]]:
     """``optimizer.apply``, returning the new values, as one TensorFlow graph: eager, a round
     would pay Python overhead per variable and per slot, which for a small model costs more than

@@ -93,6 +93,10 @@ class ParameterServer:
     delta_scale:
         Async and hogwild: what each delta is multiplied by before it is added
         (:func:`~spark_keras_ml.ps.updates.delta_scale` says what a fit uses).
+    boost_caps:
+        Sync rounds of deltas: the most each array of a round's mean may be lengthened by to
+        restore a normalizing optimizer's step (:func:`~spark_keras_ml.ps.updates.boost_caps`
+        says what a fit uses); None takes the mean as it is.
     """
 
     def __init__(
@@ -115,6 +119,7 @@ class ParameterServer:
         optimizer: ServerOptimizer | None = None,
         outer: ServerOptimizer | None = None,
         delta_scale: float = 1.0,
+        boost_caps: Sequence[float] | None = None,
     ) -> None:
         self._rule = make_rule(
             mode,
@@ -126,6 +131,7 @@ class ParameterServer:
             optimizer=optimizer,
             outer=outer,
             scale=delta_scale,
+            boost_caps=boost_caps,
         )
         self._optimizer = optimizer
         self._gradients = optimizer is not None

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import threading
 
 import pytest
 from pyspark.ml.evaluation import MulticlassClassificationEvaluator
 
 from spark_keras_ml import KerasEstimator
+from spark_keras_ml.fit import FitPlan
 from tests.conftest import digits_model
 
 
@@ -95,3 +97,27 @@ def test_two_fits_at_once_in_two_threads(digits) -> None:  # type: ignore[no-unt
     assert set(results) == {"sync", "async"}
     assert min(results.values()) >= 0.85, results
     assert not [t.name for t in threading.enumerate() if t.name.startswith("skml-ps")]
+
+
+@pytest.mark.parametrize(
+    ("params", "boosted"),
+    [
+        ({}, True),  # the default, with the model's Adam
+        ({"frequency": "epoch", "optimizer": "rmsprop"}, True),
+        ({"optimizer": "sgd"}, False),  # SGD's mean step is the whole batch's step
+        ({"frequency": "batch"}, False),  # rounds of gradients
+        ({"outerOptimizer": "sgd"}, False),
+        ({"mode": "async"}, False),
+    ],
+)
+def test_sync_rounds_of_a_normalizing_optimizer_restore_its_step(digits, params, boosted) -> None:  # type: ignore[no-untyped-def]
+    train, _ = digits
+    est = KerasEstimator(model=digits_model(), numWorkers=2, **params)
+    plan = FitPlan.read(est, est._require_model(), train, None)
+    caps = plan.boost_caps
+    if not boosted:
+        assert caps is None
+        return
+    assert caps is not None
+    trainable = [v.trainable for v in plan.model.weights]
+    assert caps == [math.sqrt(2) if t else 1.0 for t in trainable]  # statistics take the mean

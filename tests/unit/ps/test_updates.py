@@ -24,7 +24,15 @@ from spark_keras_ml.ps.client import ParameterClient
 from spark_keras_ml.ps.messages import Reply
 from spark_keras_ml.ps.protocol import RemoteError
 from spark_keras_ml.ps.server import ParameterServer
-from spark_keras_ml.ps.updates import AsyncRule, HogwildRule, SyncRule, delta_scale, make_rule
+from spark_keras_ml.ps.updates import (
+    AsyncRule,
+    HogwildRule,
+    SyncRule,
+    boost_caps,
+    delta_scale,
+    make_rule,
+    restoring_boost,
+)
 from tests.unit.ps.support import SECRET, WAIT, run_workers, wait_until
 
 pytestmark = pytest.mark.timeout(60)
@@ -148,6 +156,64 @@ def test_delta_scale_makes_concurrent_deltas_add_up_to_their_mean() -> None:
     assert delta_scale("hogwild", "steps", 8) == 0.125
     assert delta_scale("async", "batch", 4) == 1.0  # asynchronous SGD: each step whole
     assert delta_scale("sync", "steps", 4) == 1.0  # a sync round already takes the mean
+
+
+def test_restoring_boost_lengthens_the_mean_only_where_workers_disagree() -> None:
+    def boost(deltas: list[np.ndarray], cap: float = 2.0) -> float:
+        mean = np.mean(deltas, axis=0)
+        square_mean = float(np.mean([np.vdot(d, d) for d in deltas]))
+        return restoring_boost(float(np.vdot(mean, mean)), square_mean, cap=cap)
+
+    agreeing = [np.array([1.0, 2.0])] * 4
+    assert boost(agreeing) == 1.0  # no noise: the mean is each worker's step
+    # Noise only: the mean is lengthened to a worker's step, sqrt(2) for 2 orthogonal deltas.
+    assert boost([np.array([1.0, 0.0]), np.array([0.0, 1.0])]) == pytest.approx(np.sqrt(2))
+    assert boost([np.array([1.0, 0.0]), np.array([0.0, 1.0])], cap=1.2) == 1.2
+    assert boost([np.array([1.0, 0.0]), np.array([-1.0, 0.01])]) == 2.0  # cancelling: the cap
+    # Signal 1 and noise 1 per coordinate: the mean of 2 is sqrt(1.5) long, a worker's sqrt(2).
+    rng = np.random.default_rng(0)
+    noise = rng.normal(size=(2, 100_000))
+    assert boost([1.0 + noise[0], 1.0 + noise[1]]) == pytest.approx(np.sqrt(2 / 1.5), rel=0.02)
+    assert boost([np.zeros(2), np.zeros(2)]) == 1.0  # nothing to lengthen
+
+
+def test_sync_rounds_lengthen_disagreeing_means_up_to_the_cap() -> None:
+    """Two workers, deltas that share nothing: pure noise."""
+    weights = [np.zeros(2, np.float32), np.zeros(2, np.float32)]
+    rule = make_rule(
+        "sync",
+        weights,
+        2,
+        schedule=Schedule(frequency="steps", batch_size=4, local_steps=1),
+        boost_caps=[1.2, 1.0],  # the second array is not trainable: it takes the mean
+    )
+    run_workers(lambda: rule.register(0, 1, 8, 5.0), lambda: rule.register(1, 1, 8, 5.0))
+    pushes = ([1.0, 0.0], [0.0, 1.0])
+    out = run_workers(
+        *(
+            lambda p=p: rule.push(p, 1, 0, [np.array(pushes[p], np.float32)] * 2, 4, 5.0)
+            for p in (0, 1)
+        )
+    )
+    for _, after in out:
+        np.testing.assert_allclose(after[0], [0.6, 0.6])  # sqrt(2) x the mean, capped at 1.2
+        np.testing.assert_allclose(after[1], [0.5, 0.5])
+    with pytest.raises(ValueError, match="boost caps only in mode 'sync'"):
+        make_rule("async", weights, 2, boost_caps=[1.5, 1.0])
+
+
+def test_boost_caps_only_for_normalizing_optimizers_over_local_steps() -> None:
+    from spark_keras_ml.ps.optimizer import normalizes_steps
+
+    caps = boost_caps("steps", 4, trainable=[True, False], normalizing=True)
+    assert caps == [2.0, 1.0]  # sqrt(N) on trainable weights; statistics take the mean
+    assert boost_caps("epoch", 4, trainable=[True], normalizing=False) is None  # SGD
+    assert boost_caps("batch", 4, trainable=[True], normalizing=True) is None  # gradients
+    assert boost_caps("steps", 1, trainable=[True], normalizing=True) is None
+    assert not normalizes_steps({"class_name": "SGD", "config": {"momentum": 0.9}})
+    assert normalizes_steps("adam")
+    assert normalizes_steps({"class_name": "RMSprop", "config": {"learning_rate": 0.01}})
+    assert normalizes_steps("lion")
 
 
 def test_async_buffers_one_delta_per_running_worker_for_its_outer_optimizer() -> None:
