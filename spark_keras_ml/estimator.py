@@ -47,7 +47,8 @@ class KerasEstimator(Estimator, HasTrainingParams, HasOutputParams, KerasReadabl
 
     Defaults: ``mode="sync"``, ``frequency="steps"`` with ``localSteps=16`` (local SGD: each
     worker trains 16 steps on its own share of the batch, then the round applies the mean of
-    the changes; ``outerOptimizer`` can step it instead, e.g. DiLoCo's Nesterov step),
+    the changes, lengthened toward the workers' own step where they disagree unless the
+    optimizer is SGD; ``outerOptimizer`` can step it instead, e.g. DiLoCo's Nesterov step),
     ``epochs=1``,
     ``batchSize=32`` (the global batch of a step, split over the workers),
     ``numWorkers=None`` (every task slot), ``timeout=600`` seconds, ``maxStaleness=None``,

@@ -41,10 +41,11 @@ from spark_keras_ml.inputs import check_first_row, training_columns
 from spark_keras_ml.metric_results import results_from_states
 from spark_keras_ml.model_info import output_kind, resolve_compile_config
 from spark_keras_ml.ps.bookkeeping import Schedule
+from spark_keras_ml.ps.boost import boost_caps
 from spark_keras_ml.ps.optimizer import normalizes_steps, server_optimizer
 from spark_keras_ml.ps.protocol import new_secret
 from spark_keras_ml.ps.server import ParameterServer
-from spark_keras_ml.ps.updates import boost_caps, delta_scale
+from spark_keras_ml.ps.updates import delta_scale
 from spark_keras_ml.serialization import model_from_bytes
 from spark_keras_ml.server_location import OnDriver
 from spark_keras_ml.summary import TrainingSummary, fit_phases, format_epoch
@@ -231,12 +232,11 @@ class FitPlan:
 
     @property
     def boost_caps(self) -> list[float] | None:
-        """How far a sync round may lengthen each array of its mean delta, to make up the
+        """How far the server may lengthen each array of a mean of deltas, to make up the
         shorter steps of a normalizing optimizer on each worker's share of the batch (see
-        :func:`~spark_keras_ml.ps.updates.restoring_boost`). Sync rounds of deltas only:
-        async and hogwild have no round to measure the workers' agreement in, and an outer
-        optimizer sets its step itself."""
-        if self.mode != "sync" or self.outer_optimizer is not None:
+        :mod:`spark_keras_ml.ps.boost`); None with an outer optimizer, which sets its step
+        itself."""
+        if self.outer_optimizer is not None:
             return None
         return boost_caps(
             self.frequency,

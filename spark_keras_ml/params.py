@@ -83,9 +83,10 @@ class HasTrainingParams(HasFeaturesCol, HasLabelCol, HasSeed):
         "Sync or async with frequency 'steps' or 'epoch': the optimizer the server applies to "
         "the mean delta of each round (in async, of each buffer of one delta per running "
         "worker), taken as the negative of a gradient. None (the default) adds the mean delta "
-        "as it is (model averaging); DiLoCo's outer step, {'class_name': 'SGD', 'config': "
-        "{'learning_rate': 0.7, 'momentum': 0.9, 'nesterov': True}}, trains further per "
-        "epoch at usual learning rates but overshoots at large ones.",
+        "(model averaging; in sync, lengthened toward the workers' own step where they "
+        "disagree, for optimizers other than SGD); DiLoCo's outer step, {'class_name': "
+        "'SGD', 'config': {'learning_rate': 0.7, 'momentum': 0.9, 'nesterov': True}}, trains "
+        "further per epoch at usual learning rates but overshoots at large ones.",
         typeConverter=_json_native,
     )
     epochs: Param[int] = Param(

@@ -94,9 +94,9 @@ class ParameterServer:
         Async and hogwild: what each delta is multiplied by before it is added
         (:func:`~spark_keras_ml.ps.updates.delta_scale` says what a fit uses).
     boost_caps:
-        Sync rounds of deltas: the most each array of a round's mean may be lengthened by to
-        restore a normalizing optimizer's step (:func:`~spark_keras_ml.ps.updates.boost_caps`
-        says what a fit uses); None takes the mean as it is.
+        The most each array of a mean of deltas may be lengthened by to restore a normalizing
+        optimizer's step (:func:`~spark_keras_ml.ps.boost.boost_caps` says what a fit uses);
+        None takes the mean as it is.
     """
 
     def __init__(

@@ -9,7 +9,6 @@ rule; a rule never touches a socket.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -22,6 +21,7 @@ from spark_keras_ml.ps.bookkeeping import (
     TrainingAborted,
     UpdateRule,
 )
+from spark_keras_ml.ps.boost import Agreement, restoring_boost
 
 if TYPE_CHECKING:
     from spark_keras_ml.ps.optimizer import ServerOptimizer
@@ -241,8 +241,13 @@ class SyncRule(UpdateRule):
         """Array ``i`` of the round's mean delta, lengthened as :func:`restoring_boost` says."""
         if self._boost_caps is None or self._boost_caps[i] <= 1.0:
             return mean
+        workers = self._applied_in_round
         factor = restoring_boost(
-            float(np.vdot(mean, mean)), self._squares[i] / self._rows, cap=self._boost_caps[i]
+            float(np.vdot(mean, mean)),
+            self._squares[i] / self._rows,
+            workers=workers,
+            steps=self._rows / (workers * self._schedule.batch_size),
+            cap=self._boost_caps[i],
         )
         return mean if factor == 1.0 else factor * mean
 
@@ -280,11 +285,15 @@ class AsyncRule(UpdateRule):
         max_staleness: int | None = None,
         scale: float = 1.0,
         outer: ServerOptimizer | None = None,
+        boost_caps: Sequence[float] | None = None,
     ) -> None:
         super().__init__(weights, num_workers, schedule=schedule)
+        if boost_caps is not None and outer is not None:
+            raise ValueError("Expected no boost with an outer optimizer")
         self._max_staleness = max_staleness
         self._scale = scale
         self._outer = outer
+        self._agreement = _agreement(self._weights, boost_caps, schedule)
         # The buffer of deltas not yet applied (with an outer optimizer): row-weighted sum.
         self._buffer = [np.zeros_like(w, dtype=np.float64) for w in self._weights]
         self._buffered = 0
@@ -302,12 +311,13 @@ class AsyncRule(UpdateRule):
         with self._cond:
             if self._admit(partition, attempt, step, rows > 0) and delta is not None and rows > 0:
                 if self._outer is None:
+                    scales = _scales(self._scale, self._agreement, len(delta))
                     self._weights = [
-                        (w + self._scale * d if self._scale != 1.0 else w + d).astype(
-                            w.dtype, copy=False
-                        )
-                        for w, d in zip(self._weights, delta, strict=True)
+                        (w + f * d if f != 1.0 else w + d).astype(w.dtype, copy=False)
+                        for w, d, f in zip(self._weights, delta, scales, strict=True)
                     ]
+                    if self._agreement is not None:
+                        self._agreement.add(delta, rows, window=len(self._active))
                 else:
                     for acc, d in zip(self._buffer, delta, strict=True):
                         acc += rows * d.astype(np.float64, copy=False)
@@ -382,9 +392,11 @@ class HogwildRule(UpdateRule):
         *,
         schedule: Schedule = PER_EPOCH,
         scale: float = 1.0,
+        boost_caps: Sequence[float] | None = None,
     ) -> None:
         super().__init__(weights, num_workers, schedule=schedule)
         self._scale = scale
+        self._agreement = _agreement(self._weights, boost_caps, schedule)
 
     def push(
         self,
@@ -397,11 +409,29 @@ class HogwildRule(UpdateRule):
     ) -> tuple[int, list[np.ndarray]]:
         with self._cond:
             applied = self._admit(partition, attempt, step, delta is not None and rows > 0)
+            scales = _scales(self._scale, self._agreement, len(self._weights))
         if applied and delta is not None and rows > 0:
-            for w, d in zip(self._weights, delta, strict=True):
-                np.add(w, self._scale * d if self._scale != 1.0 else d, out=w, casting="unsafe")
+            for w, d, f in zip(self._weights, delta, scales, strict=True):
+                np.add(w, f * d if f != 1.0 else d, out=w, casting="unsafe")
             self._version += 1  # racy too: a count of updates, not a consistent snapshot id
+            if self._agreement is not None:
+                with self._cond:  # the arithmetic above takes no lock; the window does
+                    self._agreement.add(delta, rows, window=len(self._active))
         return self._version, self._weights
+
+
+def _agreement(
+    weights: Sequence[np.ndarray], caps: Sequence[float] | None, schedule: Schedule
+) -> Agreement | None:
+    return None if caps is None else Agreement(weights, caps, schedule.batch_size)
+
+
+def _scales(scale: float, agreement: Agreement | None, count: int) -> list[float]:
+    """What each array of the next delta is multiplied by: the rule's scale, times the boost
+    the last window of deltas measured (see :class:`~spark_keras_ml.ps.boost.Agreement`)."""
+    if agreement is None:
+        return [scale] * count
+    return [scale * f for f in agreement.factors]
 
 
 def delta_scale(mode: str, frequency: str, num_workers: int) -> float:
@@ -415,40 +445,6 @@ def delta_scale(mode: str, frequency: str, num_workers: int) -> float:
     whole-epoch deltas then diverge at the rate a user tuned alone.
     """
     return 1.0 if mode == "sync" or frequency == "batch" else 1.0 / num_workers
-
-
-def boost_caps(
-    frequency: str, num_workers: int, *, trainable: Sequence[bool], normalizing: bool
-) -> list[float] | None:
-    """The most a sync round may lengthen each array of its mean delta (see
-    :func:`restoring_boost`), or None where it takes the mean as it is: per batch (a round
-    steps gradients), with one worker, or with an optimizer whose step is linear in the
-    gradient (SGD: the mean of N steps on 1/N of a batch is the whole batch's step). Only
-    trainable weights: batch-norm statistics are averages, not steps."""
-    if frequency == "batch" or num_workers < 2 or not normalizing:
-        return None
-    return [math.sqrt(num_workers) if t else 1.0 for t in trainable]
-
-
-def restoring_boost(mean_square: float, square_mean: float, *, cap: float) -> float:
-    """How much longer a round's mean delta is made: to the root-mean-square length of the
-    workers' deltas, at most ``cap``.
-
-    An optimizer that divides its step by a running scale of the gradients (Adam, RMSprop,
-    Adagrad, ...) takes shorter steps on 1/N of a batch wherever gradient noise dominates the
-    signal, since its scale then grows with the noise (sqrt(N) times, at most). The mean of N
-    such deltas keeps their common direction but averages their noise away, so plain
-    averaging trained less far per round than one process: 1.1 and 3.5 points lost at 2 and
-    8 workers on digits. ``mean_square`` is the squared norm of the (row-weighted) mean delta,
-    ``square_mean`` the mean of the deltas' squared norms: their ratio is 1 where the workers
-    agree (the signal dominates, as early in training or at a large learning rate), so the
-    mean is taken as it is, and up to N where they disagree. A fixed sqrt(N) made up the loss
-    at Adam's usual rate, but diverged at 0.02 on digits and ended 40 times worse at 0.05 on a
-    linear regression; this boost did neither (docs/architecture.md).
-    """
-    if mean_square <= 0.0:
-        return 1.0
-    return min(cap, math.sqrt(max(square_mean / mean_square, 1.0)))
 
 
 def make_rule(
@@ -465,16 +461,14 @@ def make_rule(
     boost_caps: Sequence[float] | None = None,
 ) -> UpdateRule:
     """The update rule of ``mode`` for ``schedule``; async and hogwild multiply each delta by
-    ``scale`` (see :func:`delta_scale`), a sync round may lengthen its mean by up to
-    ``boost_caps`` (see :func:`boost_caps`)."""
+    ``scale`` (see :func:`delta_scale`), and every rule lengthens a mean of deltas by up to
+    ``boost_caps`` (see :mod:`spark_keras_ml.ps.boost`)."""
     if optimizer is not None and mode != "sync":
         raise ValueError(f"Expected mode 'sync' for a server-side optimizer. Received: {mode!r}")
     if outer is not None and mode == "hogwild":
         raise ValueError("Expected no outer optimizer in mode 'hogwild': it takes no lock")
     if scale != 1.0 and mode == "sync":
         raise ValueError(f"Expected no delta scale in mode 'sync'. Received: scale={scale}")
-    if boost_caps is not None and mode != "sync":
-        raise ValueError(f"Expected boost caps only in mode 'sync'. Received: mode={mode!r}")
     if mode == "sync":
         return SyncRule(
             weights,
@@ -493,6 +487,7 @@ def make_rule(
             max_staleness=max_staleness,
             scale=scale,
             outer=outer,
+            boost_caps=boost_caps,
         )
     if mode == "hogwild":
         return HogwildRule(
@@ -500,5 +495,6 @@ def make_rule(
             num_workers,
             schedule=schedule,
             scale=scale,
+            boost_caps=boost_caps,
         )
     raise ValueError(f"Expected mode 'sync', 'async' or 'hogwild'. Received: mode={mode!r}")

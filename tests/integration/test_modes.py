@@ -107,10 +107,11 @@ def test_two_fits_at_once_in_two_threads(digits) -> None:  # type: ignore[no-unt
         ({"optimizer": "sgd"}, False),  # SGD's mean step is the whole batch's step
         ({"frequency": "batch"}, False),  # rounds of gradients
         ({"outerOptimizer": "sgd"}, False),
-        ({"mode": "async"}, False),
+        ({"mode": "async"}, True),
+        ({"mode": "hogwild", "frequency": "batch"}, False),
     ],
 )
-def test_sync_rounds_of_a_normalizing_optimizer_restore_its_step(digits, params, boosted) -> None:  # type: ignore[no-untyped-def]
+def test_means_of_a_normalizing_optimizers_deltas_restore_its_step(digits, params, boosted) -> None:  # type: ignore[no-untyped-def]
     train, _ = digits
     est = KerasEstimator(model=digits_model(), numWorkers=2, **params)
     plan = FitPlan.read(est, est._require_model(), train, None)

@@ -20,6 +20,7 @@ import pytest
 
 from spark_keras_ml.ps import protocol
 from spark_keras_ml.ps.bookkeeping import Schedule, steps_per_epoch
+from spark_keras_ml.ps.boost import boost_caps, restoring_boost
 from spark_keras_ml.ps.client import ParameterClient
 from spark_keras_ml.ps.messages import Reply
 from spark_keras_ml.ps.protocol import RemoteError
@@ -28,10 +29,8 @@ from spark_keras_ml.ps.updates import (
     AsyncRule,
     HogwildRule,
     SyncRule,
-    boost_caps,
     delta_scale,
     make_rule,
-    restoring_boost,
 )
 from tests.unit.ps.support import SECRET, WAIT, run_workers, wait_until
 
@@ -159,22 +158,28 @@ def test_delta_scale_makes_concurrent_deltas_add_up_to_their_mean() -> None:
 
 
 def test_restoring_boost_lengthens_the_mean_only_where_workers_disagree() -> None:
-    def boost(deltas: list[np.ndarray], cap: float = 2.0) -> float:
+    def boost(deltas: list[np.ndarray], steps: float = 1.0, cap: float = 2.0) -> float:
         mean = np.mean(deltas, axis=0)
         square_mean = float(np.mean([np.vdot(d, d) for d in deltas]))
-        return restoring_boost(float(np.vdot(mean, mean)), square_mean, cap=cap)
+        return restoring_boost(
+            float(np.vdot(mean, mean)), square_mean, workers=len(deltas), steps=steps, cap=cap
+        )
 
     agreeing = [np.array([1.0, 2.0])] * 4
-    assert boost(agreeing) == 1.0  # no noise: the mean is each worker's step
-    # Noise only: the mean is lengthened to a worker's step, sqrt(2) for 2 orthogonal deltas.
-    assert boost([np.array([1.0, 0.0]), np.array([0.0, 1.0])]) == pytest.approx(np.sqrt(2))
-    assert boost([np.array([1.0, 0.0]), np.array([0.0, 1.0])], cap=1.2) == 1.2
-    assert boost([np.array([1.0, 0.0]), np.array([-1.0, 0.01])]) == 2.0  # cancelling: the cap
-    # Signal 1 and noise 1 per coordinate: the mean of 2 is sqrt(1.5) long, a worker's sqrt(2).
+    assert boost(agreeing, steps=16) == 1.0  # no noise: the mean is each worker's step
+    # Noise only: sqrt(N), within the cap.
+    orthogonal = [np.array([1.0, 0.0]), np.array([0.0, 1.0])]
+    assert boost(orthogonal) == pytest.approx(np.sqrt(2))
+    assert boost(orthogonal, cap=1.2) == 1.2
+    # Signal 1 and noise 1 per coordinate over one step: r = 1, sqrt((1 + 1) / (1 + 1 / 2)).
     rng = np.random.default_rng(0)
     noise = rng.normal(size=(2, 100_000))
-    assert boost([1.0 + noise[0], 1.0 + noise[1]]) == pytest.approx(np.sqrt(2 / 1.5), rel=0.02)
+    deltas = [1.0 + noise[0], 1.0 + noise[1]]
+    assert boost(deltas) == pytest.approx(np.sqrt(2 / 1.5), rel=0.02)
+    # The same deltas over 4 steps: r = sqrt(4) x the round's.
+    assert boost(deltas, steps=4) == pytest.approx(np.sqrt(3 / 2), rel=0.02)
     assert boost([np.zeros(2), np.zeros(2)]) == 1.0  # nothing to lengthen
+    assert boost(agreeing[:1]) == 1.0  # one worker is one process
 
 
 def test_sync_rounds_lengthen_disagreeing_means_up_to_the_cap() -> None:
@@ -198,8 +203,31 @@ def test_sync_rounds_lengthen_disagreeing_means_up_to_the_cap() -> None:
     for _, after in out:
         np.testing.assert_allclose(after[0], [0.6, 0.6])  # sqrt(2) x the mean, capped at 1.2
         np.testing.assert_allclose(after[1], [0.5, 0.5])
-    with pytest.raises(ValueError, match="boost caps only in mode 'sync'"):
-        make_rule("async", weights, 2, boost_caps=[1.5, 1.0])
+
+
+@pytest.mark.parametrize("mode", ["async", "hogwild"])
+def test_async_and_hogwild_boost_later_deltas_by_a_window_of_running_workers(mode: str) -> None:
+    """No rounds: the first window of as many deltas as workers are running measures how much
+    they disagree, and the deltas after it are lengthened by that."""
+    weights = [np.zeros(2, np.float32), np.zeros(2, np.float32)]
+    rule = make_rule(
+        mode,
+        weights,
+        2,
+        scale=0.5,
+        schedule=Schedule(frequency="steps", batch_size=4),
+        boost_caps=[1.2, 1.0],
+    )
+    rule.register(0, 1, 8, 1.0)
+    rule.register(1, 1, 8, 1.0)
+    orthogonal = ([1.0, 0.0], [0.0, 1.0])
+    for p in (0, 1):  # the window: applied at the plain scale
+        rule.push(p, 1, 0, [np.array(orthogonal[p], np.float32)] * 2, 4, 1.0)
+    np.testing.assert_allclose(rule.weights()[1][0], [0.5, 0.5])
+    rule.push(0, 1, 1, [np.array([2.0, 2.0], np.float32)] * 2, 4, 1.0)
+    after = rule.weights()[1]
+    np.testing.assert_allclose(after[0], [0.5 + 1.2, 0.5 + 1.2])  # 0.5 x 1.2 x 2
+    np.testing.assert_allclose(after[1], [1.5, 1.5])  # not boosted: 0.5 x 2
 
 
 def test_boost_caps_only_for_normalizing_optimizers_over_local_steps() -> None:
