@@ -276,6 +276,7 @@ class FitPlan:
             else server_optimizer(self.model, {"optimizer": self.outer_optimizer}),
             delta_scale=delta_scale(self.mode, self.frequency, self.num_workers),
             boost_caps=self.boost_caps,
+            trainable=[v.trainable for v in self.model.weights],
         )
 
     def task_config(self, address: tuple[str, int], secret: bytes) -> TrainConfig:

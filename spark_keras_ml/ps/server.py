@@ -97,6 +97,10 @@ class ParameterServer:
         The most each array of a mean of deltas may be lengthened by to restore a normalizing
         optimizer's step (:func:`~spark_keras_ml.ps.boost.boost_caps` says what a fit uses);
         None takes the mean as it is.
+    trainable:
+        Flags each weight; async and hogwild blend the others (batch-norm statistics) toward
+        a worker's values instead of adding its delta (:mod:`spark_keras_ml.ps.statistics`).
+        None: every weight is trainable.
     """
 
     def __init__(
@@ -120,6 +124,7 @@ class ParameterServer:
         outer: ServerOptimizer | None = None,
         delta_scale: float = 1.0,
         boost_caps: Sequence[float] | None = None,
+        trainable: Sequence[bool] | None = None,
     ) -> None:
         self._rule = make_rule(
             mode,
@@ -132,6 +137,7 @@ class ParameterServer:
             outer=outer,
             scale=delta_scale,
             boost_caps=boost_caps,
+            trainable=trainable,
         )
         self._optimizer = optimizer
         self._gradients = optimizer is not None

@@ -22,6 +22,7 @@ from spark_keras_ml.ps.bookkeeping import (
     UpdateRule,
 )
 from spark_keras_ml.ps.boost import Agreement, restoring_boost
+from spark_keras_ml.ps.statistics import SentStatistics
 
 if TYPE_CHECKING:
     from spark_keras_ml.ps.optimizer import ServerOptimizer
@@ -286,6 +287,7 @@ class AsyncRule(UpdateRule):
         scale: float = 1.0,
         outer: ServerOptimizer | None = None,
         boost_caps: Sequence[float] | None = None,
+        trainable: Sequence[bool] | None = None,
     ) -> None:
         super().__init__(weights, num_workers, schedule=schedule)
         if boost_caps is not None and outer is not None:
@@ -294,6 +296,8 @@ class AsyncRule(UpdateRule):
         self._scale = scale
         self._outer = outer
         self._agreement = _agreement(self._weights, boost_caps, schedule)
+        # Arrays are replaced on every push, so what a worker was sent stays as it was.
+        self._sent = SentStatistics(_flags(trainable, self._weights), copy=False)
         # The buffer of deltas not yet applied (with an outer optimizer): row-weighted sum.
         self._buffer = [np.zeros_like(w, dtype=np.float64) for w in self._weights]
         self._buffered = 0
@@ -312,9 +316,10 @@ class AsyncRule(UpdateRule):
             if self._admit(partition, attempt, step, rows > 0) and delta is not None and rows > 0:
                 if self._outer is None:
                     scales = _scales(self._scale, self._agreement, len(delta))
+                    additions = self._sent.additions(partition, self._weights, delta, scales)
                     self._weights = [
-                        (w + f * d if f != 1.0 else w + d).astype(w.dtype, copy=False)
-                        for w, d, f in zip(self._weights, delta, scales, strict=True)
+                        (w + a).astype(w.dtype, copy=False)
+                        for w, a in zip(self._weights, additions, strict=True)
                     ]
                     if self._agreement is not None:
                         self._agreement.add(delta, rows, window=len(self._active))
@@ -328,7 +333,13 @@ class AsyncRule(UpdateRule):
                 self._cond.notify_all()
             if self._max_staleness is not None:
                 self._wait_for_slowest(partition, attempt, timeout)
+            self._sent.record(partition, self._weights)
             return self._version, self._weights
+
+    def _registered(self, partition: int, rows: int, timeout: float) -> Registration:
+        registration = super()._registered(partition, rows, timeout)
+        self._sent.record(partition, registration.weights)
+        return registration
 
     def finish(self, partition: int, attempt: int) -> None:
         super().finish(partition, attempt)
@@ -393,10 +404,13 @@ class HogwildRule(UpdateRule):
         schedule: Schedule = PER_EPOCH,
         scale: float = 1.0,
         boost_caps: Sequence[float] | None = None,
+        trainable: Sequence[bool] | None = None,
     ) -> None:
         super().__init__(weights, num_workers, schedule=schedule)
         self._scale = scale
         self._agreement = _agreement(self._weights, boost_caps, schedule)
+        # The arrays change in place: what a worker was sent is a copy.
+        self._sent = SentStatistics(_flags(trainable, self._weights), copy=True)
 
     def push(
         self,
@@ -411,13 +425,31 @@ class HogwildRule(UpdateRule):
             applied = self._admit(partition, attempt, step, delta is not None and rows > 0)
             scales = _scales(self._scale, self._agreement, len(self._weights))
         if applied and delta is not None and rows > 0:
-            for w, d, f in zip(self._weights, delta, scales, strict=True):
-                np.add(w, f * d if f != 1.0 else d, out=w, casting="unsafe")
+            additions = self._sent.additions(partition, self._weights, delta, scales)
+            for w, a in zip(self._weights, additions, strict=True):
+                np.add(w, a, out=w, casting="unsafe")
             self._version += 1  # racy too: a count of updates, not a consistent snapshot id
-            if self._agreement is not None:
-                with self._cond:  # the arithmetic above takes no lock; the window does
-                    self._agreement.add(delta, rows, window=len(self._active))
+        # The arithmetic above takes no lock; the window and the record of what was sent do.
+        with self._cond:
+            if applied and delta is not None and rows > 0 and self._agreement is not None:
+                self._agreement.add(delta, rows, window=len(self._active))
+            self._sent.record(partition, self._weights)
         return self._version, self._weights
+
+    def _registered(self, partition: int, rows: int, timeout: float) -> Registration:
+        registration = super()._registered(partition, rows, timeout)
+        self._sent.record(partition, registration.weights)
+        return registration
+
+
+def _flags(trainable: Sequence[bool] | None, weights: Sequence[np.ndarray]) -> list[bool]:
+    if trainable is None:
+        return [True] * len(weights)
+    if len(trainable) != len(weights):
+        raise ValueError(
+            f"Expected one trainable flag per weight ({len(weights)}). Received: {len(trainable)}"
+        )
+    return list(trainable)
 
 
 def _agreement(
@@ -459,10 +491,12 @@ def make_rule(
     outer: ServerOptimizer | None = None,
     scale: float = 1.0,
     boost_caps: Sequence[float] | None = None,
+    trainable: Sequence[bool] | None = None,
 ) -> UpdateRule:
     """The update rule of ``mode`` for ``schedule``; async and hogwild multiply each delta by
     ``scale`` (see :func:`delta_scale`), and every rule lengthens a mean of deltas by up to
-    ``boost_caps`` (see :mod:`spark_keras_ml.ps.boost`)."""
+    ``boost_caps`` (see :mod:`spark_keras_ml.ps.boost`). ``trainable`` flags each weight;
+    async and hogwild blend the others (:mod:`spark_keras_ml.ps.statistics`)."""
     if optimizer is not None and mode != "sync":
         raise ValueError(f"Expected mode 'sync' for a server-side optimizer. Received: {mode!r}")
     if outer is not None and mode == "hogwild":
@@ -488,6 +522,7 @@ def make_rule(
             scale=scale,
             outer=outer,
             boost_caps=boost_caps,
+            trainable=trainable,
         )
     if mode == "hogwild":
         return HogwildRule(
@@ -496,5 +531,6 @@ def make_rule(
             schedule=schedule,
             scale=scale,
             boost_caps=boost_caps,
+            trainable=trainable,
         )
     raise ValueError(f"Expected mode 'sync', 'async' or 'hogwild'. Received: mode={mode!r}")

@@ -230,6 +230,39 @@ def test_async_and_hogwild_boost_later_deltas_by_a_window_of_running_workers(mod
     np.testing.assert_allclose(after[1], [1.5, 1.5])  # not boosted: 0.5 x 2
 
 
+@pytest.mark.parametrize("mode", ["async", "hogwild"])
+@pytest.mark.parametrize(("scale", "variance"), [(1.0, 0.01), (0.5, 0.0275)])
+def test_async_and_hogwild_blend_statistics_toward_each_workers_values(
+    mode: str, scale: float, variance: float
+) -> None:
+    """Two workers sent a variance of 0.08 each end at 0.01: added, their deltas would take it
+    to -0.06 (scale 1), which scored a batch-norm model at chance; blended, it stays between
+    values that were held. The trainable weight still adds both deltas."""
+    weights = [np.zeros(1, np.float32), np.full(1, 0.08, np.float32)]
+    rule = make_rule(
+        mode,
+        weights,
+        2,
+        scale=scale,
+        schedule=Schedule(frequency="steps"),
+        trainable=[True, False],
+    )
+    rule.register(0, 1, 8, 1.0)
+    rule.register(1, 1, 8, 1.0)
+    delta = [np.ones(1, np.float32), np.full(1, -0.07, np.float32)]
+    rule.push(0, 1, 0, delta, 8, 1.0)
+    rule.push(1, 1, 0, delta, 8, 1.0)  # from the 0.08 it was sent, not from the current value
+    trained, statistic = rule.weights()[1]
+    np.testing.assert_allclose(trained, [2 * scale])
+    np.testing.assert_allclose(statistic, [variance], rtol=1e-5)
+    # The next push of worker 0 is measured from what its last reply carried.
+    rule.push(0, 1, 1, [np.zeros(1, np.float32), np.zeros(1, np.float32)], 8, 1.0)
+    sent_to_0 = 0.01 if scale == 1.0 else 0.045
+    np.testing.assert_allclose(
+        rule.weights()[1][1], [variance + scale * (sent_to_0 - variance)], rtol=1e-5
+    )
+
+
 def test_boost_caps_only_for_normalizing_optimizers_over_local_steps() -> None:
     from spark_keras_ml.ps.optimizer import normalizes_steps
 
