@@ -154,3 +154,30 @@ def cancel_jobs(spark: SparkSession, tag: str) -> None:
         spark.interruptTag(tag)
     else:
         spark.sparkContext.cancelJobsWithTag(tag)
+
+
+_PYTHON_ERROR = re.compile(r"^(?!(?:org|java|scala|py4j)\.)[A-Za-z_][\w.]*(?:Error|Exception): \S")
+
+
+def job_failure_message(exc: BaseException, mode: str, retries: int) -> str:
+    """A short message for a training job that Spark failed (the cause stays chained).
+
+    The cause is the executor's own Python error when there is one (its traceback is inside
+    Spark's exception text), else the first line that names an error.
+    """
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    cause = next(
+        (line for line in lines if _PYTHON_ERROR.match(line)),
+        next(
+            (line for line in lines if "Error" in line or "exited" in line),
+            lines[0] if lines else "",
+        ),
+    )
+    if mode == "sync":
+        hint = (
+            f"A sync fit stops when any worker fails (it was rerun {retries} times); set "
+            "syncRetries to rerun it from the last committed round."
+        )
+    else:
+        hint = "Spark retried the failed task up to spark.task.maxFailures times."
+    return f"Distributed training failed: the Spark job failed ({cause[:500]}). {hint}"

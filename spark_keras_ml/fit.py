@@ -17,7 +17,6 @@ import dataclasses
 import functools
 import logging
 import math
-import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -41,11 +40,10 @@ from spark_keras_ml.inputs import check_first_row, training_columns
 from spark_keras_ml.metric_results import results_from_states
 from spark_keras_ml.model_info import output_kind, resolve_compile_config
 from spark_keras_ml.ps.bookkeeping import Schedule
-from spark_keras_ml.ps.boost import boost_caps
 from spark_keras_ml.ps.optimizer import normalizes_steps, server_optimizer
 from spark_keras_ml.ps.protocol import new_secret
+from spark_keras_ml.ps.scaling import boost_caps, delta_scale
 from spark_keras_ml.ps.server import ParameterServer
-from spark_keras_ml.ps.updates import delta_scale
 from spark_keras_ml.serialization import model_from_bytes
 from spark_keras_ml.server_location import OnDriver
 from spark_keras_ml.summary import TrainingSummary, fit_phases, format_epoch
@@ -234,7 +232,7 @@ class FitPlan:
     def boost_caps(self) -> list[float] | None:
         """How far the server may lengthen each array of a mean of deltas, to make up the
         shorter steps of a normalizing optimizer on each worker's share of the batch (see
-        :mod:`spark_keras_ml.ps.boost`); None with an outer optimizer, which sets its step
+        :mod:`spark_keras_ml.ps.scaling`); None with an outer optimizer, which sets its step
         itself."""
         if self.outer_optimizer is not None:
             return None
@@ -429,7 +427,9 @@ class FitRun:
                             f"Distributed training failed: {server.failure}"
                         ) from exc
                     if attempt >= plan.reruns:
-                        raise RuntimeError(_job_failure(exc, plan.mode, plan.reruns)) from exc
+                        raise RuntimeError(
+                            cluster.job_failure_message(exc, plan.mode, plan.reruns)
+                        ) from exc
                     attempt += 1
                     run = server.prepare_rerun()
                     logger.warning(
@@ -491,28 +491,3 @@ class FitRun:
 
 
 #: The line of a Python traceback that says what went wrong, e.g. "ValueError: Expected ...".
-_PYTHON_ERROR = re.compile(r"^(?!(?:org|java|scala|py4j)\.)[A-Za-z_][\w.]*(?:Error|Exception): \S")
-
-
-def _job_failure(exc: BaseException, mode: str, retries: int) -> str:
-    """A short message for a training job that Spark failed (the cause stays chained).
-
-    The cause is the executor's own Python error when there is one (its traceback is inside
-    Spark's exception text), else the first line that names an error.
-    """
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    cause = next(
-        (line for line in lines if _PYTHON_ERROR.match(line)),
-        next(
-            (line for line in lines if "Error" in line or "exited" in line),
-            lines[0] if lines else "",
-        ),
-    )
-    if mode == "sync":
-        hint = (
-            f"A sync fit stops when any worker fails (it was rerun {retries} times); set "
-            "syncRetries to rerun it from the last committed round."
-        )
-    else:
-        hint = "Spark retried the failed task up to spark.task.maxFailures times."
-    return f"Distributed training failed: the Spark job failed ({cause[:500]}). {hint}"

@@ -98,7 +98,7 @@ def server_optimizer(model: Any, compile_config: dict[str, Any]) -> ServerOptimi
 def normalizes_steps(optimizer_config: str | dict[str, Any]) -> bool:
     """Whether the optimizer divides its step by a running scale of the gradients (Adam,
     RMSprop, Adagrad, Lion's sign, ...), which makes its step on 1/N of a batch shorter than on
-    the whole batch (see :func:`~spark_keras_ml.ps.updates.delta_scales`). Only SGD's step is
+    the whole batch (see :mod:`~spark_keras_ml.ps.scaling`). Only SGD's step is
     linear in the gradient; an unknown optimizer is taken to normalize, as nearly all do."""
     import keras
 

@@ -347,3 +347,19 @@ def answer_challenge(sock: socket.socket, secret: bytes) -> None:
     op, _ = recv_frame(sock, HANDSHAKE_MAX_BODY)
     if op is not Op.WELCOME:
         raise AuthenticationError("the peer rejected our answer: the secrets differ")
+
+
+def send_error(conn: socket.socket, message: str) -> None:
+    """Tell the peer why it is dropped, if it still listens."""
+    try:
+        send_message(conn, Op.ERROR, {"message": message})
+    except OSError:
+        pass
+
+
+def shutdown_quietly(conn: socket.socket) -> None:
+    # shutdown() wakes a thread blocked in recv() on this socket; close() alone would not.
+    try:
+        conn.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass

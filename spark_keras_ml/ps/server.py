@@ -92,15 +92,12 @@ class ParameterServer:
         gradient (an outer optimizer over local SGD, as in DiLoCo); None adds the mean delta.
     delta_scale:
         Async and hogwild: what each delta is multiplied by before it is added
-        (:func:`~spark_keras_ml.ps.updates.delta_scale` says what a fit uses).
+        (:func:`~spark_keras_ml.ps.scaling.delta_scale` says what a fit uses).
     boost_caps:
-        The most each array of a mean of deltas may be lengthened by to restore a normalizing
-        optimizer's step (:func:`~spark_keras_ml.ps.boost.boost_caps` says what a fit uses);
-        None takes the mean as it is.
+        How far a mean of deltas may be lengthened, per weight (:mod:`~spark_keras_ml.ps.scaling`).
     trainable:
-        Flags each weight; async and hogwild blend the others (batch-norm statistics) toward
-        a worker's values instead of adding its delta (:mod:`spark_keras_ml.ps.statistics`).
-        None: every weight is trainable.
+        Flags each weight; async and hogwild blend the others as statistics
+        (:mod:`~spark_keras_ml.ps.statistics`).
     """
 
     def __init__(
@@ -195,7 +192,7 @@ class ParameterServer:
         with self._lock:
             handlers = list(self._handlers.items())
         for _, conn in handlers:
-            _shutdown(conn)
+            protocol.shutdown_quietly(conn)
         for thread, _ in handlers:
             thread.join(_JOIN_SECONDS)
 
@@ -358,7 +355,7 @@ class ParameterServer:
                     return
                 worker = self._handle(conn, message, worker)
         except TrainingAborted as exc:
-            _send_error(conn, str(exc))
+            protocol.send_error(conn, str(exc))
         except RemoteError as exc:
             partition = None if worker is None else worker[0]
             self._rule.abort(f"the worker for partition {partition} failed: {exc}")
@@ -379,7 +376,7 @@ class ParameterServer:
             logger.exception("parameter-server handler for %s failed", worker)
             partition = None if worker is None else worker[0]
             self._rule.abort(f"the server failed while serving partition {partition}: {exc!r}")
-            _send_error(conn, f"server error: {exc!r}")
+            protocol.send_error(conn, f"server error: {exc!r}")
         finally:
             conn.close()
             with self._lock:
@@ -495,18 +492,3 @@ class ParameterServer:
             raise ProtocolError(
                 f"delta does not match the model: expected {self._shapes}, got {got}"
             )
-
-
-def _send_error(conn: socket.socket, message: str) -> None:
-    try:
-        protocol.send_message(conn, Op.ERROR, {"message": message})
-    except OSError:
-        pass
-
-
-def _shutdown(conn: socket.socket) -> None:
-    # shutdown() wakes a thread blocked in recv() on this socket; close() alone would not.
-    try:
-        conn.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass

@@ -21,7 +21,7 @@ from spark_keras_ml.ps.bookkeeping import (
     TrainingAborted,
     UpdateRule,
 )
-from spark_keras_ml.ps.boost import Agreement, restoring_boost
+from spark_keras_ml.ps.scaling import agreement, delta_scales, flags, restoring_boost
 from spark_keras_ml.ps.statistics import SentStatistics
 
 if TYPE_CHECKING:
@@ -268,11 +268,12 @@ class AsyncRule(UpdateRule):
     worker (stale synchronous parallel); None leaves it unbounded. Workers still queued for a
     task slot do not count, or the running ones would wait for them forever.
 
-    Each delta is multiplied by ``scale`` first (see :func:`delta_scale`). With ``outer``, the
-    deltas are buffered instead (as in FedBuff): once as many have arrived as workers are
-    running, their row-weighted mean goes through the outer optimizer, as a sync round's would,
-    but nobody waits for it. Momentum applied to every single delta is unstable (asynchrony
-    already acts as momentum); applied to the buffer's mean, it is DiLoCo's outer step.
+    Each delta is multiplied by ``scale`` first (see :mod:`~spark_keras_ml.ps.scaling`). With
+    ``outer``, the deltas are buffered instead (as in FedBuff): once as many have arrived as
+    workers are running, their row-weighted mean goes through the outer optimizer, as a sync
+    round's would, but nobody waits for it. Momentum applied to every single delta is unstable
+    (asynchrony already acts as momentum); applied to the buffer's mean, it is DiLoCo's outer
+    step.
     """
 
     mode = "async"
@@ -295,9 +296,9 @@ class AsyncRule(UpdateRule):
         self._max_staleness = max_staleness
         self._scale = scale
         self._outer = outer
-        self._agreement = _agreement(self._weights, boost_caps, schedule)
+        self._agreement = agreement(self._weights, boost_caps, schedule)
         # Arrays are replaced on every push, so what a worker was sent stays as it was.
-        self._sent = SentStatistics(_flags(trainable, self._weights), copy=False)
+        self._sent = SentStatistics(flags(trainable, self._weights), copy=False)
         # The buffer of deltas not yet applied (with an outer optimizer): row-weighted sum.
         self._buffer = [np.zeros_like(w, dtype=np.float64) for w in self._weights]
         self._buffered = 0
@@ -315,7 +316,7 @@ class AsyncRule(UpdateRule):
         with self._cond:
             if self._admit(partition, attempt, step, rows > 0) and delta is not None and rows > 0:
                 if self._outer is None:
-                    scales = _scales(self._scale, self._agreement, len(delta))
+                    scales = delta_scales(self._scale, self._agreement, len(delta))
                     additions = self._sent.additions(partition, self._weights, delta, scales)
                     self._weights = [
                         (w + a).astype(w.dtype, copy=False)
@@ -391,7 +392,7 @@ class HogwildRule(UpdateRule):
     Racy by design, as in the Hogwild! paper: two pushes may interleave inside a tensor, a reply
     may carry a half-updated tensor, and with dense updates some additions can be lost. Only the
     bookkeeping (attempts, steps) is locked, so idempotence still holds. Each delta is
-    multiplied by ``scale`` first (see :func:`delta_scale`).
+    multiplied by ``scale`` first (see :func:`~spark_keras_ml.ps.scaling.delta_scale`).
     """
 
     mode = "hogwild"
@@ -408,9 +409,9 @@ class HogwildRule(UpdateRule):
     ) -> None:
         super().__init__(weights, num_workers, schedule=schedule)
         self._scale = scale
-        self._agreement = _agreement(self._weights, boost_caps, schedule)
+        self._agreement = agreement(self._weights, boost_caps, schedule)
         # The arrays change in place: what a worker was sent is a copy.
-        self._sent = SentStatistics(_flags(trainable, self._weights), copy=True)
+        self._sent = SentStatistics(flags(trainable, self._weights), copy=True)
 
     def push(
         self,
@@ -423,7 +424,7 @@ class HogwildRule(UpdateRule):
     ) -> tuple[int, list[np.ndarray]]:
         with self._cond:
             applied = self._admit(partition, attempt, step, delta is not None and rows > 0)
-            scales = _scales(self._scale, self._agreement, len(self._weights))
+            scales = delta_scales(self._scale, self._agreement, len(self._weights))
         if applied and delta is not None and rows > 0:
             additions = self._sent.additions(partition, self._weights, delta, scales)
             for w, a in zip(self._weights, additions, strict=True):
@@ -442,43 +443,6 @@ class HogwildRule(UpdateRule):
         return registration
 
 
-def _flags(trainable: Sequence[bool] | None, weights: Sequence[np.ndarray]) -> list[bool]:
-    if trainable is None:
-        return [True] * len(weights)
-    if len(trainable) != len(weights):
-        raise ValueError(
-            f"Expected one trainable flag per weight ({len(weights)}). Received: {len(trainable)}"
-        )
-    return list(trainable)
-
-
-def _agreement(
-    weights: Sequence[np.ndarray], caps: Sequence[float] | None, schedule: Schedule
-) -> Agreement | None:
-    return None if caps is None else Agreement(weights, caps, schedule.batch_size)
-
-
-def _scales(scale: float, agreement: Agreement | None, count: int) -> list[float]:
-    """What each array of the next delta is multiplied by: the rule's scale, times the boost
-    the last window of deltas measured (see :class:`~spark_keras_ml.ps.boost.Agreement`)."""
-    if agreement is None:
-        return [scale] * count
-    return [scale * f for f in agreement.factors]
-
-
-def delta_scale(mode: str, frequency: str, num_workers: int) -> float:
-    """What async and hogwild multiply each delta by before adding it.
-
-    Per batch, 1: each push is one optimizer step over a whole batch (asynchronous SGD).
-    Otherwise 1/N: each of N workers trains on its 1/N share of the global batch, so the deltas
-    N workers push over the same stretch of training add up to their mean, as a sync round's
-    would, and the single-process learning rate works as it is at any worker count. Added
-    whole, they would move the weights N times as far as one process does at that rate:
-    whole-epoch deltas then diverge at the rate a user tuned alone.
-    """
-    return 1.0 if mode == "sync" or frequency == "batch" else 1.0 / num_workers
-
-
 def make_rule(
     mode: str,
     weights: Sequence[np.ndarray],
@@ -494,8 +458,8 @@ def make_rule(
     trainable: Sequence[bool] | None = None,
 ) -> UpdateRule:
     """The update rule of ``mode`` for ``schedule``; async and hogwild multiply each delta by
-    ``scale`` (see :func:`delta_scale`), and every rule lengthens a mean of deltas by up to
-    ``boost_caps`` (see :mod:`spark_keras_ml.ps.boost`). ``trainable`` flags each weight;
+    ``scale`` and every rule lengthens a mean of deltas by up to ``boost_caps`` (see
+    :mod:`spark_keras_ml.ps.scaling`). ``trainable`` flags each weight;
     async and hogwild blend the others (:mod:`spark_keras_ml.ps.statistics`)."""
     if optimizer is not None and mode != "sync":
         raise ValueError(f"Expected mode 'sync' for a server-side optimizer. Received: {mode!r}")

@@ -20,16 +20,15 @@ import pytest
 
 from spark_keras_ml.ps import protocol
 from spark_keras_ml.ps.bookkeeping import Schedule, steps_per_epoch
-from spark_keras_ml.ps.boost import boost_caps, restoring_boost
 from spark_keras_ml.ps.client import ParameterClient
 from spark_keras_ml.ps.messages import Reply
 from spark_keras_ml.ps.protocol import RemoteError
+from spark_keras_ml.ps.scaling import boost_caps, delta_scale, restoring_boost
 from spark_keras_ml.ps.server import ParameterServer
 from spark_keras_ml.ps.updates import (
     AsyncRule,
     HogwildRule,
     SyncRule,
-    delta_scale,
     make_rule,
 )
 from tests.unit.ps.support import SECRET, WAIT, run_workers, wait_until

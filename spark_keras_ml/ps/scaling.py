@@ -1,5 +1,6 @@
-"""How far the server lengthens a mean of deltas, to make up the shorter steps that a
-normalizing optimizer (Adam and the like) takes on each worker's share of the batch.
+"""What the server multiplies deltas by: async and hogwild's 1/N (:func:`delta_scale`), and
+how far a mean of deltas is lengthened to make up the shorter steps that a normalizing
+optimizer (Adam and the like) takes on each worker's share of the batch (the boost).
 
 Sync rounds measure it from their own deltas (:func:`restoring_boost`); async and hogwild,
 which have no rounds, from the last window of as many deltas as workers are running
@@ -10,8 +11,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from spark_keras_ml.ps.bookkeeping import Schedule
 
 
 def boost_caps(
@@ -108,3 +113,40 @@ class Agreement:
             total.fill(0.0)
         self._squares = [0.0] * len(self._squares)
         self._rows = self._count = 0
+
+
+def flags(trainable: Sequence[bool] | None, weights: Sequence[np.ndarray]) -> list[bool]:
+    if trainable is None:
+        return [True] * len(weights)
+    if len(trainable) != len(weights):
+        raise ValueError(
+            f"Expected one trainable flag per weight ({len(weights)}). Received: {len(trainable)}"
+        )
+    return list(trainable)
+
+
+def agreement(
+    weights: Sequence[np.ndarray], caps: Sequence[float] | None, schedule: Schedule
+) -> Agreement | None:
+    return None if caps is None else Agreement(weights, caps, schedule.batch_size)
+
+
+def delta_scales(scale: float, agreement: Agreement | None, count: int) -> list[float]:
+    """What each array of the next delta is multiplied by: the rule's scale, times the boost
+    the last window of deltas measured (see :class:`~spark_keras_ml.ps.scaling.Agreement`)."""
+    if agreement is None:
+        return [scale] * count
+    return [scale * f for f in agreement.factors]
+
+
+def delta_scale(mode: str, frequency: str, num_workers: int) -> float:
+    """What async and hogwild multiply each delta by before adding it.
+
+    Per batch, 1: each push is one optimizer step over a whole batch (asynchronous SGD).
+    Otherwise 1/N: each of N workers trains on its 1/N share of the global batch, so the deltas
+    N workers push over the same stretch of training add up to their mean, as a sync round's
+    would, and the single-process learning rate works as it is at any worker count. Added
+    whole, they would move the weights N times as far as one process does at that rate:
+    whole-epoch deltas then diverge at the rate a user tuned alone.
+    """
+    return 1.0 if mode == "sync" or frequency == "batch" else 1.0 / num_workers
