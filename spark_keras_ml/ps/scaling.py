@@ -65,6 +65,41 @@ def restoring_boost(
     return min(cap, math.sqrt((1.0 + ratio) / (1.0 + ratio / workers)))
 
 
+def checked_caps(caps: Sequence[float] | None, weights: Sequence[np.ndarray]) -> list[float]:
+    """One boost cap per weight (all 1, no boost, for None)."""
+    if caps is None:
+        return [1.0] * len(weights)
+    if len(caps) != len(weights):
+        raise ValueError(
+            f"Expected one boost cap per weight ({len(weights)}). Received: {len(caps)}"
+        )
+    return [float(c) for c in caps]
+
+
+def add_squares(
+    squares: list[float], delta: Sequence[np.ndarray], rows: int, caps: Sequence[float]
+) -> None:
+    """Add each boosted array's squared norm, weighted by ``rows``, to ``squares``."""
+    for i, (d, cap) in enumerate(zip(delta, caps, strict=True)):
+        if cap > 1.0:
+            squares[i] += rows * float(np.vdot(d, d))
+
+
+def boost_of_mean(
+    mean: np.ndarray, square_sum: float, *, rows: int, workers: int, batch_size: int, cap: float
+) -> float:
+    """:func:`restoring_boost` of a row-weighted ``mean`` of ``workers`` deltas over ``rows``
+    rows in steps of ``batch_size``, ``square_sum`` the row-weighted sum of their squared
+    norms."""
+    return restoring_boost(
+        float(np.vdot(mean, mean)),
+        square_sum / rows,
+        workers=workers,
+        steps=rows / (workers * batch_size),
+        cap=cap,
+    )
+
+
 class Agreement:
     """How much the deltas of a window disagree, for async and hogwild: the row-weighted sum of
     each boosted array and of its squared norm over a window of pushes. Once a window holds
@@ -72,11 +107,7 @@ class Agreement:
     rule applies to the deltas that come after. Not thread-safe: the rule's lock guards it."""
 
     def __init__(self, weights: Sequence[np.ndarray], caps: Sequence[float], batch_size: int):
-        if len(caps) != len(weights):
-            raise ValueError(
-                f"Expected one boost cap per weight ({len(weights)}). Received: {len(caps)}"
-            )
-        self._caps = [float(c) for c in caps]
+        self._caps = checked_caps(caps, weights)
         self._batch_size = batch_size
         self._sums = [
             np.zeros_like(w, dtype=np.float64) if c > 1.0 else None
@@ -88,26 +119,25 @@ class Agreement:
         self.factors = [1.0] * len(weights)
 
     def add(self, delta: Sequence[np.ndarray], rows: int, window: int) -> None:
-        for i, (total, d) in enumerate(zip(self._sums, delta, strict=True)):
+        for total, d in zip(self._sums, delta, strict=True):
             if total is not None:
                 total += rows * d.astype(np.float64, copy=False)
-                self._squares[i] += rows * float(np.vdot(d, d))
+        add_squares(self._squares, delta, rows, self._caps)
         self._rows += rows
         self._count += 1
         if self._count >= max(window, 2):
             self._close()
 
     def _close(self) -> None:
-        steps = self._rows / (self._count * self._batch_size)
         for i, total in enumerate(self._sums):
             if total is None:
                 continue
-            mean = total / self._rows
-            self.factors[i] = restoring_boost(
-                float(np.vdot(mean, mean)),
-                self._squares[i] / self._rows,
+            self.factors[i] = boost_of_mean(
+                total / self._rows,
+                self._squares[i],
+                rows=self._rows,
                 workers=self._count,
-                steps=steps,
+                batch_size=self._batch_size,
                 cap=self._caps[i],
             )
             total.fill(0.0)

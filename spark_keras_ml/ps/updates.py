@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from spark_keras_ml.ps import scaling
 from spark_keras_ml.ps.bookkeeping import (
     PER_EPOCH,
     Registration,
@@ -21,13 +22,15 @@ from spark_keras_ml.ps.bookkeeping import (
     TrainingAborted,
     UpdateRule,
 )
-from spark_keras_ml.ps.scaling import agreement, delta_scales, flags, restoring_boost
 from spark_keras_ml.ps.statistics import SentStatistics
 
 if TYPE_CHECKING:
     from spark_keras_ml.ps.optimizer import ServerOptimizer
 
 logger = logging.getLogger(__name__)
+
+#: Sync/batch: the bytes of rounds' means kept before the server optimizer steps on them all.
+PENDING_STEP_BYTES = 32 * 1024 * 1024
 
 
 class SyncRule(UpdateRule):
@@ -42,7 +45,7 @@ class SyncRule(UpdateRule):
     round is dropped, everyone registers again and resumes from the last committed round.
 
     A round's mean is applied in one of three ways: added (model averaging, each array
-    lengthened by up to its ``boost_caps`` entry, see :func:`restoring_boost`), stepped by
+    lengthened by up to its ``boost_caps`` entry, see :mod:`~spark_keras_ml.ps.scaling`), stepped by
     ``optimizer`` as a gradient (sync/batch: pushes are gradients), or handed to ``outer`` as
     the negative of a gradient (local SGD with an outer optimizer, as in DiLoCo).
     """
@@ -65,12 +68,7 @@ class SyncRule(UpdateRule):
             raise ValueError("Expected gradients (optimizer) or deltas (outer), not both")
         if boost_caps is not None and (optimizer is not None or outer is not None):
             raise ValueError("Expected no boost with an optimizer or outer optimizer")
-        if boost_caps is not None and len(boost_caps) != len(self._weights):
-            raise ValueError(
-                f"Expected one boost cap per weight ({len(self._weights)}). "
-                f"Received: {len(boost_caps)}"
-            )
-        self._boost_caps = None if boost_caps is None else [float(c) for c in boost_caps]
+        self._boost_caps = scaling.checked_caps(boost_caps, self._weights)  # 1: none
         self._allow_rejoin = allow_rejoin
         # With an optimizer, pushes are gradients and a round is one step of it (sync/batch).
         self.optimizer = optimizer
@@ -85,10 +83,13 @@ class SyncRule(UpdateRule):
         # With boost caps: the row-weighted sum of each array's squared norm over the round.
         self._squares = [0.0] * len(self._weights)
         # Sync/batch: the last closed round and its mean update (see round_mean), and the
-        # server optimizer's step on it, when not taken yet (see settle).
+        # rounds' means the server optimizer has not stepped on yet (see settle).
         self._mean_round = -1
         self._mean: list[np.ndarray] | None = None
-        self._pending: list[np.ndarray] | None = None
+        self._pending: list[list[np.ndarray]] = []
+        self._pending_limit = max(
+            1, PENDING_STEP_BYTES // max(1, sum(int(w.nbytes) for w in self._weights))
+        )
 
     def _registered(self, partition: int, rows: int, timeout: float) -> Registration:
         self._step_pending()
@@ -172,10 +173,7 @@ class SyncRule(UpdateRule):
                 self._applied_in_round += 1
                 for acc, d in zip(self._acc, delta, strict=True):
                     acc += rows * d.astype(np.float64, copy=False)
-                if self._boost_caps is not None:
-                    for i, (d, cap) in enumerate(zip(delta, self._boost_caps, strict=True)):
-                        if cap > 1.0:
-                            self._squares[i] += rows * float(np.vdot(d, d))
+                scaling.add_squares(self._squares, delta, rows, self._boost_caps)
                 self._rows += rows
             self._pushed.add(partition)
             round_id, generation = self._version, self._generation
@@ -196,17 +194,18 @@ class SyncRule(UpdateRule):
             return self._version, self._weights
 
     def settle(self) -> None:
-        """Sync/batch: take the server optimizer's step on the last round's mean, if it is still
-        to be taken. The server calls it after replying the mean, so the step overlaps the
-        workers' next batch instead of delaying every reply; whatever reads the weights
-        (registration, :meth:`weights`, the next round) takes it first if nobody has."""
+        """Sync/batch: step the server optimizer on the kept rounds' means once they fill
+        :data:`PENDING_STEP_BYTES`, in one call. The server calls it after replying, so the
+        steps overlap the workers' next batches; whatever reads the weights (registration,
+        :meth:`weights`, a report round's epoch callbacks) steps them first."""
         with self._cond:
-            self._step_pending()
+            if len(self._pending) >= self._pending_limit:
+                self._step_pending()
 
     def _step_pending(self) -> None:
-        if self._pending is not None and self.optimizer is not None:
-            mean, self._pending = self._pending, None
-            self._weights = self.optimizer.step(self._weights, mean)
+        if self._pending and self.optimizer is not None:
+            means, self._pending = self._pending, []
+            self._weights = self.optimizer.steps(self._weights, means)
 
     def round_mean(self, step: int) -> list[np.ndarray] | None:
         """Sync/batch: the mean update of round ``step`` (what every worker's optimizer replica
@@ -221,11 +220,12 @@ class SyncRule(UpdateRule):
 
     def _close_round(self) -> None:
         if self.optimizer is not None:
-            self._step_pending()
+            if self._rows == 0:  # a report round: its epoch's callbacks read the weights
+                self._step_pending()
             self._mean_round, self._mean = self._version, None
         if self._rows > 0 and self.optimizer is not None:
             self._mean = [(acc / self._rows).astype(np.float32) for acc in self._acc]
-            self._pending = self._mean  # stepped once the replies are out (see settle)
+            self._pending.append(self._mean)  # stepped after the replies (see settle)
         elif self._rows > 0 and self._outer is not None:
             mean = [acc / self._rows for acc in self._acc]
             self._weights = self._outer.step_delta(self._weights, mean)
@@ -239,15 +239,15 @@ class SyncRule(UpdateRule):
         self._cond.notify_all()
 
     def _boost(self, i: int, mean: np.ndarray) -> np.ndarray:
-        """Array ``i`` of the round's mean delta, lengthened as :func:`restoring_boost` says."""
-        if self._boost_caps is None or self._boost_caps[i] <= 1.0:
+        """Array ``i`` of the round's mean delta, lengthened as ``scaling`` says."""
+        if self._boost_caps[i] <= 1.0:
             return mean
-        workers = self._applied_in_round
-        factor = restoring_boost(
-            float(np.vdot(mean, mean)),
-            self._squares[i] / self._rows,
-            workers=workers,
-            steps=self._rows / (workers * self._schedule.batch_size),
+        factor = scaling.boost_of_mean(
+            mean,
+            self._squares[i],
+            rows=self._rows,
+            workers=self._applied_in_round,
+            batch_size=self._schedule.batch_size,
             cap=self._boost_caps[i],
         )
         return mean if factor == 1.0 else factor * mean
@@ -296,9 +296,9 @@ class AsyncRule(UpdateRule):
         self._max_staleness = max_staleness
         self._scale = scale
         self._outer = outer
-        self._agreement = agreement(self._weights, boost_caps, schedule)
+        self._agreement = scaling.agreement(self._weights, boost_caps, schedule)
         # Arrays are replaced on every push, so what a worker was sent stays as it was.
-        self._sent = SentStatistics(flags(trainable, self._weights), copy=False)
+        self._sent = SentStatistics(scaling.flags(trainable, self._weights), copy=False)
         # The buffer of deltas not yet applied (with an outer optimizer): row-weighted sum.
         self._buffer = [np.zeros_like(w, dtype=np.float64) for w in self._weights]
         self._buffered = 0
@@ -316,7 +316,7 @@ class AsyncRule(UpdateRule):
         with self._cond:
             if self._admit(partition, attempt, step, rows > 0) and delta is not None and rows > 0:
                 if self._outer is None:
-                    scales = delta_scales(self._scale, self._agreement, len(delta))
+                    scales = scaling.delta_scales(self._scale, self._agreement, len(delta))
                     additions = self._sent.additions(partition, self._weights, delta, scales)
                     self._weights = [
                         (w + a).astype(w.dtype, copy=False)
@@ -409,9 +409,9 @@ class HogwildRule(UpdateRule):
     ) -> None:
         super().__init__(weights, num_workers, schedule=schedule)
         self._scale = scale
-        self._agreement = agreement(self._weights, boost_caps, schedule)
+        self._agreement = scaling.agreement(self._weights, boost_caps, schedule)
         # The arrays change in place: what a worker was sent is a copy.
-        self._sent = SentStatistics(flags(trainable, self._weights), copy=True)
+        self._sent = SentStatistics(scaling.flags(trainable, self._weights), copy=True)
 
     def push(
         self,
@@ -424,7 +424,7 @@ class HogwildRule(UpdateRule):
     ) -> tuple[int, list[np.ndarray]]:
         with self._cond:
             applied = self._admit(partition, attempt, step, delta is not None and rows > 0)
-            scales = delta_scales(self._scale, self._agreement, len(self._weights))
+            scales = scaling.delta_scales(self._scale, self._agreement, len(self._weights))
         if applied and delta is not None and rows > 0:
             additions = self._sent.additions(partition, self._weights, delta, scales)
             for w, a in zip(self._weights, additions, strict=True):

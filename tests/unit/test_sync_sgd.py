@@ -197,6 +197,29 @@ def test_server_optimizer_steps_like_keras_on_the_mean_gradient() -> None:
         ServerOptimizer(config, weights, trainable=[True])
 
 
+def test_server_optimizer_steps_many_rounds_in_one_call_as_one_by_one() -> None:
+    """The server keeps rounds' means and steps them in one compiled loop: bit for bit what
+    stepping each round on its own gives, Adam's moments and step count included."""
+    rng = np.random.default_rng(3)
+    weights = [rng.normal(size=(4, 3)).astype(np.float32), np.full(3, 5.0, np.float32)]
+    means = [
+        [rng.normal(size=(4, 3)).astype(np.float32), rng.normal(size=3).astype(np.float32)]
+        for _ in range(5)
+    ]
+    config = keras.optimizers.serialize(keras.optimizers.Adam(0.01))
+    together = ServerOptimizer(config, weights, trainable=[True, False])
+    apart = ServerOptimizer(config, weights, trainable=[True, False])
+    many = together.steps(weights, means)
+    one = weights
+    for mean in means:
+        one = apart.step(one, mean)
+    for a, b in zip(many, one, strict=True):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(together.state(), apart.state(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert together.iterations == 5
+
+
 @pytest.mark.parametrize("server_takes_gradients", [True, False])
 def test_a_push_of_the_wrong_kind_is_refused(server_takes_gradients: bool) -> None:
     """A gradient applied as a delta, or the reverse, would train silently wrong."""
