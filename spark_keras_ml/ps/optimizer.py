@@ -1,4 +1,4 @@
-"""Driver side of synchronous SGD: the model's optimizer, stepped by the server once per round.
+"""Driver side of synchronous SGD: the model's optimizer, stepped by the server on each round.
 
 In sync/batch every worker pushes the gradients of its share of the global batch
 (:mod:`spark_keras_ml.executor.gradients`); the sync rule takes their row-weighted mean, which is
