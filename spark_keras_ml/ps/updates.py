@@ -64,10 +64,8 @@ class SyncRule(UpdateRule):
         boost_caps: Sequence[float] | None = None,
     ) -> None:
         super().__init__(weights, num_workers, schedule=schedule)
-        if optimizer is not None and outer is not None:
-            raise ValueError("Expected gradients (optimizer) or deltas (outer), not both")
-        if boost_caps is not None and (optimizer is not None or outer is not None):
-            raise ValueError("Expected no boost with an optimizer or outer optimizer")
+        if (outer is not None) + (optimizer is not None) + (boost_caps is not None) > 1:
+            raise ValueError("Expected one of an optimizer, an outer optimizer and boost caps")
         self._boost_caps = scaling.checked_caps(boost_caps, self._weights)  # 1: none
         self._allow_rejoin = allow_rejoin
         # With an optimizer, pushes are gradients and a round is one step of it (sync/batch).
@@ -80,8 +78,8 @@ class SyncRule(UpdateRule):
         self._rows = 0
         self._applied_in_round = 0
         self._acc = [np.zeros_like(w, dtype=np.float64) for w in self._weights]
-        # With boost caps: the row-weighted sum of each array's squared norm over the round.
-        self._squares = [0.0] * len(self._weights)
+        # The boost's: each array's row-weighted squared norms this round, its last mean.
+        self._squares, self._previous_means = scaling.boost_state(self._weights)
         # Sync/batch: the last closed round and its mean update (see round_mean), and the
         # rounds' means the server optimizer has not stepped on yet (see settle).
         self._mean_round = -1
@@ -245,11 +243,13 @@ class SyncRule(UpdateRule):
         factor = scaling.boost_of_mean(
             mean,
             self._squares[i],
+            self._previous_means[i],
             rows=self._rows,
             workers=self._applied_in_round,
             batch_size=self._schedule.batch_size,
             cap=self._boost_caps[i],
         )
+        self._previous_means[i] = mean
         return mean if factor == 1.0 else factor * mean
 
     def _reset_round(self) -> None:

@@ -181,8 +181,10 @@ def test_restoring_boost_lengthens_the_mean_only_where_workers_disagree() -> Non
     assert boost(agreeing[:1]) == 1.0  # one worker is one process
 
 
-def test_sync_rounds_lengthen_disagreeing_means_up_to_the_cap() -> None:
-    """Two workers, deltas that share nothing: pure noise."""
+def test_sync_rounds_lengthen_disagreeing_means_that_keep_their_direction() -> None:
+    """Two workers, deltas that share nothing but their mean: pure noise around it. The first
+    round has no direction to compare with, a round going on in the last one's direction is
+    lengthened up to the cap, one turning back is not."""
     weights = [np.zeros(2, np.float32), np.zeros(2, np.float32)]
     rule = make_rule(
         "sync",
@@ -192,22 +194,54 @@ def test_sync_rounds_lengthen_disagreeing_means_up_to_the_cap() -> None:
         boost_caps=[1.2, 1.0],  # the second array is not trainable: it takes the mean
     )
     run_workers(lambda: rule.register(0, 1, 8, 5.0), lambda: rule.register(1, 1, 8, 5.0))
-    pushes = ([1.0, 0.0], [0.0, 1.0])
-    out = run_workers(
-        *(
-            lambda p=p: rule.push(p, 1, 0, [np.array(pushes[p], np.float32)] * 2, 4, 5.0)
-            for p in (0, 1)
+
+    def round_of(step: int, sign: float) -> list[np.ndarray]:
+        pushes = ([sign, 0.0], [0.0, sign])
+        (_, after), _ = run_workers(
+            *(
+                lambda p=p: rule.push(p, 1, step, [np.array(pushes[p], np.float32)] * 2, 4, 5.0)
+                for p in (0, 1)
+            )
         )
-    )
-    for _, after in out:
-        np.testing.assert_allclose(after[0], [0.6, 0.6])  # sqrt(2) x the mean, capped at 1.2
-        np.testing.assert_allclose(after[1], [0.5, 0.5])
+        return [np.array(a, copy=True) for a in after]
+
+    first = round_of(0, 1.0)
+    np.testing.assert_allclose(first[0], [0.5, 0.5])
+    second = round_of(1, 1.0)
+    np.testing.assert_allclose(second[0], [0.5 + 0.6, 0.5 + 0.6])  # sqrt(2), capped at 1.2
+    np.testing.assert_allclose(second[1], [1.0, 1.0])  # not trainable: the mean
+    third = round_of(2, -1.0)  # back the way it came: an oscillation
+    np.testing.assert_allclose(third[0], [1.1 - 0.5, 1.1 - 0.5])
+
+
+def test_the_boost_follows_how_far_the_mean_goes_on_in_its_last_direction() -> None:
+    from spark_keras_ml.ps.scaling import boost_of_mean
+
+    def boost(mean: list[float], previous: list[float] | None) -> float:
+        m = np.array(mean)
+        # Row-weighted over 2 rows, each delta twice the mean's squared norm: pure noise.
+        deltas_square_sum = 2 * 2 * float(np.vdot(m, m))
+        return boost_of_mean(
+            m,
+            deltas_square_sum,
+            None if previous is None else np.array(previous),
+            rows=2,
+            workers=2,
+            batch_size=1,
+            cap=10.0,
+        )
+
+    assert boost([1.0, 0.0], None) == 1.0
+    assert boost([1.0, 0.0], [2.0, 0.0]) == pytest.approx(np.sqrt(2))
+    assert boost([1.0, 0.0], [1.0, 1.0]) == pytest.approx(1 + (np.sqrt(2) - 1) / np.sqrt(2))
+    assert boost([1.0, 0.0], [-1.0, 0.5]) == 1.0
 
 
 @pytest.mark.parametrize("mode", ["async", "hogwild"])
 def test_async_and_hogwild_boost_later_deltas_by_a_window_of_running_workers(mode: str) -> None:
-    """No rounds: the first window of as many deltas as workers are running measures how much
-    they disagree, and the deltas after it are lengthened by that."""
+    """No rounds: each window of as many deltas as workers are running measures how much they
+    disagree, and the deltas after it are lengthened by that (from the second window on, which
+    has a direction to compare with)."""
     weights = [np.zeros(2, np.float32), np.zeros(2, np.float32)]
     rule = make_rule(
         mode,
@@ -220,13 +254,14 @@ def test_async_and_hogwild_boost_later_deltas_by_a_window_of_running_workers(mod
     rule.register(0, 1, 8, 1.0)
     rule.register(1, 1, 8, 1.0)
     orthogonal = ([1.0, 0.0], [0.0, 1.0])
-    for p in (0, 1):  # the window: applied at the plain scale
-        rule.push(p, 1, 0, [np.array(orthogonal[p], np.float32)] * 2, 4, 1.0)
-    np.testing.assert_allclose(rule.weights()[1][0], [0.5, 0.5])
-    rule.push(0, 1, 1, [np.array([2.0, 2.0], np.float32)] * 2, 4, 1.0)
+    for step in (0, 1):  # two windows going the same way: applied at the plain scale
+        for p in (0, 1):
+            rule.push(p, 1, step, [np.array(orthogonal[p], np.float32)] * 2, 4, 1.0)
+    np.testing.assert_allclose(rule.weights()[1][0], [1.0, 1.0])
+    rule.push(0, 1, 2, [np.array([2.0, 2.0], np.float32)] * 2, 4, 1.0)
     after = rule.weights()[1]
-    np.testing.assert_allclose(after[0], [0.5 + 1.2, 0.5 + 1.2])  # 0.5 x 1.2 x 2
-    np.testing.assert_allclose(after[1], [1.5, 1.5])  # not boosted: 0.5 x 2
+    np.testing.assert_allclose(after[0], [1.0 + 1.2, 1.0 + 1.2])  # 0.5 x 1.2 x 2
+    np.testing.assert_allclose(after[1], [2.0, 2.0])  # not boosted: 0.5 x 2
 
 
 @pytest.mark.parametrize("mode", ["async", "hogwild"])
