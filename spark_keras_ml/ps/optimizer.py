@@ -66,10 +66,22 @@ class ServerOptimizer:
         return self.steps(weights, [mean])
 
     def steps(
-        self, weights: Sequence[np.ndarray], means: Sequence[Sequence[np.ndarray]]
+        self, weights: Sequence[np.ndarray], means: Sequence[Sequence[np.ndarray]], chunk: int = 1
     ) -> list[np.ndarray]:
         """New weights after one step on each round's mean update, in order: what a call of
-        :meth:`step` per round gives, in one call of the compiled loop."""
+        :meth:`step` per round gives, ``chunk`` rounds per call of the compiled loop and the
+        rest one by one. XLA compiles the loop once per number of rounds it is given (about
+        0.4 s each), so a fit uses two: ``chunk`` and 1."""
+        whole = len(means) - len(means) % chunk
+        for start in range(0, whole, chunk):
+            weights = self._steps(weights, means[start : start + chunk])
+        for mean in means[whole:]:
+            weights = self._steps(weights, [mean])
+        return list(weights)
+
+    def _steps(
+        self, weights: Sequence[np.ndarray], means: Sequence[Sequence[np.ndarray]]
+    ) -> list[np.ndarray]:
         stacked = [
             np.stack([np.asarray(m[i], dtype=np.float32) for m in means])
             for i, t in enumerate(self._trainable)

@@ -203,7 +203,7 @@ class SyncRule(UpdateRule):
     def _step_pending(self) -> None:
         if self._pending and self.optimizer is not None:
             means, self._pending = self._pending, []
-            self._weights = self.optimizer.steps(self._weights, means)
+            self._weights = self.optimizer.steps(self._weights, means, self._pending_limit)
 
     def round_mean(self, step: int) -> list[np.ndarray] | None:
         """Sync/batch: the mean update of round ``step`` (what every worker's optimizer replica

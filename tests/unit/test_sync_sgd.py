@@ -209,7 +209,7 @@ def test_server_optimizer_steps_many_rounds_in_one_call_as_one_by_one() -> None:
     config = keras.optimizers.serialize(keras.optimizers.Adam(0.01))
     together = ServerOptimizer(config, weights, trainable=[True, False])
     apart = ServerOptimizer(config, weights, trainable=[True, False])
-    many = together.steps(weights, means)
+    many = together.steps(weights, means, chunk=2)  # two calls of 2 rounds, then one of 1
     one = weights
     for mean in means:
         one = apart.step(one, mean)
