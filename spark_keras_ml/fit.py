@@ -268,7 +268,9 @@ class FitPlan:
             on_epoch_applied=fit.on_epoch_applied,
             finish_states=results_from_states,
             on_abort=fit.on_abort,
-            optimizer=server_optimizer(self.model, self.compile_config) if self.gradients else None,
+            optimizer=server_optimizer(self.model, self.compile_config, batched=True)
+            if self.gradients
+            else None,
             outer=None
             if self.outer_optimizer is None
             else server_optimizer(self.model, {"optimizer": self.outer_optimizer}),

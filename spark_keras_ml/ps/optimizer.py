@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 
@@ -21,12 +22,26 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
+#: Sync/batch: the bytes of rounds' means the server steps on in one call (see
+#: :func:`rounds_per_call`).
+STEP_CALL_BYTES = 32 * 1024 * 1024
+
+
+def rounds_per_call(weights: Sequence[np.ndarray]) -> int:
+    """How many rounds' means of a model with ``weights`` make :data:`STEP_CALL_BYTES`."""
+    return max(1, STEP_CALL_BYTES // max(1, sum(int(w.nbytes) for w in weights)))
+
 
 class ServerOptimizer:
     """A Keras optimizer over the server's copy of the trainable weights.
 
-    ``trainable`` flags each entry of ``weights`` (``model.weights`` order). Only the sync
-    rule's round closer calls :meth:`step`, under the rule's lock, so one thread at a time.
+    ``trainable`` flags each entry of ``weights`` (``model.weights`` order). The sync rule calls
+    :meth:`steps` under its lock, and the server may :meth:`compile` from a thread of its own
+    before the first round; a lock of this optimizer keeps the two apart.
+
+    ``rounds_per_call``: the most rounds one call of the compiled step takes. Every call gets
+    that many rounds' room (the rounds it steps on, then zeros), so that XLA compiles one
+    program per fit: it compiles one for every shape it is given, about 0.4 s each.
     """
 
     def __init__(
@@ -34,6 +49,7 @@ class ServerOptimizer:
         optimizer_config: str | dict[str, Any],
         weights: Sequence[np.ndarray],
         trainable: list[bool],
+        rounds_per_call: int = 1,
     ) -> None:
         import keras
 
@@ -50,7 +66,39 @@ class ServerOptimizer:
             if t
         ]
         self._optimizer.build(self._variables)
-        self._apply = _compiled(self._optimizer, self._variables)
+        self.rounds_per_call = max(1, int(rounds_per_call))
+        self._lock = threading.Lock()
+        # Each trainable array's room for a call's rounds, and the compiled step over them:
+        # made by compile(), on the first call at the latest.
+        self._room: list[np.ndarray] = []
+        self._apply: Callable[[list[np.ndarray], int], list[Any]] | None = None
+
+    def compile(self) -> None:
+        """Trace and compile the step now (a call that steps zero rounds), so that the first
+        round that needs it does not wait; the server calls it as a fit starts. A failure is
+        left to that round, which raises it where the fit reports it."""
+        try:
+            with self._lock:
+                self._compiled()
+        except Exception:  # raised again by the first steps(), where the fit reports it
+            logger.debug("compiling the server's optimizer step failed", exc_info=True)
+
+    def compile_in_background(self, name: str) -> threading.Thread:
+        """:meth:`compile` in a started daemon thread called ``name``-compile: XLA takes
+        about a second, which would otherwise be spent in a round every worker waits on."""
+        thread = threading.Thread(target=self.compile, name=f"{name}-compile", daemon=True)
+        thread.start()
+        return thread
+
+    def _compiled(self) -> Callable[[list[np.ndarray], int], list[Any]]:
+        if self._apply is None:
+            self._room = [
+                np.zeros((self.rounds_per_call, *v.shape), np.float32) for v in self._variables
+            ]
+            apply = _compiled(self._optimizer, self._variables)
+            apply(self._room, 0)
+            self._apply = apply
+        return self._apply
 
     @property
     def iterations(self) -> int:
@@ -66,28 +114,27 @@ class ServerOptimizer:
         return self.steps(weights, [mean])
 
     def steps(
-        self, weights: Sequence[np.ndarray], means: Sequence[Sequence[np.ndarray]], chunk: int = 1
+        self, weights: Sequence[np.ndarray], means: Sequence[Sequence[np.ndarray]]
     ) -> list[np.ndarray]:
         """New weights after one step on each round's mean update, in order: what a call of
-        :meth:`step` per round gives, ``chunk`` rounds per call of the compiled loop and the
-        rest one by one. XLA compiles the loop once per number of rounds it is given (about
-        0.4 s each), so a fit uses two: ``chunk`` and 1."""
-        whole = len(means) - len(means) % chunk
-        for start in range(0, whole, chunk):
-            weights = self._steps(weights, means[start : start + chunk])
-        for mean in means[whole:]:
-            weights = self._steps(weights, [mean])
+        :meth:`step` per round gives, up to ``rounds_per_call`` rounds per call."""
+        with self._lock:
+            apply = self._compiled()
+            for start in range(0, len(means), self.rounds_per_call):
+                weights = self._steps(apply, weights, means[start : start + self.rounds_per_call])
         return list(weights)
 
     def _steps(
-        self, weights: Sequence[np.ndarray], means: Sequence[Sequence[np.ndarray]]
+        self,
+        apply: Callable[[list[np.ndarray], int], list[Any]],
+        weights: Sequence[np.ndarray],
+        means: Sequence[Sequence[np.ndarray]],
     ) -> list[np.ndarray]:
-        stacked = [
-            np.stack([np.asarray(m[i], dtype=np.float32) for m in means])
-            for i, t in enumerate(self._trainable)
-            if t
-        ]
-        stepped = iter(np.asarray(v) for v in self._apply(stacked))
+        at = [i for i, t in enumerate(self._trainable) if t]
+        for room, i in zip(self._room, at, strict=True):
+            for k, mean in enumerate(means):
+                room[k] = mean[i]
+        stepped = iter(np.asarray(v) for v in apply(self._room, len(means)))
         new: list[np.ndarray] = []
         for i, (w, t) in enumerate(zip(weights, self._trainable, strict=True)):
             if t:
@@ -111,13 +158,18 @@ class ServerOptimizer:
         return self.step(weights, signed)
 
 
-def server_optimizer(model: Any, compile_config: dict[str, Any]) -> ServerOptimizer:
-    """The optimizer of ``compile_config`` over ``model``'s current weights."""
+def server_optimizer(
+    model: Any, compile_config: dict[str, Any], *, batched: bool = False
+) -> ServerOptimizer:
+    """The optimizer of ``compile_config`` over ``model``'s current weights; ``batched``: it
+    will be given many rounds' means at a time (sync/batch)."""
+    weights = model.get_weights()
     # A copy: Keras's optimizer deserialization rewrites the config it is given in place.
     return ServerOptimizer(
         copy.deepcopy(compile_config["optimizer"]),
-        model.get_weights(),
+        weights,
         [v.trainable for v in model.weights],
+        rounds_per_call(weights) if batched else 1,
     )
 
 
@@ -134,9 +186,10 @@ def normalizes_steps(optimizer_config: str | dict[str, Any]) -> bool:
     return not isinstance(optimizer, keras.optimizers.SGD)
 
 
-def _compiled(optimizer: Any, variables: list[Any]) -> Callable[[list[np.ndarray]], list[Any]]:
-    """``optimizer.apply`` once per leading index of the stacked gradients it is given (one
-    step per round, in order), returning the new values, as one TensorFlow graph.
+def _compiled(optimizer: Any, variables: list[Any]) -> Callable[[list[np.ndarray], int], list[Any]]:
+    """``optimizer.apply`` on the stacked gradients it is given at leading indices 0 to
+    ``rounds`` - 1 (one step per round, in order), returning the new values, as one
+    TensorFlow graph.
 
     Eager, a step would pay Python overhead per variable and per slot; a graph called once per
     step still paid about a millisecond of Python around the call, more than Adam's arithmetic
@@ -148,34 +201,38 @@ def _compiled(optimizer: Any, variables: list[Any]) -> Callable[[list[np.ndarray
 
     if keras.backend.backend() != "tensorflow":
 
-        def each(stacked: list[Any]) -> list[Any]:
-            for k in range(len(stacked[0])):
+        def each(stacked: list[Any], rounds: int) -> list[Any]:
+            for k in range(rounds):
                 optimizer.apply([g[k] for g in stacked], variables)
             return [keras.ops.convert_to_tensor(v) for v in variables]
 
         return each
     import tensorflow as tf
 
-    def apply(stacked: list[Any]) -> list[Any]:
-        for k in tf.range(tf.shape(stacked[0])[0]):  # autograph: a while loop in the graph
+    def apply(stacked: list[Any], rounds: Any) -> list[Any]:
+        for k in tf.range(rounds):  # autograph: a while loop in the graph
             optimizer.apply([g[k] for g in stacked], variables)
         return [keras.ops.convert_to_tensor(v) for v in variables]
 
-    signature = [[tf.TensorSpec((None, *v.shape), tf.float32) for v in variables]]
+    signature = [
+        [tf.TensorSpec((None, *v.shape), tf.float32) for v in variables],
+        tf.TensorSpec((), tf.int32),
+    ]
     fused = tf.function(apply, input_signature=signature, jit_compile=True)
-    chosen: list[Callable[[list[np.ndarray]], list[Any]]] = []
+    chosen: list[Callable[..., list[Any]]] = []
 
-    def step(stacked: list[np.ndarray]) -> list[Any]:
+    def step(stacked: list[np.ndarray], rounds: int) -> list[Any]:
+        count = tf.constant(rounds, tf.int32)
         if chosen:
-            return chosen[0](stacked)
+            return cast(list[Any], chosen[0](stacked, count))
         try:
-            result = fused(stacked)
+            result = fused(stacked, count)
             function = fused
         except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError) as exc:
             # Compilation fails before the graph runs: nothing was applied yet.
             logger.debug("the optimizer does not compile with XLA (%s): a plain graph runs", exc)
             function = tf.function(apply, input_signature=signature)
-            result = function(stacked)
+            result = function(stacked, count)
         # The concrete function: calling the tf.function binds and casts its inputs against
         # the signature again on every call.
         chosen.append(function.get_concrete_function())

@@ -158,6 +158,7 @@ class ParameterServer:
         self._last_activity = time.monotonic()
         self._listener: socket.socket | None = None
         self._accept_thread: threading.Thread | None = None
+        self._compile_thread: threading.Thread | None = None
         self._handlers: dict[threading.Thread, socket.socket] = {}
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -178,6 +179,8 @@ class ParameterServer:
             target=self._accept_loop, name=f"skml-ps-accept-{self.port}", daemon=True
         )
         self._accept_thread.start()
+        if self._optimizer is not None:  # while the tasks start, not in a round
+            self._compile_thread = self._optimizer.compile_in_background(f"skml-ps-{self.port}")
         logger.debug("parameter server listening on %s:%d", *self.address)
         return self
 
@@ -193,8 +196,9 @@ class ParameterServer:
             handlers = list(self._handlers.items())
         for _, conn in handlers:
             protocol.shutdown_quietly(conn)
-        for thread, _ in handlers:
-            thread.join(_JOIN_SECONDS)
+        for thread in [*(t for t, _ in handlers), self._compile_thread]:
+            if thread is not None:
+                thread.join(_JOIN_SECONDS)
 
     def __enter__(self) -> ParameterServer:
         return self.start()
@@ -217,8 +221,7 @@ class ParameterServer:
         """Every thread this server started that is still alive (for leak checks)."""
         with self._lock:
             threads = list(self._handlers)
-        if self._accept_thread is not None:
-            threads.append(self._accept_thread)
+        threads += [t for t in (self._accept_thread, self._compile_thread) if t is not None]
         return [t for t in threads if t.is_alive()]
 
     def abort(self, reason: str) -> None:

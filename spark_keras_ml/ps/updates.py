@@ -29,9 +29,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-#: Sync/batch: the bytes of rounds' means kept before the server optimizer steps on them all.
-PENDING_STEP_BYTES = 32 * 1024 * 1024
-
 
 class SyncRule(UpdateRule):
     """Bulk-synchronous rounds: wait for every worker, apply the row-weighted mean of the deltas.
@@ -85,9 +82,7 @@ class SyncRule(UpdateRule):
         self._mean_round = -1
         self._mean: list[np.ndarray] | None = None
         self._pending: list[list[np.ndarray]] = []
-        self._pending_limit = max(
-            1, PENDING_STEP_BYTES // max(1, sum(int(w.nbytes) for w in self._weights))
-        )
+        self._pending_limit = 1 if optimizer is None else optimizer.rounds_per_call
 
     def _registered(self, partition: int, rows: int, timeout: float) -> Registration:
         self._step_pending()
@@ -193,7 +188,7 @@ class SyncRule(UpdateRule):
 
     def settle(self) -> None:
         """Sync/batch: step the server optimizer on the kept rounds' means once they fill
-        :data:`PENDING_STEP_BYTES`, in one call. The server calls it after replying, so the
+        one call of it (``rounds_per_call``). The server calls it after replying, so the
         steps overlap the workers' next batches; whatever reads the weights (registration,
         :meth:`weights`, a report round's epoch callbacks) steps them first."""
         with self._cond:
@@ -203,7 +198,7 @@ class SyncRule(UpdateRule):
     def _step_pending(self) -> None:
         if self._pending and self.optimizer is not None:
             means, self._pending = self._pending, []
-            self._weights = self.optimizer.steps(self._weights, means, self._pending_limit)
+            self._weights = self.optimizer.steps(self._weights, means)
 
     def round_mean(self, step: int) -> list[np.ndarray] | None:
         """Sync/batch: the mean update of round ``step`` (what every worker's optimizer replica

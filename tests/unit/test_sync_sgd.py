@@ -207,9 +207,9 @@ def test_server_optimizer_steps_many_rounds_in_one_call_as_one_by_one() -> None:
         for _ in range(5)
     ]
     config = keras.optimizers.serialize(keras.optimizers.Adam(0.01))
-    together = ServerOptimizer(config, weights, trainable=[True, False])
+    together = ServerOptimizer(config, weights, trainable=[True, False], rounds_per_call=2)
     apart = ServerOptimizer(config, weights, trainable=[True, False])
-    many = together.steps(weights, means, chunk=2)  # two calls of 2 rounds, then one of 1
+    many = together.steps(weights, means)  # two calls of 2 rounds, then one of 1 in room for 2
     one = weights
     for mean in means:
         one = apart.step(one, mean)
