@@ -12,7 +12,7 @@ takes the server's weights, which is where replicas that drifted apart (arithmet
 between machines) would show, and are put back together.
 
 On TensorFlow the exchange runs inside the compiled train step (:func:`exchange_in_graph`: a
-``tf.py_function`` in the optimizer's ``apply``), so a step is one call into the graph and only
+``tf.numpy_function`` in the optimizer's ``apply``), so a step is one call into the graph and only
 the gradients leave it. Other backends compile with :class:`GradientCapture`, an optimizer that
 keeps each gradient and moves nothing, and the worker applies the mean after the step
 (:meth:`Replica.apply`).
@@ -178,7 +178,7 @@ def exchange_in_graph(replica: Replica, exchange: Exchange) -> None:
     """Make the replica's optimizer exchange inside the train step (TensorFlow only).
 
     Its ``apply`` hands the step's gradients and non-trainable weights to ``exchange`` through
-    ``tf.py_function``, sets the non-trainable weights to the round's merged values, and steps
+    ``tf.numpy_function``, sets the non-trainable weights to the round's merged values, and steps
     on the round's mean gradient; a round without rows (every push rejected, or a resumed step
     already applied) is skipped, as a single process skips a step whose gradients were not
     finite.
@@ -194,15 +194,15 @@ def exchange_in_graph(replica: Replica, exchange: Exchange) -> None:
 
     def run(positions: list[int], tensors: Sequence[Any]) -> list[Any]:
         gradients, values = tensors[: len(positions)], tensors[len(positions) :]
-        by_position = {at: np.asarray(g.numpy(), np.float32) for at, g in zip(positions, gradients)}
+        by_position = {at: np.asarray(g, np.float32) for at, g in zip(positions, gradients)}
         for at, value, base in zip(at_fixed, values, replica.fixed_base, strict=True):
-            by_position[at] = np.asarray(value.numpy(), np.float32) - base
+            by_position[at] = np.asarray(value, np.float32) - base
         update = [by_position[at] for at in range(len(model.weights))]
         mean = exchange(update)
         merged = replica._merge_fixed(mean)
         source = update if mean is None else mean  # skipped: anything of the right shape
         stepped = [
-            source[at].astype(g.dtype.as_numpy_dtype, copy=False)
+            source[at].astype(g.dtype, copy=False)
             for at, g in zip(positions, gradients, strict=True)
         ]
         return [np.bool_(mean is not None), *stepped, *merged]
@@ -218,10 +218,11 @@ def exchange_in_graph(replica: Replica, exchange: Exchange) -> None:
             for g, v in zip(grads, variables, strict=True)
         ]
         states = [tf.convert_to_tensor(v) for v in fixed]
-        out = tf.py_function(
-            lambda *tensors: run(positions, tensors),
+        out = tf.numpy_function(
+            lambda *arrays: run(positions, arrays),
             inputs + states,
             Tout=[tf.bool, *(t.dtype for t in inputs), *(s.dtype for s in states)],
+            stateful=True,
         )
         applied, means, merged = out[0], out[1 : 1 + len(inputs)], out[1 + len(inputs) :]
         for variable, value in zip(fixed, merged, strict=True):

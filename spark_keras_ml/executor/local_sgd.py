@@ -120,7 +120,7 @@ def exchange_in_graph(
 
     After every ``local_steps``-th step of an epoch, except its last (whose exchange carries the
     epoch's logs, so it stays with :class:`Exchanges`), the optimizer's ``apply`` hands every
-    weight to ``exchange`` through ``tf.py_function`` and sets them to what it returns. Keras
+    weight to ``exchange`` through ``tf.numpy_function`` and sets them to what it returns. Keras
     can then run a whole epoch in one call of its train function.
     """
     import tensorflow as tf
@@ -130,12 +130,15 @@ def exchange_in_graph(
     # Steps of the fit so far; not a Keras variable, so never among the model's weights.
     step = tf.Variable(first_epoch * batches_per_epoch, dtype=tf.int64, trainable=False)
 
-    def run(*values: Any) -> list[np.ndarray]:
-        return exchange([np.asarray(v.numpy()) for v in values])
+    def run(*values: np.ndarray) -> list[np.ndarray]:
+        return exchange(list(values))
 
     def swap() -> Any:
-        new = tf.py_function(
-            run, [tf.convert_to_tensor(w) for w in weights], Tout=[w.dtype for w in weights]
+        new = tf.numpy_function(
+            run,
+            [tf.convert_to_tensor(w) for w in weights],
+            Tout=[w.dtype for w in weights],
+            stateful=True,
         )
         for variable, value in zip(weights, new, strict=True):
             variable.assign(tf.reshape(value, variable.shape))

@@ -123,7 +123,7 @@ def build_trainee(config: TrainConfig, in_graph: bool | None = None) -> Trainee:
 def exchanges_in_step(model: keras.Model) -> bool:
     """Whether exchanges can run inside the train step: on TensorFlow, unless the step is
     compiled by XLA (``jit_compile``, which "auto" turns on where a GPU is), which cannot
-    compile the ``tf.py_function`` they are; such a step exchanges from outside instead."""
+    compile the ``tf.numpy_function`` they are; such a step exchanges from outside instead."""
     import keras
 
     return keras.backend.backend() == "tensorflow" and not model.jit_compile
