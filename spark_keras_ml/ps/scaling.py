@@ -76,13 +76,24 @@ def checked_caps(caps: Sequence[float] | None, weights: Sequence[np.ndarray]) ->
     return [float(c) for c in caps]
 
 
+def dot(a: np.ndarray, b: np.ndarray) -> float:
+    """The dot product of two arrays' elements, without BLAS.
+
+    OpenBLAS splits a float64 dot of 10,000 elements or more over its threads, which then spin
+    for a while before they sleep: called on every round, in the driver, that kept one of a
+    2-core machine's cores busy, away from the tasks that train (default fit of dense: the
+    driver at 55% of a core, 40% of it in that thread). numpy's einsum loops in one thread.
+    """
+    return float(np.einsum("i,i->", a.ravel(), b.ravel()))
+
+
 def add_squares(
     squares: list[float], delta: Sequence[np.ndarray], rows: int, caps: Sequence[float]
 ) -> None:
     """Add each boosted array's squared norm, weighted by ``rows``, to ``squares``."""
     for i, (d, cap) in enumerate(zip(delta, caps, strict=True)):
         if cap > 1.0:
-            squares[i] += rows * float(np.vdot(d, d))
+            squares[i] += rows * dot(d, d)
 
 
 def boost_state(weights: Sequence[np.ndarray]) -> tuple[list[float], list[np.ndarray | None]]:
@@ -113,7 +124,7 @@ def boost_of_mean(
     direction, so the boost is weighted by the cosine of consecutive means (none below 0).
     """
     factor = restoring_boost(
-        float(np.vdot(mean, mean)),
+        dot(mean, mean),
         square_sum / rows,
         workers=workers,
         steps=rows / (workers * batch_size),
@@ -121,8 +132,8 @@ def boost_of_mean(
     )
     if previous is None or factor == 1.0:
         return 1.0 if previous is None else factor
-    norms = float(np.linalg.norm(mean)) * float(np.linalg.norm(previous))
-    cosine = float(np.vdot(mean, previous)) / norms if norms > 0.0 else 0.0
+    norms = math.sqrt(dot(mean, mean) * dot(previous, previous))
+    cosine = dot(mean, previous) / norms if norms > 0.0 else 0.0
     return 1.0 + (factor - 1.0) * max(cosine, 0.0)
 
 

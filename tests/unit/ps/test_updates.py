@@ -237,6 +237,23 @@ def test_the_boost_follows_how_far_the_mean_goes_on_in_its_last_direction() -> N
     assert boost([1.0, 0.0], [-1.0, 0.5]) == 1.0
 
 
+def test_the_boost_leaves_the_other_cores_alone() -> None:
+    """The boost's dot products run on every round in the driver, which in local mode shares
+    its cores with the tasks that train. Through OpenBLAS, a float64 dot of 10,000 elements or
+    more woke its other threads, which then spin between calls: about a core busy for nothing
+    (the process's CPU time kept up with the wall clock; now it is a small part of it)."""
+    from spark_keras_ml.ps.scaling import boost_of_mean
+
+    rng = np.random.default_rng(0)
+    mean, previous = rng.normal(size=65_536), rng.normal(size=65_536)
+    started_cpu, started = time.process_time(), time.perf_counter()
+    for _ in range(60):  # a round every 5 ms
+        boost_of_mean(mean, 3.0, previous, rows=2, workers=2, batch_size=1, cap=2.0)
+        time.sleep(0.005)
+    cpu, wall = time.process_time() - started_cpu, time.perf_counter() - started
+    assert cpu < 0.5 * wall, f"{cpu:.2f} s of CPU over {wall:.2f} s"
+
+
 @pytest.mark.parametrize("mode", ["async", "hogwild"])
 def test_async_and_hogwild_boost_later_deltas_by_a_window_of_running_workers(mode: str) -> None:
     """No rounds: each window of as many deltas as workers are running measures how much they
