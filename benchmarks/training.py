@@ -28,30 +28,38 @@ QUICK = [DEFAULT, *(c for c in CONFIGURATIONS if c.params == {"frequency": "batc
 WORKERS = 2
 
 
-def reference_fit(w: Workload, scale: float = 1.0, seed: int = 0) -> dict[str, float]:
+def reference_fit(
+    w: Workload, scale: float = 1.0, seed: int = 0, runs: int = 1
+) -> dict[str, float]:
     """Single-process Keras on numpy: the same model, rows, epochs and batch size.
 
     It runs in a child process (the same seeded data, rebuilt there), so that its TensorFlow
     runtime neither counts against our process tree's memory nor shares this process with it.
-    ``seed`` sets the initial weights and Keras's shuffles.
+    ``seed`` sets the initial weights and Keras's shuffles. With ``runs`` > 1 it fits that many
+    times from the same initial weights and reports the fastest: one fit of dense took 14 s
+    in one run of this machine and 28 s in the next, and a slow reference flatters every ratio.
     """
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
-        return pool.submit(_reference_fit, w.name, scale, seed).result()
+        return pool.submit(_reference_fit, w.name, scale, seed, runs).result()
 
 
-def _reference_fit(name: str, scale: float, seed: int) -> dict[str, float]:
+def _reference_fit(name: str, scale: float, seed: int, runs: int) -> dict[str, float]:
     w = workloads.make(name, scale)
     w.model(seed=seed + 1).fit(w.x_train[:256], w.y_train[:256], epochs=1, verbose=0)  # warm-up
-    model = w.model(seed=seed)
-    started = time.perf_counter()
-    model.fit(w.x_train, w.y_train, batch_size=w.batch_size, epochs=w.epochs, verbose=0)
-    seconds = time.perf_counter() - started
-    _, accuracy = model.evaluate(w.x_test, w.y_test, batch_size=1024, verbose=0)
+    fits = []
+    for _ in range(runs):
+        model = w.model(seed=seed)
+        started = time.perf_counter()
+        model.fit(w.x_train, w.y_train, batch_size=w.batch_size, epochs=w.epochs, verbose=0)
+        seconds = time.perf_counter() - started
+        _, accuracy = model.evaluate(w.x_test, w.y_test, batch_size=1024, verbose=0)
+        fits.append((seconds, float(accuracy)))
+    seconds, accuracy = min(fits)
     return {
         "seconds": seconds,
         "samples_per_s": len(w.x_train) * w.epochs / seconds,
-        "accuracy": float(accuracy),
+        "accuracy": accuracy,
     }
 
 
@@ -108,7 +116,7 @@ def run(report: Report, quick: bool) -> None:
     cold_done = False
     for w in chosen:
         train = w.train_frame(spark)
-        reference = reference_fit(w, scale)
+        reference = reference_fit(w, scale, runs=2)
         log(
             f"{w.name}: single-process {reference['samples_per_s']:,.0f} samples/s, "
             f"{reference['seconds']:.1f} s, accuracy {reference['accuracy']:.4f}"
