@@ -1,7 +1,7 @@
 """Run every benchmark and write the combined table, chart and docs/benchmarks.md.
 
     make bench         # .venv/bin/python -m benchmarks.run
-    make bench-quick   # .venv/bin/python -m benchmarks.run --quick  (under 5 minutes)
+    make bench-quick   # .venv/bin/python -m benchmarks.run --quick  (about 10 minutes)
 
 Each section runs in its own Python process (its own SparkSession and JVM, so no section's
 memory or warm caches leak into the next), writes benchmarks/results/<section>[-quick].json,
