@@ -264,11 +264,14 @@ class AsyncRule(UpdateRule):
     task slot do not count, or the running ones would wait for them forever.
 
     Each delta is multiplied by ``scale`` first (see :mod:`~spark_keras_ml.ps.scaling`). With
-    ``outer``, the deltas are buffered instead (as in FedBuff): once as many have arrived as
-    workers are running, their row-weighted mean goes through the outer optimizer, as a sync
-    round's would, but nobody waits for it. Momentum applied to every single delta is unstable
+    ``outer``, the deltas are also buffered (as in FedBuff): once as many have arrived as
+    workers are running, the outer optimizer steps from the weights of its last step on the
+    buffer's row-weighted mean, as on a sync round's, and that step replaces the deltas' plain
+    additions; nobody waits for it. Momentum applied to every single delta is unstable
     (asynchrony already acts as momentum); applied to the buffer's mean, it is DiLoCo's outer
-    step.
+    step. A worker's part of the buffer is what it reached (what it was sent plus its delta)
+    less the last step's weights: its raw delta, from weights older than that step, would
+    count again the progress the step already took.
     """
 
     mode = "async"
@@ -298,6 +301,10 @@ class AsyncRule(UpdateRule):
         self._buffer = [np.zeros_like(w, dtype=np.float64) for w in self._weights]
         self._buffered = 0
         self._buffered_rows = 0
+        # The weights of the last outer step, and what each worker was last sent (with an
+        # outer optimizer).
+        self._anchor = self._weights
+        self._bases: dict[int, list[np.ndarray]] = {}
 
     def push(
         self,
@@ -310,18 +317,22 @@ class AsyncRule(UpdateRule):
     ) -> tuple[int, list[np.ndarray]]:
         with self._cond:
             if self._admit(partition, attempt, step, rows > 0) and delta is not None and rows > 0:
-                if self._outer is None:
-                    scales = scaling.delta_scales(self._scale, self._agreement, len(delta))
-                    additions = self._sent.additions(partition, self._weights, delta, scales)
-                    self._weights = [
-                        (w + a).astype(w.dtype, copy=False)
-                        for w, a in zip(self._weights, additions, strict=True)
-                    ]
-                    if self._agreement is not None:
-                        self._agreement.add(delta, rows, window=len(self._active))
-                else:
-                    for acc, d in zip(self._buffer, delta, strict=True):
-                        acc += rows * d.astype(np.float64, copy=False)
+                scales = scaling.delta_scales(self._scale, self._agreement, len(delta))
+                additions = self._sent.additions(partition, self._weights, delta, scales)
+                self._weights = [
+                    (w + a).astype(w.dtype, copy=False)
+                    for w, a in zip(self._weights, additions, strict=True)
+                ]
+                if self._agreement is not None:
+                    self._agreement.add(delta, rows, window=len(self._active))
+                if self._outer is not None:
+                    # What the worker reached, against the last outer step's weights: a worker
+                    # that started before that step would otherwise have its progress, which
+                    # the step already took, applied again (stale deltas times momentum
+                    # diverge).
+                    base = self._bases.get(partition, self._anchor)
+                    for acc, b, d, a in zip(self._buffer, base, delta, self._anchor, strict=True):
+                        acc += rows * ((b + d.astype(np.float64, copy=False)) - a)
                     self._buffered += 1
                     self._buffered_rows += rows
                     self._apply_full_buffer()
@@ -329,13 +340,19 @@ class AsyncRule(UpdateRule):
                 self._cond.notify_all()
             if self._max_staleness is not None:
                 self._wait_for_slowest(partition, attempt, timeout)
-            self._sent.record(partition, self._weights)
+            self._record(partition, self._weights)
             return self._version, self._weights
 
     def _registered(self, partition: int, rows: int, timeout: float) -> Registration:
         registration = super()._registered(partition, rows, timeout)
-        self._sent.record(partition, registration.weights)
+        self._record(partition, registration.weights)
         return registration
+
+    def _record(self, partition: int, weights: list[np.ndarray]) -> None:
+        """``weights`` are what ``partition`` is sent: its next delta starts from them."""
+        self._sent.record(partition, weights)
+        if self._outer is not None:
+            self._bases[partition] = weights  # copy-on-write: a reference is a snapshot
 
     def finish(self, partition: int, attempt: int) -> None:
         super().finish(partition, attempt)
@@ -352,7 +369,10 @@ class AsyncRule(UpdateRule):
         if self._outer is None or not self._buffered or self._buffered < len(self._active):
             return
         mean = [acc / self._buffered_rows for acc in self._buffer]
-        self._weights = self._outer.step_delta(self._weights, mean)
+        # The outer step replaces the buffered deltas' plain additions: it starts from the
+        # weights of the last outer step.
+        self._weights = self._outer.step_delta(self._anchor, mean)
+        self._anchor = self._weights
         for acc in self._buffer:
             acc.fill(0.0)
         self._buffered = self._buffered_rows = 0

@@ -328,8 +328,13 @@ def test_boost_caps_only_for_normalizing_optimizers_over_local_steps() -> None:
     assert normalizes_steps("lion")
 
 
-def test_async_buffers_one_delta_per_running_worker_for_its_outer_optimizer() -> None:
-    """FedBuff-style: the outer step applies the mean of a buffer, and nobody waits for it."""
+def test_async_steps_its_outer_optimizer_on_a_buffer_of_what_the_workers_reached() -> None:
+    """FedBuff-style, nobody waiting: each delta is added at once (scaled, as without an outer
+    optimizer), and once a delta per running worker has arrived the outer optimizer replaces
+    those additions with its step on the buffer's mean, where each worker's part is what it
+    reached against the last outer step's weights, not its raw delta: a worker that started
+    before that step would otherwise have its progress, which the step took, applied twice
+    (with momentum, async/epoch collapsed to chance at 8 workers)."""
     from spark_keras_ml.ps.optimizer import ServerOptimizer
 
     weights = [np.zeros(4, np.float32)]
@@ -341,13 +346,14 @@ def test_async_buffers_one_delta_per_running_worker_for_its_outer_optimizer() ->
     rule.register(1, 1, 8, 1.0)
     version, after_one = rule.push(0, 1, 0, [np.full(4, 10.0, np.float32)], 8, 1.0)
     assert version == 1
-    np.testing.assert_array_equal(after_one[0], 0.0)  # buffered: one of two running workers
+    np.testing.assert_array_equal(after_one[0], 5.0)  # added at once, times 1/2
     _, after_two = rule.push(1, 1, 0, [np.full(4, 30.0, np.float32)], 24, 1.0)
     np.testing.assert_allclose(after_two[0], 0.01 * 25.0)  # (8 * 10 + 24 * 30) / 32, stepped
+    # Worker 0 started from 5 (its last reply), so it reached 105: 104.75 past the last step.
     rule.push(0, 1, 1, [np.full(4, 100.0, np.float32)], 8, 1.0)
-    np.testing.assert_allclose(rule.weights()[1][0], 0.25)
-    rule.finish(1, 1)  # one worker left running: its buffered delta is applied now
-    np.testing.assert_allclose(rule.weights()[1][0], 0.25 + 0.01 * 100.0)
+    np.testing.assert_allclose(rule.weights()[1][0], 0.25 + 0.5 * 100.0)
+    rule.finish(1, 1)  # one worker left running: the buffer is full with its delta
+    np.testing.assert_allclose(rule.weights()[1][0], 0.25 + 0.01 * 104.75, rtol=1e-6)
     with pytest.raises(ValueError, match="no outer optimizer in mode 'hogwild'"):
         make_rule("hogwild", weights, 2, outer=outer)
 
