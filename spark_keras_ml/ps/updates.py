@@ -74,7 +74,10 @@ class SyncRule(UpdateRule):
         self._pushed: set[int] = set()
         self._rows = 0
         self._applied_in_round = 0
-        self._acc = [np.zeros_like(w, dtype=np.float64) for w in self._weights]
+        # Float64, but float32 in sync/batch: there a round's mean of a few gradients is sent
+        # as float32 anyway, and the sum in float64 was the server's largest cost per round.
+        dtype = np.float64 if optimizer is None else np.float32
+        self._acc = [np.zeros_like(w, dtype=dtype) for w in self._weights]
         # The boost's: each array's row-weighted squared norms this round, its last mean.
         self._squares, self._previous_means = scaling.boost_state(self._weights)
         # Sync/batch: the last closed round and its mean update (see round_mean), and the
@@ -165,7 +168,7 @@ class SyncRule(UpdateRule):
             if self._admit(partition, attempt, step, has_update) and delta is not None and rows > 0:
                 self._applied_in_round += 1
                 for acc, d in zip(self._acc, delta, strict=True):
-                    acc += rows * d.astype(np.float64, copy=False)
+                    acc += d * acc.dtype.type(rows)  # one temporary, of the sum's dtype
                 scaling.add_squares(self._squares, delta, rows, self._boost_caps)
                 self._rows += rows
             self._pushed.add(partition)
@@ -217,7 +220,7 @@ class SyncRule(UpdateRule):
                 self._step_pending()
             self._mean_round, self._mean = self._version, None
         if self._rows > 0 and self.optimizer is not None:
-            self._mean = [(acc / self._rows).astype(np.float32) for acc in self._acc]
+            self._mean = [acc / np.float32(self._rows) for acc in self._acc]
             self._pending.append(self._mean)  # stepped after the replies (see settle)
         elif self._rows > 0 and self._outer is not None:
             mean = [acc / self._rows for acc in self._acc]
