@@ -59,6 +59,7 @@ class ServerOptimizer:
                 f"Received: {len(trainable)} flags"
             )
         self._trainable = list(trainable)
+        self._at = [i for i, t in enumerate(trainable) if t]  # the trainable arrays' positions
         self._optimizer = keras.optimizers.get(optimizer_config)
         self._variables = [
             keras.Variable(np.array(w, dtype=np.float32), name=f"w{i}")
@@ -130,8 +131,7 @@ class ServerOptimizer:
         weights: Sequence[np.ndarray],
         means: Sequence[Sequence[np.ndarray]],
     ) -> list[np.ndarray]:
-        at = [i for i, t in enumerate(self._trainable) if t]
-        for room, i in zip(self._room, at, strict=True):
+        for room, i in zip(self._room, self._at, strict=True):
             for k, mean in enumerate(means):
                 room[k] = mean[i]
         stepped = iter(np.asarray(v) for v in apply(self._room, len(means)))

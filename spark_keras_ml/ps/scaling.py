@@ -123,8 +123,9 @@ def boost_of_mean(
     means turn back and forth from one round to the next, while steady progress keeps its
     direction, so the boost is weighted by the cosine of consecutive means (none below 0).
     """
+    square = dot(mean, mean)
     factor = restoring_boost(
-        dot(mean, mean),
+        square,
         square_sum / rows,
         workers=workers,
         steps=rows / (workers * batch_size),
@@ -132,7 +133,7 @@ def boost_of_mean(
     )
     if previous is None or factor == 1.0:
         return 1.0 if previous is None else factor
-    norms = math.sqrt(dot(mean, mean) * dot(previous, previous))
+    norms = math.sqrt(square * dot(previous, previous))
     cosine = dot(mean, previous) / norms if norms > 0.0 else 0.0
     return 1.0 + (factor - 1.0) * max(cosine, 0.0)
 
