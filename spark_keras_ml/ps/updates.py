@@ -77,7 +77,7 @@ class SyncRule(UpdateRule):
         # Float64, but float32 in sync/batch: there a round's mean of a few gradients is sent
         # as float32 anyway, and the sum in float64 was the server's largest cost per round.
         dtype = np.float64 if optimizer is None else np.float32
-        self._acc = [np.zeros_like(w, dtype=dtype) for w in self._weights]
+        self._acc: list[np.ndarray] = [np.zeros_like(w, dtype=dtype) for w in self._weights]
         # The boost's: each array's row-weighted squared norms this round, its last mean.
         self._squares, self._previous_means = scaling.boost_state(self._weights)
         # Sync/batch: the last closed round and its mean update (see round_mean), and the
