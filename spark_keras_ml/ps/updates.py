@@ -22,6 +22,7 @@ from spark_keras_ml.ps.bookkeeping import (
     TrainingAborted,
     UpdateRule,
 )
+from spark_keras_ml.ps.outer_buffer import OuterBuffer
 from spark_keras_ml.ps.statistics import SentStatistics
 
 if TYPE_CHECKING:
@@ -272,9 +273,7 @@ class AsyncRule(UpdateRule):
     buffer's row-weighted mean, as on a sync round's, and that step replaces the deltas' plain
     additions; nobody waits for it. Momentum applied to every single delta is unstable
     (asynchrony already acts as momentum); applied to the buffer's mean, it is DiLoCo's outer
-    step. A worker's part of the buffer is what it reached (what it was sent plus its delta)
-    less the last step's weights: its raw delta, from weights older than that step, would
-    count again the progress the step already took.
+    step (see :class:`~spark_keras_ml.ps.outer_buffer.OuterBuffer`).
     """
 
     mode = "async"
@@ -296,18 +295,10 @@ class AsyncRule(UpdateRule):
             raise ValueError("Expected no boost with an outer optimizer")
         self._max_staleness = max_staleness
         self._scale = scale
-        self._outer = outer
         self._agreement = scaling.agreement(self._weights, boost_caps, schedule)
         # Arrays are replaced on every push, so what a worker was sent stays as it was.
         self._sent = SentStatistics(scaling.flags(trainable, self._weights), copy=False)
-        # The buffer of deltas not yet applied (with an outer optimizer): row-weighted sum.
-        self._buffer = [np.zeros_like(w, dtype=np.float64) for w in self._weights]
-        self._buffered = 0
-        self._buffered_rows = 0
-        # The weights of the last outer step, and what each worker was last sent (with an
-        # outer optimizer).
-        self._anchor = self._weights
-        self._bases: dict[int, list[np.ndarray]] = {}
+        self._buffer = None if outer is None else OuterBuffer(outer, self._weights)
 
     def push(
         self,
@@ -328,16 +319,8 @@ class AsyncRule(UpdateRule):
                 ]
                 if self._agreement is not None:
                     self._agreement.add(delta, rows, window=len(self._active))
-                if self._outer is not None:
-                    # What the worker reached, against the last outer step's weights: a worker
-                    # that started before that step would otherwise have its progress, which
-                    # the step already took, applied again (stale deltas times momentum
-                    # diverge).
-                    base = self._bases.get(partition, self._anchor)
-                    for acc, b, d, a in zip(self._buffer, base, delta, self._anchor, strict=True):
-                        acc += rows * ((b + d.astype(np.float64, copy=False)) - a)
-                    self._buffered += 1
-                    self._buffered_rows += rows
+                if self._buffer is not None:
+                    self._buffer.add(partition, delta, rows)
                     self._apply_full_buffer()
                 self._version += 1
                 self._cond.notify_all()
@@ -354,8 +337,8 @@ class AsyncRule(UpdateRule):
     def _record(self, partition: int, weights: list[np.ndarray]) -> None:
         """``weights`` are what ``partition`` is sent: its next delta starts from them."""
         self._sent.record(partition, weights)
-        if self._outer is not None:
-            self._bases[partition] = weights  # copy-on-write: a reference is a snapshot
+        if self._buffer is not None:
+            self._buffer.record(partition, weights)
 
     def finish(self, partition: int, attempt: int) -> None:
         super().finish(partition, attempt)
@@ -369,16 +352,8 @@ class AsyncRule(UpdateRule):
 
     def _apply_full_buffer(self) -> None:
         """Under the lock: apply the buffer's mean once it holds a delta per running worker."""
-        if self._outer is None or not self._buffered or self._buffered < len(self._active):
-            return
-        mean = [acc / self._buffered_rows for acc in self._buffer]
-        # The outer step replaces the buffered deltas' plain additions: it starts from the
-        # weights of the last outer step.
-        self._weights = self._outer.step_delta(self._anchor, mean)
-        self._anchor = self._weights
-        for acc in self._buffer:
-            acc.fill(0.0)
-        self._buffered = self._buffered_rows = 0
+        if self._buffer is not None and 0 < self._buffer.count >= len(self._active):
+            self._weights = self._buffer.step()
 
     def _wait_for_slowest(self, partition: int, attempt: int, timeout: float) -> None:
         limit = self._max_staleness or 0
