@@ -20,6 +20,8 @@ from typing import Any, cast
 
 import numpy as np
 
+from spark_keras_ml.ps import aligned
+
 logger = logging.getLogger(__name__)
 
 #: Sync/batch: the bytes of rounds' means the server steps on in one call (see
@@ -93,9 +95,7 @@ class ServerOptimizer:
 
     def _compiled(self) -> Callable[[list[np.ndarray], int], list[Any]]:
         if self._apply is None:
-            self._room = [
-                np.zeros((self.rounds_per_call, *v.shape), np.float32) for v in self._variables
-            ]
+            self._room = [aligned.zeros((self.rounds_per_call, *v.shape)) for v in self._variables]
             apply = _compiled(self._optimizer, self._variables)
             apply(self._room, 0)
             self._apply = apply

@@ -14,8 +14,10 @@ Frame layout (network byte order)::
 
 A message body is ``u32 meta length | meta JSON (UTF-8) | raw array buffers``. The meta JSON
 describes every array (``dtype`` as a little-endian numpy string, ``shape``); the buffers follow
-in order, back to back. Nothing is ever pickled: a body is JSON plus bytes that numpy reads with
-``frombuffer``.
+in order, each after the zero bytes that bring its offset in the body to a multiple of 64.
+Bodies are read into 64-byte-aligned memory, so every array a peer decodes is aligned, which
+TensorFlow reads at memcpy speed (see :mod:`~spark_keras_ml.ps.aligned`). Nothing is ever
+pickled: a body is JSON plus bytes that numpy reads with ``frombuffer``.
 
 What the meta of each message holds is a typed message (:mod:`spark_keras_ml.ps.messages`).
 """
@@ -36,9 +38,11 @@ from typing import Any
 
 import numpy as np
 
+from spark_keras_ml.ps import aligned
+
 MAGIC = b"SKML"
 #: Bumped whenever a frame or a meta changes: both sides must run the same spark_keras_ml.
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 HEADER = struct.Struct("!4sBBHQ")
 META_LENGTH = struct.Struct("!I")
 
@@ -93,15 +97,13 @@ class Message:
 # Exact-length reads and frames
 
 
-def recv_exactly(
-    sock: socket.socket, n: int, into: ReceiveBuffer | None = None
-) -> bytearray | memoryview:
+def recv_exactly(sock: socket.socket, n: int, into: ReceiveBuffer | None = None) -> memoryview:
     """Read exactly ``n`` bytes; the end of the stream inside them is an error, never short data.
 
     With ``into``, the bytes land in its reused buffer and the returned view is valid only until
     the next read into it.
     """
-    buf: bytearray | memoryview = bytearray(n) if into is None else into.view(n)
+    buf = aligned.buffer(n) if into is None else into.view(n)
     view = memoryview(buf)
     got = 0
     while got < n:
@@ -115,18 +117,18 @@ def recv_exactly(
 class ReceiveBuffer:
     """One connection's receive buffer, grown to the largest frame seen and then reused.
 
-    ``bytearray(n)`` zero-fills: for a 40 MB frame the fresh allocation (memset plus page faults)
-    costs more than reading the bytes off the socket. A peer that is done with each message
-    before it reads the next one (the server's handlers) reads every frame into one buffer.
+    A fresh allocation per frame (page faults) costs more than reading the bytes off the
+    socket for a 40 MB frame. A peer that is done with each message before it reads the next
+    one (the server's handlers) reads every frame into one buffer.
     """
 
     def __init__(self) -> None:
-        self._buffer = bytearray()
+        self._buffer = aligned.buffer(0)
 
     def view(self, n: int) -> memoryview:
         if len(self._buffer) < n:
-            self._buffer = bytearray(n)
-        return memoryview(self._buffer)[:n]
+            self._buffer = aligned.buffer(n)
+        return self._buffer[:n]
 
 
 def send_frame(sock: socket.socket, op: Op, parts: Sequence[bytes | memoryview] = ()) -> None:
@@ -152,7 +154,7 @@ _MAX_IOV = 512
 
 def recv_frame(
     sock: socket.socket, max_body: int, into: ReceiveBuffer | None = None
-) -> tuple[Op, bytearray | memoryview]:
+) -> tuple[Op, memoryview]:
     """Read one frame; a bad header or a body over ``max_body`` is refused before allocating."""
     magic, version, op, flags, length = HEADER.unpack(recv_exactly(sock, HEADER.size))
     if magic != MAGIC:
@@ -187,7 +189,14 @@ def encode_message(
     full["arrays"] = [{"dtype": a.dtype.str, "shape": list(a.shape)} for a in wire]
     meta_bytes = json.dumps(full, separators=(",", ":"), allow_nan=False).encode()
     parts: list[bytes | memoryview] = [META_LENGTH.pack(len(meta_bytes)), meta_bytes]
-    parts.extend(a.data.cast("B") for a in wire if a.nbytes)
+    offset = META_LENGTH.size + len(meta_bytes)
+    for a in wire:
+        pad = aligned.padding(offset)
+        if pad:
+            parts.append(bytes(pad))
+        if a.nbytes:
+            parts.append(a.data.cast("B"))
+        offset += pad + a.nbytes
     return parts
 
 
@@ -210,6 +219,7 @@ def decode_message(op: Op, body: bytearray | memoryview) -> Message:
     view = memoryview(body)
     for spec in meta.pop("arrays", []):
         dtype, shape = _array_spec(op, spec)
+        offset += aligned.padding(offset)
         nbytes = math.prod(shape) * dtype.itemsize  # exact: np.prod(int64) wraps on huge dims
         if offset + nbytes > len(body):
             raise ProtocolError(f"{op.name} arrays need more bytes than the body holds")
@@ -259,7 +269,7 @@ def recv_message(sock: socket.socket, max_body: int, into: ReceiveBuffer | None 
 
 def message_bytes_limit(arrays: Sequence[np.ndarray]) -> int:
     """The largest body a message carrying arrays shaped like ``arrays`` may need."""
-    payload = sum(int(a.nbytes) for a in arrays)
+    payload = sum(int(a.nbytes) + aligned.ALIGNMENT for a in arrays)  # with each one's padding
     return payload + META_LENGTH.size + MAX_META_BYTES
 
 

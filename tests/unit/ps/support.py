@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from spark_keras_ml.ps import protocol
+from spark_keras_ml.ps import aligned, protocol
 from spark_keras_ml.ps.protocol import META_LENGTH
 
 SECRET = b"unit-test secret, 32 bytes long!"
@@ -103,4 +103,9 @@ def raw_body(meta: bytes, payload: bytes = b"") -> bytearray:
 
 
 def json_body(meta: Any, payload: bytes = b"") -> bytearray:
-    return raw_body(json.dumps(meta).encode(), payload)
+    """A body with ``meta`` as JSON, then ``payload`` where its first array starts: after the
+    padding to a 64-byte offset when ``meta`` lists arrays."""
+    blob = json.dumps(meta).encode()
+    if isinstance(meta, dict) and isinstance(meta.get("arrays"), list) and meta["arrays"]:
+        payload = bytes(aligned.padding(META_LENGTH.size + len(blob))) + payload
+    return raw_body(blob, payload)

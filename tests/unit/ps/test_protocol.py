@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from spark_keras_ml.ps import protocol
+from spark_keras_ml.ps import aligned, protocol
 from spark_keras_ml.ps.protocol import (
     HEADER,
     MAGIC,
@@ -162,14 +162,32 @@ def test_encoded_arrays_are_raw_little_endian_buffers() -> None:
     (meta_len,) = META_LENGTH.unpack_from(body)
     meta = json.loads(bytes(body[4 : 4 + meta_len]))
     assert meta == {"arrays": [{"dtype": "<f4", "shape": [2]}, {"dtype": "<i8", "shape": []}]}
-    payload = bytes(body[4 + meta_len :])
-    assert payload == struct.pack("<2f", 1.0, 2.0) + struct.pack("<q", 5)
+    # Each buffer starts at the next 64-byte offset of the body, after zero bytes.
+    first = 4 + meta_len + aligned.padding(4 + meta_len)
+    assert bytes(body[4 + meta_len : first]) == bytes(first - 4 - meta_len)
+    assert bytes(body[first : first + 8]) == struct.pack("<2f", 1.0, 2.0)
+    assert bytes(body[first + 8 : first + 64]) == bytes(56)
+    assert bytes(body[first + 64 :]) == struct.pack("<q", 5)
+
+
+def test_decoded_arrays_start_on_64_byte_boundaries() -> None:
+    """TensorFlow copies an unaligned array element by element (a 5.2 MB round's mean took
+    5.3 ms instead of 1.1 ms to leave a numpy_function), so every decoded array is aligned,
+    whatever the sizes before it."""
+    arrays = [np.arange(n, dtype=np.float32) for n in (3, 10, 1, 257)] + [np.ones(5, np.int64)]
+    with socket_pair() as (a, b):
+        for into in (None, protocol.ReceiveBuffer()):
+            protocol.send_message(a, Op.PUSH, {"rows": 3}, arrays)
+            message = protocol.recv_message(b, 1 << 22, into)
+            assert [x.ctypes.data % 64 for x in message.arrays] == [0] * len(arrays)
+            assert_same_arrays(message.arrays, arrays)
 
 
 def test_message_bytes_limit_admits_exactly_sized_messages() -> None:
     arrays = [np.zeros((3, 2), np.float32), np.zeros(4, np.float32)]
     limit = protocol.message_bytes_limit(arrays)
-    assert limit == 3 * 2 * 4 + 4 * 4 + META_LENGTH.size + protocol.MAX_META_BYTES
+    padding = 2 * aligned.ALIGNMENT  # at most, before each array
+    assert limit == 3 * 2 * 4 + 4 * 4 + padding + META_LENGTH.size + protocol.MAX_META_BYTES
     with socket_pair() as (a, b):
         protocol.send_message(a, Op.PUSH, {"rows": 3}, arrays)
         message = protocol.recv_message(b, limit)

@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, currently_in_test_context, event, given, set
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from spark_keras_ml.ps import protocol
+from spark_keras_ml.ps import aligned, protocol
 from spark_keras_ml.ps.messages import EpochEnd, Hello, Push, Reply
 from spark_keras_ml.ps.protocol import (
     ALLOWED_DTYPES,
@@ -134,9 +134,13 @@ def check_body(body: bytes) -> None:
         note_event(re.sub(r"\d+", "N", f"refused: {str(exc).split(':')[0][:40]}"))
         return
     note_event("accepted")
-    # Accepted: the body is exactly meta length + meta + the declared arrays, nothing else.
+    # Accepted: the body is exactly meta length + meta + the declared arrays, each after its
+    # padding to a 64-byte offset, nothing else.
     (meta_len,) = META_LENGTH.unpack_from(body)
-    assert META_LENGTH.size + meta_len + sum(a.nbytes for a in message.arrays) == len(body)
+    end = META_LENGTH.size + meta_len
+    for a in message.arrays:
+        end += aligned.padding(end) + a.nbytes
+    assert end == len(body)
     assert all(a.dtype.str in ALLOWED_DTYPES for a in message.arrays)
     assert isinstance(message.meta, dict) and "arrays" not in message.meta
 
