@@ -103,7 +103,12 @@ def recv_exactly(sock: socket.socket, n: int, into: ReceiveBuffer | None = None)
     With ``into``, the bytes land in its reused buffer and the returned view is valid only until
     the next read into it.
     """
-    buf = aligned.buffer(n) if into is None else into.view(n)
+    if into is not None:
+        buf = into.view(n)
+    elif n <= _SMALL_READ:  # a header or a handshake: nothing TensorFlow will read
+        buf = memoryview(bytearray(n))
+    else:
+        buf = aligned.buffer(n)
     view = memoryview(buf)
     got = 0
     while got < n:
@@ -112,6 +117,10 @@ def recv_exactly(sock: socket.socket, n: int, into: ReceiveBuffer | None = None)
             raise ProtocolError(f"connection closed after {got} of {n} expected bytes")
         got += k
     return buf
+
+
+#: Reads up to this many bytes need no alignment (see recv_exactly).
+_SMALL_READ = 1024
 
 
 class ReceiveBuffer:
@@ -193,7 +202,7 @@ def encode_message(
     for a in wire:
         pad = aligned.padding(offset)
         if pad:
-            parts.append(bytes(pad))
+            parts.append(aligned.ZEROS[:pad])
         if a.nbytes:
             parts.append(a.data.cast("B"))
         offset += pad + a.nbytes

@@ -76,7 +76,7 @@ class SyncRule(UpdateRule):
         self._rows = 0
         self._applied_in_round = 0
         # Float64, but float32 in sync/batch: there a round's mean of a few gradients is sent
-        # as float32 anyway, and the sum in float64 was the server's largest cost per round.
+        # as float32 anyway, and the sum in float64 was the server's largest computation per round.
         dtype = np.float64 if optimizer is None else np.float32
         self._acc: list[np.ndarray] = [np.zeros_like(w, dtype=dtype) for w in self._weights]
         # The boost's: each array's row-weighted squared norms this round, its last mean.
