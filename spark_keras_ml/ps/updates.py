@@ -295,7 +295,7 @@ class AsyncRule(UpdateRule):
             raise ValueError("Expected no boost with an outer optimizer")
         self._max_staleness = max_staleness
         self._scale = scale
-        self._agreement = scaling.agreement(self._weights, boost_caps, schedule)
+        self._agreement = scaling.agreement(self._weights, boost_caps, schedule, scale)
         # Arrays are replaced on every push, so what a worker was sent stays as it was.
         self._sent = SentStatistics(scaling.flags(trainable, self._weights), copy=False)
         self._buffer = None if outer is None else OuterBuffer(outer, self._weights)
@@ -318,7 +318,8 @@ class AsyncRule(UpdateRule):
                     for w, a in zip(self._weights, additions, strict=True)
                 ]
                 if self._agreement is not None:
-                    self._agreement.add(delta, rows, window=len(self._active))
+                    fixes = self._agreement.add(delta, rows, window=len(self._active))
+                    self._weights = scaling.corrected(self._weights, fixes, in_place=False)
                 if self._buffer is not None:
                     self._buffer.add(partition, delta, rows)
                     self._apply_full_buffer()
@@ -402,7 +403,7 @@ class HogwildRule(UpdateRule):
     ) -> None:
         super().__init__(weights, num_workers, schedule=schedule)
         self._scale = scale
-        self._agreement = scaling.agreement(self._weights, boost_caps, schedule)
+        self._agreement = scaling.agreement(self._weights, boost_caps, schedule, scale)
         # The arrays change in place: what a worker was sent is a copy.
         self._sent = SentStatistics(scaling.flags(trainable, self._weights), copy=True)
 
@@ -426,7 +427,8 @@ class HogwildRule(UpdateRule):
         # The arithmetic above takes no lock; the window and the record of what was sent do.
         with self._cond:
             if applied and delta is not None and rows > 0 and self._agreement is not None:
-                self._agreement.add(delta, rows, window=len(self._active))
+                fixes = self._agreement.add(delta, rows, window=len(self._active))
+                scaling.corrected(self._weights, fixes, in_place=True)
             self._sent.record(partition, self._weights)
         return self._version, self._weights
 
