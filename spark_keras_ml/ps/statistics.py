@@ -8,6 +8,14 @@ is instead blended toward the worker's own value, ``w + scale * (sent + delta - 
 scale of at most 1, the result lies between two values the worker and the server held, so a
 variance stays positive. Sync rounds need none of this: every worker starts a round from the
 same weights, so the mean delta already is the blend.
+
+Per batch, statistics are added like any other delta. There a statistic's delta is one
+moving-average step from the value the worker was sent, and the blend (at that frequency's
+scale of 1) replaced the statistic with that one step from a stale value, dropping the steps
+other workers had added since: the statistic moved at 1/N of its rate. Conv at 8 workers,
+async per batch: a moving variance of 0.52 (from its initial 1.0) where the data's was 0.15,
+71 % holdout accuracy, 77 % with batch statistics. One step's delta is the momentum's small
+share of the gap, so added to a value that others moved it cannot overshoot.
 """
 
 from __future__ import annotations
@@ -21,12 +29,14 @@ class SentStatistics:
     """Per partition, the statistics of the weights it was last sent (what its delta is from).
 
     ``copy``: hogwild changes its arrays in place, so what a worker was sent must be copied;
-    async replaces them on every push (copy-on-write), so a reference is a snapshot. Not
-    thread-safe: the rule's lock guards it.
+    async replaces them on every push (copy-on-write), so a reference is a snapshot.
+    With ``frequency="batch"`` pushes are single steps, whose statistics are added, not
+    blended. Not thread-safe: the rule's lock guards it.
     """
 
-    def __init__(self, trainable: Sequence[bool], *, copy: bool) -> None:
-        self.indices = [i for i, t in enumerate(trainable) if not t]
+    def __init__(self, trainable: Sequence[bool], *, copy: bool, frequency: str) -> None:
+        per_batch = frequency == "batch"
+        self.indices = [] if per_batch else [i for i, t in enumerate(trainable) if not t]
         self._copy = copy
         self._sent: dict[int, list[np.ndarray]] = {}
 

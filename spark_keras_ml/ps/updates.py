@@ -297,7 +297,8 @@ class AsyncRule(UpdateRule):
         self._scale = scale
         self._agreement = scaling.agreement(self._weights, boost_caps, schedule, scale)
         # Arrays are replaced on every push, so what a worker was sent stays as it was.
-        self._sent = SentStatistics(scaling.flags(trainable, self._weights), copy=False)
+        flags = scaling.flags(trainable, self._weights)
+        self._sent = SentStatistics(flags, copy=False, frequency=schedule.frequency)
         self._buffer = None if outer is None else OuterBuffer(outer, self._weights)
 
     def push(
@@ -405,7 +406,8 @@ class HogwildRule(UpdateRule):
         self._scale = scale
         self._agreement = scaling.agreement(self._weights, boost_caps, schedule, scale)
         # The arrays change in place: what a worker was sent is a copy.
-        self._sent = SentStatistics(scaling.flags(trainable, self._weights), copy=True)
+        flags = scaling.flags(trainable, self._weights)
+        self._sent = SentStatistics(flags, copy=True, frequency=schedule.frequency)
 
     def push(
         self,

@@ -322,6 +322,26 @@ def test_async_and_hogwild_blend_statistics_toward_each_workers_values(
     )
 
 
+@pytest.mark.parametrize("mode", ["async", "hogwild"])
+def test_async_and_hogwild_add_the_statistics_of_single_steps(mode: str) -> None:
+    """Per batch each push is one step, and a statistic's delta one moving-average step: both
+    workers' steps count, as they would one after the other in a single process. Blended,
+    each push replaced the statistic with one step from the value its worker was sent, so it
+    moved at half its rate (at 1/N of it with N workers)."""
+    weights = [np.zeros(1, np.float32), np.full(1, 0.5, np.float32)]
+    rule = make_rule(
+        mode, weights, 2, schedule=Schedule(frequency="batch"), trainable=[True, False]
+    )
+    rule.register(0, 1, 8, 1.0)
+    rule.register(1, 1, 8, 1.0)
+    step = [np.ones(1, np.float32), np.full(1, -0.01, np.float32)]
+    rule.push(0, 1, 0, step, 8, 1.0)
+    rule.push(1, 1, 0, step, 8, 1.0)  # measured from the 0.5 it was sent as well
+    trained, statistic = rule.weights()[1]
+    np.testing.assert_allclose(trained, [2.0])
+    np.testing.assert_allclose(statistic, [0.48], rtol=1e-6)
+
+
 def test_boost_caps_only_for_normalizing_optimizers_over_local_steps() -> None:
     from spark_keras_ml.ps.optimizer import normalizes_steps
 
