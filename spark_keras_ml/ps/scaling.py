@@ -3,9 +3,8 @@ how far a mean of deltas is lengthened to make up the shorter steps that a norma
 optimizer (Adam and the like) takes on each worker's share of the batch (the boost).
 
 Sync rounds measure it from their own deltas (:func:`restoring_boost`); async and hogwild,
-which have no rounds, from each window of as many deltas as workers are running
-(:class:`Agreement`): they apply the last window's boost to each delta as it arrives, and once
-a window is complete, correct its deltas to the boost it measured itself, as a sync round's.
+which have no rounds, from the last window of as many deltas as workers are running
+(:class:`Agreement`), and apply it to the deltas that follow.
 """
 
 from __future__ import annotations
@@ -142,63 +141,37 @@ def boost_of_mean(
 class Agreement:
     """How much the deltas of a window disagree, for async and hogwild: the row-weighted sum of
     each boosted array and of its squared norm over a window of pushes. Once a window holds
-    ``window`` deltas it turns into one factor per array (:func:`restoring_boost`).
+    ``window`` deltas it turns into one factor per array (:func:`restoring_boost`), which the
+    rule applies to the deltas that come after. Not thread-safe: the rule's lock guards it."""
 
-    The rule applies the last window's factors to each delta as it arrives, times its
-    ``scale``; when a window closes, :meth:`add` returns what lengthens that window's deltas
-    from those factors to the window's own, so every window ends boosted by what it measured,
-    as a sync round is. Applied only to the next window's deltas, the factors missed most of a
-    short fit: of 2 epochs per worker, as many windows, only the second was measured against a
-    first, and nothing after it was left to boost (async/epoch on wide at 8 workers lost 4.2
-    points where sync/epoch lost none). Not thread-safe: the rule's lock guards it."""
-
-    def __init__(
-        self,
-        weights: Sequence[np.ndarray],
-        caps: Sequence[float],
-        batch_size: int,
-        scale: float = 1.0,
-    ):
+    def __init__(self, weights: Sequence[np.ndarray], caps: Sequence[float], batch_size: int):
         self._caps = checked_caps(caps, weights)
         self._batch_size = batch_size
-        self._scale = scale
-        # Row-weighted (the window's mean, which the factor is measured on) and plain (what the
-        # rule added, before its scale and factor) sums of each boosted array.
         self._sums = [
             np.zeros_like(w, dtype=np.float64) if c > 1.0 else None
             for w, c in zip(weights, self._caps, strict=True)
         ]
-        self._added = [None if t is None else np.zeros_like(t) for t in self._sums]
         self._squares, self._previous = boost_state(weights)
         self._rows = 0
         self._count = 0
         self.factors = [1.0] * len(weights)
 
-    def add(
-        self, delta: Sequence[np.ndarray], rows: int, window: int
-    ) -> list[np.ndarray | None] | None:
-        """Count one delta of ``rows`` rows into a window of ``window``. When it completes the
-        window: per array, what to add to the weights to take the window's deltas to its own
-        factor (None where that is the factor they were applied with); else None."""
-        for total, added, d in zip(self._sums, self._added, delta, strict=True):
-            if total is not None and added is not None:
-                d64 = d.astype(np.float64, copy=False)
-                total += rows * d64
-                added += d64
+    def add(self, delta: Sequence[np.ndarray], rows: int, window: int) -> None:
+        for total, d in zip(self._sums, delta, strict=True):
+            if total is not None:
+                total += rows * d.astype(np.float64, copy=False)
         add_squares(self._squares, delta, rows, self._caps)
         self._rows += rows
         self._count += 1
         if self._count >= max(window, 2):
-            return self._close()
-        return None
+            self._close()
 
-    def _close(self) -> list[np.ndarray | None]:
-        corrections: list[np.ndarray | None] = [None] * len(self._sums)
-        for i, (total, added) in enumerate(zip(self._sums, self._added, strict=True)):
-            if total is None or added is None:
+    def _close(self) -> None:
+        for i, total in enumerate(self._sums):
+            if total is None:
                 continue
             mean = total / self._rows
-            factor = boost_of_mean(
+            self.factors[i] = boost_of_mean(
                 mean,
                 self._squares[i],
                 self._previous[i],
@@ -207,34 +180,10 @@ class Agreement:
                 batch_size=self._batch_size,
                 cap=self._caps[i],
             )
-            if factor != self.factors[i]:
-                corrections[i] = (factor - self.factors[i]) * self._scale * added
-            self.factors[i] = factor
             self._previous[i] = mean
             total.fill(0.0)
-            added.fill(0.0)
         self._squares = [0.0] * len(self._squares)
         self._rows = self._count = 0
-        return corrections
-
-
-def corrected(
-    weights: list[np.ndarray], corrections: Sequence[np.ndarray | None] | None, in_place: bool
-) -> list[np.ndarray]:
-    """``weights`` plus the corrections a closed window returned (see :meth:`Agreement.add`):
-    into the arrays themselves (hogwild), or as new arrays where corrected (async, whose
-    replies are snapshots)."""
-    if corrections is None:
-        return weights
-    if in_place:
-        for w, c in zip(weights, corrections, strict=True):
-            if c is not None:
-                np.add(w, c, out=w, casting="unsafe")
-        return weights
-    return [
-        w if c is None else (w + c).astype(w.dtype, copy=False)
-        for w, c in zip(weights, corrections, strict=True)
-    ]
 
 
 def flags(trainable: Sequence[bool] | None, weights: Sequence[np.ndarray]) -> list[bool]:
@@ -248,14 +197,14 @@ def flags(trainable: Sequence[bool] | None, weights: Sequence[np.ndarray]) -> li
 
 
 def agreement(
-    weights: Sequence[np.ndarray], caps: Sequence[float] | None, schedule: Schedule, scale: float
+    weights: Sequence[np.ndarray], caps: Sequence[float] | None, schedule: Schedule
 ) -> Agreement | None:
-    return None if caps is None else Agreement(weights, caps, schedule.batch_size, scale)
+    return None if caps is None else Agreement(weights, caps, schedule.batch_size)
 
 
 def delta_scales(scale: float, agreement: Agreement | None, count: int) -> list[float]:
     """What each array of the next delta is multiplied by: the rule's scale, times the boost
-    the last window of deltas measured (see :class:`Agreement`)."""
+    the last window of deltas measured (see :class:`~spark_keras_ml.ps.scaling.Agreement`)."""
     if agreement is None:
         return [scale] * count
     return [scale * f for f in agreement.factors]

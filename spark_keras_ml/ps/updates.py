@@ -295,7 +295,7 @@ class AsyncRule(UpdateRule):
             raise ValueError("Expected no boost with an outer optimizer")
         self._max_staleness = max_staleness
         self._scale = scale
-        self._agreement = scaling.agreement(self._weights, boost_caps, schedule, scale)
+        self._agreement = scaling.agreement(self._weights, boost_caps, schedule)
         # Arrays are replaced on every push, so what a worker was sent stays as it was.
         flags = scaling.flags(trainable, self._weights)
         self._sent = SentStatistics(flags, copy=False, frequency=schedule.frequency)
@@ -319,8 +319,7 @@ class AsyncRule(UpdateRule):
                     for w, a in zip(self._weights, additions, strict=True)
                 ]
                 if self._agreement is not None:
-                    fixes = self._agreement.add(delta, rows, window=len(self._active))
-                    self._weights = scaling.corrected(self._weights, fixes, in_place=False)
+                    self._agreement.add(delta, rows, window=len(self._active))
                 if self._buffer is not None:
                     self._buffer.add(partition, delta, rows)
                     self._apply_full_buffer()
@@ -404,7 +403,7 @@ class HogwildRule(UpdateRule):
     ) -> None:
         super().__init__(weights, num_workers, schedule=schedule)
         self._scale = scale
-        self._agreement = scaling.agreement(self._weights, boost_caps, schedule, scale)
+        self._agreement = scaling.agreement(self._weights, boost_caps, schedule)
         # The arrays change in place: what a worker was sent is a copy.
         flags = scaling.flags(trainable, self._weights)
         self._sent = SentStatistics(flags, copy=True, frequency=schedule.frequency)
@@ -429,8 +428,7 @@ class HogwildRule(UpdateRule):
         # The arithmetic above takes no lock; the window and the record of what was sent do.
         with self._cond:
             if applied and delta is not None and rows > 0 and self._agreement is not None:
-                fixes = self._agreement.add(delta, rows, window=len(self._active))
-                scaling.corrected(self._weights, fixes, in_place=True)
+                self._agreement.add(delta, rows, window=len(self._active))
             self._sent.record(partition, self._weights)
         return self._version, self._weights
 
