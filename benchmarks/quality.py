@@ -3,9 +3,13 @@ the default first) at 2, 4 and 8 workers, against single-process Keras with the 
 batch size and learning rate, on dense, digits, wide and conv.
 
     .venv/bin/python -m benchmarks.quality [--quick]
+    .venv/bin/python -m benchmarks.quality --workloads conv --configurations async/batch \
+        --workers 4 8
 
 Runs on local[8] (eight task slots on this machine's cores: a sync fit needs a slot per worker
-at once). ``--quick``: digits and conv, four configurations, 2 and 8 workers.
+at once). ``--quick``: digits and conv, four configurations, 2 and 8 workers. ``--workloads``,
+``--configurations`` (names starting with these) and ``--workers`` run part of the loop, to
+check a change: logged only, the section's results are left as they are.
 
 Digits has 360 holdout rows and conv 1,000, so one run's accuracy has a binomial spread of
 about 1.2 points: as wide as the targets. On those every configuration, and the reference, is
@@ -16,11 +20,14 @@ holdout rows) and wide (2,000) are fitted once.
 
 from __future__ import annotations
 
+import argparse
 import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from benchmarks import workloads
-from benchmarks.common import Report, log, section_main, spark_session
+from benchmarks.common import Report, log, section_main, setup_logging, spark_session
 from benchmarks.configurations import CONFIGURATIONS, Configuration, quality_window
 from benchmarks.training import reference_fit
 from benchmarks.workloads import Workload
@@ -50,14 +57,32 @@ def accuracy_of(
     return float(accuracy)
 
 
-def run(report: Report, quick: bool) -> None:
-    spark = spark_session("local[8]")
+WORKLOADS = ("dense", "digits", "wide", "conv")
+
+
+@dataclass(frozen=True)
+class Part:
+    """Part of the loop (None: all of it)."""
+
+    workloads: Sequence[str] | None = None
+    #: Configurations whose names start with one of these.
+    configurations: Sequence[str] | None = None
+    workers: Sequence[int] | None = None
+
+
+def run(report: Report, quick: bool, part: Part = Part()) -> None:
+    counts: tuple[int, ...]
     if quick:
-        chosen, configurations, counts = [workloads.digits(), workloads.conv()], QUICK, (2, 8)
+        names, configurations, counts = ["digits", "conv"], QUICK, (2, 8)
     else:
-        chosen = [workloads.dense(), workloads.digits(), workloads.wide(), workloads.conv()]
-        configurations, counts = CONFIGURATIONS, (2, 4, 8)
-    for w in chosen:
+        names, configurations, counts = list(WORKLOADS), CONFIGURATIONS, (2, 4, 8)
+    names = [n for n in names if part.workloads is None or n in part.workloads]
+    if part.configurations is not None:
+        prefixes = tuple(part.configurations)
+        configurations = [c for c in configurations if c.name.startswith(prefixes)]
+    counts = tuple(part.workers or counts)
+    spark = spark_session("local[8]")
+    for w in (workloads.make(n) for n in names):
         seeds = list(range(SEEDS if w.name in SEEDED and not quick else 1))
         train = w.train_frame(spark)
         references = [reference_fit(w, seed=seed)["accuracy"] for seed in seeds]
@@ -103,7 +128,18 @@ def run(report: Report, quick: bool) -> None:
 
 
 def main() -> None:
-    section_main("quality", run, __doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--workloads", nargs="+", choices=WORKLOADS)
+    parser.add_argument("--configurations", nargs="+", metavar="NAME_START")
+    parser.add_argument("--workers", nargs="+", type=int)
+    args = parser.parse_args()
+    part = Part(args.workloads, args.configurations, args.workers)
+    if part == Part():
+        section_main("quality", run, __doc__.splitlines()[0])
+        return
+    setup_logging()
+    run(Report("quality", quick=args.quick), args.quick, part)  # logged, not written
 
 
 if __name__ == "__main__":
