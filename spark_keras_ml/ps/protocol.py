@@ -97,6 +97,10 @@ class Message:
 # Exact-length reads and frames
 
 
+#: Reads up to this many bytes need no alignment (see recv_exactly).
+_SMALL_READ = 1024
+
+
 def recv_exactly(sock: socket.socket, n: int, into: ReceiveBuffer | None = None) -> memoryview:
     """Read exactly ``n`` bytes; the end of the stream inside them is an error, never short data.
 
@@ -117,10 +121,6 @@ def recv_exactly(sock: socket.socket, n: int, into: ReceiveBuffer | None = None)
             raise ProtocolError(f"connection closed after {got} of {n} expected bytes")
         got += k
     return buf
-
-
-#: Reads up to this many bytes need no alignment (see recv_exactly).
-_SMALL_READ = 1024
 
 
 class ReceiveBuffer:
