@@ -17,8 +17,10 @@ import keras
 import numpy as np
 
 if TYPE_CHECKING:
+    from spark_keras_ml.executor.gradient_moments import MomentRecorder
     from spark_keras_ml.executor.rows import Rows
-    from spark_keras_ml.executor.train import PartitionWorker
+    from spark_keras_ml.executor.worker import PartitionWorker
+    from spark_keras_ml.ps.messages import GradientMoments
 
 
 def epoch_order(seed: int, partition: int, epoch: int, rows: int) -> np.ndarray:
@@ -114,37 +116,45 @@ def exchange_in_graph(
     local_steps: int,
     batches_per_epoch: int,
     first_epoch: int,
-    exchange: Callable[[list[np.ndarray]], list[np.ndarray]],
-) -> None:
+    exchange: Callable[[list[np.ndarray], GradientMoments], list[np.ndarray]],
+) -> MomentRecorder:
     """Make the mid-epoch exchanges of local SGD run inside the train step (TensorFlow only).
 
     After every ``local_steps``-th step of an epoch, except its last (whose exchange carries the
     epoch's logs, so it stays with :class:`Exchanges`), the optimizer's ``apply`` hands every
-    weight to ``exchange`` through ``tf.numpy_function`` and sets them to what it returns. Keras
-    can then run a whole epoch in one call of its train function.
+    weight, and the moments of the gradients since the last exchange, to ``exchange`` through
+    ``tf.numpy_function`` and sets the weights to what it returns. Keras can then run a whole
+    epoch in one call of its train function. Returns the recorder of those moments, for the
+    exchanges that run outside the step.
     """
     import tensorflow as tf
 
+    from spark_keras_ml.executor.gradient_moments import MomentRecorder
+
     optimizer, weights = model.optimizer, model.weights
     original = optimizer.apply
+    recorder = MomentRecorder(model)
     # Steps of the fit so far; not a Keras variable, so never among the model's weights.
     step = tf.Variable(first_epoch * batches_per_epoch, dtype=tf.int64, trainable=False)
 
     def run(*values: np.ndarray) -> list[np.ndarray]:
-        return exchange(list(values))
+        count = len(weights)
+        return exchange(list(values[:count]), recorder.moments(*values[count:]))
 
     def swap() -> Any:
         new = tf.numpy_function(
             run,
-            [tf.convert_to_tensor(w) for w in weights],
+            [*(tf.convert_to_tensor(w) for w in weights), *recorder.tensors()],
             Tout=[w.dtype for w in weights],
             stateful=True,
         )
         for variable, value in zip(weights, new, strict=True):
             variable.assign(tf.reshape(value, variable.shape))
+        recorder.reset()
         return tf.constant(True)
 
     def apply(grads: Any, trainable_variables: Any = None) -> None:
+        recorder.record(grads, trainable_variables)
         original(grads, trainable_variables)
         batch = step % batches_per_epoch
         step.assign_add(1)
@@ -154,3 +164,4 @@ def exchange_in_graph(
         tf.cond(due, swap, lambda: tf.constant(False))
 
     optimizer.apply = apply
+    return recorder

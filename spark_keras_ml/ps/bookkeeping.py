@@ -21,8 +21,12 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from spark_keras_ml.ps.messages import GradientMoments
 
 logger = logging.getLogger(__name__)
 
@@ -201,8 +205,10 @@ class UpdateRule:
         delta: Sequence[np.ndarray] | None,
         rows: int,
         timeout: float,
+        moments: GradientMoments | None = None,
     ) -> tuple[int, list[np.ndarray]]:
-        """Apply one step's delta (None: a rejected delta that only moves the step on)."""
+        """Apply one step's delta (None: a rejected delta that only moves the step on);
+        ``moments``: of the gradients behind it, where the worker recorded them."""
         raise NotImplementedError
 
     def _admit(self, partition: int, attempt: int, step: int, has_update: bool) -> bool:

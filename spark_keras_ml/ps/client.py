@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from spark_keras_ml.ps import protocol
-from spark_keras_ml.ps.messages import EpochEnd, Hello, Push, Reply
+from spark_keras_ml.ps.messages import EpochEnd, GradientMoments, Hello, Push, Reply
 from spark_keras_ml.ps.protocol import Op, ProtocolError
 
 #: Extra seconds a client waits beyond the server's own limit, so the server's clearer timeout
@@ -91,15 +91,14 @@ class ParameterClient:
         end: EpochEnd | None = None,
         gradients: bool = False,
         precision: str = "float32",
+        moments: GradientMoments | None = None,
     ) -> tuple[Reply, list[np.ndarray]]:
         """Send one step's update, already compressed to ``precision`` (``compress_delta``);
         ``end`` goes with the last push of an epoch (see :class:`~spark_keras_ml.ps.messages.Push`).
 
         Returns the reply and the weights to train the next step from.
         """
-        push = Push(
-            step=step, rows=rows, epoch=epoch, gradients=gradients, precision=precision, end=end
-        )
+        push = Push(step, rows, epoch, gradients, precision, end, moments)
         return self._call(Op.PUSH, push.encode(), delta)
 
     def pull(self) -> tuple[Reply, list[np.ndarray]]:

@@ -153,6 +153,50 @@ class EpochEnd:
 
 
 @dataclass(frozen=True)
+class GradientMoments:
+    """Of the gradients a worker stepped on since its last exchange, per weight: the sum of
+    their squared norms, and the sum of the dot products of consecutive ones; None for a weight
+    it has no gradient of (not trainable, or a sparse gradient). The server estimates from them
+    how much of a gradient is noise (:func:`~spark_keras_ml.ps.scaling.noise_ratio`)."""
+
+    #: Gradients summed: ``steps - 1`` consecutive pairs.
+    steps: int
+    squares: tuple[float | None, ...]
+    products: tuple[float | None, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.squares) != len(self.products):
+            raise ValueError(
+                f"Expected as many products as squares ({len(self.squares)}). "
+                f"Received: {len(self.products)}"
+            )
+
+    def encode(self) -> dict[str, Any]:
+        def finite(values: tuple[float | None, ...]) -> list[float | None]:
+            # A non-finite sum (a diverged step) travels as null, as a metric does.
+            return [v if v is not None and math.isfinite(v) else None for v in values]
+
+        return {
+            "steps": self.steps,
+            "squares": finite(self.squares),
+            "products": finite(self.products),
+        }
+
+    @classmethod
+    def decode(cls, meta: Any) -> Self:
+        what = "PUSH moments"
+        _check_object(meta, what)
+        squares = _numbers_field(meta, "squares", what)
+        products = _numbers_field(meta, "products", what)
+        if len(squares) != len(products):
+            raise ProtocolError(
+                f"{what} must hold as many products as squares ({len(squares)}), "
+                f"received {len(products)}"
+            )
+        return cls(_int_field(meta, "steps", what), squares, products)
+
+
+@dataclass(frozen=True)
 class Push:
     """C -> S (:attr:`Op.PUSH`): one step's update; its arrays travel beside this meta.
 
@@ -172,6 +216,8 @@ class Push:
     precision: str = "float32"
     #: Set on the last push of an epoch.
     end: EpochEnd | None = None
+    #: Of the gradients behind a delta, where the worker could record them.
+    moments: GradientMoments | None = None
 
     def __post_init__(self) -> None:
         if self.end is not None and self.epoch is None:
@@ -187,6 +233,8 @@ class Push:
             meta["precision"] = self.precision
         if self.end is not None:
             meta["end"] = self.end.encode()
+        if self.moments is not None:
+            meta["moments"] = self.moments.encode()
         return meta
 
     @classmethod
@@ -206,7 +254,8 @@ class Push:
         end = None if meta.get("end") is None else EpochEnd.decode(meta["end"])
         if end is not None and epoch is None:
             raise ProtocolError(f"{what} ends an epoch but has no 'epoch' field")
-        return cls(step, rows, epoch, gradients, precision, end)
+        moments = None if meta.get("moments") is None else GradientMoments.decode(meta["moments"])
+        return cls(step, rows, epoch, gradients, precision, end, moments)
 
 
 @dataclass(frozen=True)
@@ -322,6 +371,15 @@ def _logs_field(meta: dict[str, Any], what: str) -> dict[str, float | None]:
             number = math.inf
         clean[key] = number if math.isfinite(number) else None
     return clean
+
+
+def _numbers_field(meta: dict[str, Any], name: str, what: str) -> tuple[float | None, ...]:
+    """A required list of numbers or nulls; a non-finite number reads as null."""
+    values = meta.get(name)
+    if not isinstance(values, list):
+        raise ProtocolError(f"{what} field {name!r} must be a list, received {_short(values)}")
+    numbers = [None if v is None else _state_value(v, f"{what} {name}") for v in values]
+    return tuple(None if v is None or math.isnan(v) else v for v in numbers)
 
 
 def _state_value(value: Any, what: str) -> float:

@@ -2,9 +2,11 @@
 how far a mean of deltas is lengthened to make up the shorter steps that a normalizing
 optimizer (Adam and the like) takes on each worker's share of the batch (the boost).
 
-Sync rounds measure it from their own deltas (:func:`restoring_boost`); async and hogwild,
-which have no rounds, from the last window of as many deltas as workers are running
-(:class:`Agreement`), and apply it to the deltas that follow.
+Sync rounds measure it from the noise of the gradients their workers stepped on
+(:func:`noise_ratio`), or where a worker could not record them, from how much the deltas
+disagree (:func:`restoring_boost`); async and hogwild, which have no rounds, the same way from
+the last window of as many deltas as workers are running (:class:`Agreement`), and apply it to
+the deltas that follow.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import numpy as np
 
 if TYPE_CHECKING:
     from spark_keras_ml.ps.bookkeeping import Schedule
+    from spark_keras_ml.ps.messages import GradientMoments
 
 
 def boost_caps(
@@ -35,34 +38,102 @@ def boost_caps(
 def restoring_boost(
     mean_square: float, square_mean: float, *, workers: int, steps: float, cap: float
 ) -> float:
-    """How much longer a round's mean delta is made to match the step of one process.
+    """How much longer a round's mean delta is made to match the step of one process, where
+    the workers' gradients are not known (:func:`noise_ratio` is the estimate taken where
+    they are): from how much the deltas disagree.
 
-    An optimizer that divides its step by a running scale of the gradients (Adam, RMSprop,
-    Adagrad, ...) steps shorter on 1/N of a batch wherever the gradient's noise dominates its
-    signal: the noise of a 1/N share has N times the variance. With r a worker's per-step
-    noise-to-signal ratio (of squared norms), its scale is sqrt((1 + r) / (1 + r / N)) times
-    the whole batch's: 1 where the signal dominates, sqrt(N) where the noise does. The mean of
-    the workers' deltas keeps their direction but not that length, so plain averaging trained
-    less far per round than one process (1.1 and 3.5 points lost at 2 and 8 workers on
-    digits), and the mean is lengthened by that factor, at most ``cap``.
-
-    The round measures r: ``mean_square`` is the squared norm of the (row-weighted) mean delta
-    and ``square_mean`` the mean of the deltas' squared norms, so their difference is the
-    workers' disagreement, the noise, and the rest their signal. Over ``steps`` local steps a
-    steady signal adds up linearly and noise as a random walk, which would make one step's
-    ratio ``steps`` times the round's; near a minimum, where steps undo each other, it is the
-    round's. Taking ``steps`` made up the whole loss at Adam's usual rate but lost 3.6 points
-    at 0.02 on digits, taking 1 left 1.5 of the 3.5 points; the square root of ``steps``
-    is between the two (docs/architecture.md). A fixed sqrt(N) diverged at large rates.
+    ``mean_square`` is the squared norm of the (row-weighted) mean delta and ``square_mean``
+    the mean of the deltas' squared norms, so their difference is the workers' disagreement,
+    the noise, and the rest their signal. Over ``steps`` local steps a steady signal adds up
+    linearly and noise as a random walk, which would make one step's ratio ``steps`` times the
+    round's; near a minimum, where steps undo each other, it is the round's. Taking ``steps``
+    made up the whole loss at Adam's usual rate but lost 3.6 points at 0.02 on digits, taking
+    1 left 1.5 of the 3.5 points; the square root of ``steps`` is between the two
+    (docs/architecture.md). A fixed sqrt(N) diverged at large rates.
     """
     if workers < 2 or mean_square <= 0.0:
         return 1.0
     noise = max(square_mean - mean_square, 0.0) * workers / (workers - 1)
     signal = mean_square - noise / workers
     if signal <= 0.0:  # noise only: the limit of the ratio below
+        return step_ratio(math.inf, workers=workers, cap=cap)
+    return step_ratio(math.sqrt(max(steps, 1.0)) * noise / signal, workers=workers, cap=cap)
+
+
+def step_ratio(ratio: float, *, workers: int, cap: float) -> float:
+    """How much longer one process's step is than a worker's, at most ``cap``.
+
+    An optimizer that divides its step by a running scale of the gradients (Adam, RMSprop,
+    Adagrad, ...) steps shorter on 1/N of a batch wherever the gradient's noise dominates its
+    signal: the noise of a 1/N share has N times the variance. With ``ratio`` a worker's
+    per-step noise-to-signal ratio r (of squared norms), its scale is sqrt((1 + r) / (1 + r /
+    N)) times the whole batch's: 1 where the signal dominates, sqrt(N) where the noise does.
+    The mean of the workers' deltas keeps their direction but not that length, so plain
+    averaging trained less far per round than one process (1.1 and 3.5 points lost at 2 and
+    8 workers on digits), and the mean is lengthened by that factor.
+    """
+    if workers < 2:
+        return 1.0
+    if math.isinf(ratio):
         return min(cap, math.sqrt(workers))
-    ratio = math.sqrt(max(steps, 1.0)) * noise / signal
     return min(cap, math.sqrt((1.0 + ratio) / (1.0 + ratio / workers)))
+
+
+def noise_ratio(squares: float, products: float, *, steps: int, pairs: int) -> float | None:
+    """A worker's per-step noise-to-signal ratio of its gradients (of squared norms), from the
+    sum of their squared norms over ``steps`` steps and the sum of the dot products of
+    consecutive ones over ``pairs`` pairs (:class:`~spark_keras_ml.ps.messages.GradientMoments`);
+    None without a pair.
+
+    Consecutive gradients come from independent batches at nearly the same weights, so their
+    mean product is the squared norm of the expected gradient (the signal, which moves little
+    in one step), and their mean squared norm is that plus the noise's variance. Unlike the
+    disagreement of whole deltas, this needs no guess at how a signal adds up over a round's
+    steps (:func:`restoring_boost`): measured on digits, a simulated default at 2/4/8 workers
+    lost 0.3/0.7/0.9 points with it and 0.6/1.2/2.2 with the deltas' (docs/architecture.md).
+    """
+    if steps < 1 or pairs < 1:
+        return None
+    signal = products / pairs
+    if signal <= 0.0:  # no signal left in one step: all noise, or an oscillation
+        return math.inf
+    return max(squares / steps - signal, 0.0) / signal
+
+
+class GradientSums:
+    """The gradient moments of the pushes of one round (or window), summed per array; an
+    array's ratio is unknown (None) once a push came without its moments."""
+
+    def __init__(self, count: int) -> None:
+        self._count = count
+        self.reset()
+
+    def reset(self) -> None:
+        self._squares = [0.0] * self._count
+        self._products = [0.0] * self._count
+        self._known = [True] * self._count
+        self._steps = self._pairs = 0
+
+    def add(self, moments: GradientMoments | None) -> None:
+        if moments is None:
+            self._known = [False] * self._count
+            return
+        for i, (square, product) in enumerate(zip(moments.squares, moments.products, strict=True)):
+            if square is None or product is None:
+                self._known[i] = False
+            else:
+                self._squares[i] += square
+                self._products[i] += product
+        self._steps += moments.steps
+        self._pairs += max(moments.steps - 1, 0)
+
+    def ratio(self, i: int) -> float | None:
+        """Array ``i``'s :func:`noise_ratio` over the pushes added, or None."""
+        if not self._known[i]:
+            return None
+        return noise_ratio(
+            self._squares[i], self._products[i], steps=self._steps, pairs=self._pairs
+        )
 
 
 def checked_caps(caps: Sequence[float] | None, weights: Sequence[np.ndarray]) -> list[float]:
@@ -110,11 +181,13 @@ def boost_of_mean(
     workers: int,
     batch_size: int,
     cap: float,
+    ratio: float | None = None,
 ) -> float:
     """The factor a row-weighted ``mean`` of ``workers`` deltas (over ``rows`` rows in steps of
     ``batch_size``; ``square_sum`` the row-weighted sum of their squared norms) is lengthened
-    by: :func:`restoring_boost`, as far as the mean goes on in the direction of the
-    ``previous`` one (none for the first).
+    by: :func:`step_ratio` of the gradients' noise ``ratio`` (:func:`noise_ratio`), or where
+    it is None :func:`restoring_boost` of the deltas, as far as the mean goes on in the
+    direction of the ``previous`` one (none for the first).
 
     The workers also disagree where their steps oscillate around a minimum: at a large learning
     rate, where Adam's normalized steps do not shrink as the gradients do. There is no noisy
@@ -124,13 +197,16 @@ def boost_of_mean(
     direction, so the boost is weighted by the cosine of consecutive means (none below 0).
     """
     square = dot(mean, mean)
-    factor = restoring_boost(
-        square,
-        square_sum / rows,
-        workers=workers,
-        steps=rows / (workers * batch_size),
-        cap=cap,
-    )
+    if ratio is not None:
+        factor = step_ratio(ratio, workers=workers, cap=cap)
+    else:
+        factor = restoring_boost(
+            square,
+            square_sum / rows,
+            workers=workers,
+            steps=rows / (workers * batch_size),
+            cap=cap,
+        )
     if previous is None or factor == 1.0:
         return 1.0 if previous is None else factor
     norms = math.sqrt(square * dot(previous, previous))
@@ -152,15 +228,23 @@ class Agreement:
             for w, c in zip(weights, self._caps, strict=True)
         ]
         self._squares, self._previous = boost_state(weights)
+        self._gradients = GradientSums(len(weights))
         self._rows = 0
         self._count = 0
         self.factors = [1.0] * len(weights)
 
-    def add(self, delta: Sequence[np.ndarray], rows: int, window: int) -> None:
+    def add(
+        self,
+        delta: Sequence[np.ndarray],
+        rows: int,
+        window: int,
+        moments: GradientMoments | None = None,
+    ) -> None:
         for total, d in zip(self._sums, delta, strict=True):
             if total is not None:
                 total += rows * d.astype(np.float64, copy=False)
         add_squares(self._squares, delta, rows, self._caps)
+        self._gradients.add(moments)
         self._rows += rows
         self._count += 1
         if self._count >= max(window, 2):
@@ -179,10 +263,12 @@ class Agreement:
                 workers=self._count,
                 batch_size=self._batch_size,
                 cap=self._caps[i],
+                ratio=self._gradients.ratio(i),
             )
             self._previous[i] = mean
             total.fill(0.0)
         self._squares = [0.0] * len(self._squares)
+        self._gradients.reset()
         self._rows = self._count = 0
 
 

@@ -27,6 +27,7 @@ from spark_keras_ml.ps.bookkeeping import PER_EPOCH, Schedule, Superseded, Train
 from spark_keras_ml.ps.messages import Hello, MetricState, Push, Reply
 from spark_keras_ml.ps.metrics import EpochAggregator
 from spark_keras_ml.ps.protocol import Message, Op, ProtocolError, RemoteError
+from spark_keras_ml.ps.push_checks import PushChecks
 from spark_keras_ml.ps.updates import SyncRule, make_rule
 
 if TYPE_CHECKING:
@@ -143,9 +144,8 @@ class ParameterServer:
         self._secret = secret
         self._host = host
         self._timeout = timeout
-        self._max_bad_updates = max_bad_updates
         self._max_body = protocol.message_bytes_limit(weights)
-        self._shapes = [(tuple(w.shape), np.dtype(np.float32).str) for w in weights]
+        self._checks = PushChecks(weights, self._rule, max_bad_updates)
         self._epochs = EpochAggregator(num_workers, on_epoch, finish_states)
         self._on_abort = on_abort
         self._abort_reported = False
@@ -436,9 +436,9 @@ class ParameterServer:
         delta: list[np.ndarray] | None = None
         if arrays or push.rows:  # a push of no rows may come without arrays (a report step)
             delta = protocol.decompress_delta(arrays, push.precision)
-            self._check_delta(delta)
+            self._checks.match(delta, push.moments)
         # A delta behind zero rows is never applied, so only the others need checking.
-        usable = push.rows == 0 or (delta is not None and self._finite(partition, delta))
+        usable = push.rows == 0 or (delta is not None and self._checks.finite(partition, delta))
         epoch, end = push.epoch, push.end  # end: set on the epoch's last push (with its epoch)
         completed = False
         if epoch is not None and end is not None and self._rule.is_current(*worker):
@@ -452,6 +452,7 @@ class ParameterServer:
             delta if usable else None,
             push.rows if usable else 0,
             self._timeout,
+            push.moments,
         )
         if completed and epoch is not None and self._on_epoch_applied is not None:
             self._on_epoch_applied(epoch, [np.array(w, copy=True) for w in weights])
@@ -467,31 +468,3 @@ class ParameterServer:
         protocol.send_message(conn, Op.WEIGHTS, reply.encode(), weights)
         if rounds is not None:  # the server's own step on that mean, while the workers train on
             rounds.settle()
-
-    def _finite(self, partition: int, delta: list[np.ndarray]) -> bool:
-        """Reject (and count) a delta holding NaN or inf; too many fail the fit."""
-        # A finite sum proves every element finite (NaN and inf propagate) without the
-        # model-size boolean temporary of isfinite(); only a non-finite sum needs the full check,
-        # as large finite values can overflow it.
-        with np.errstate(over="ignore", invalid="ignore"):
-            if all(np.isfinite(d.sum()) or np.isfinite(d).all() for d in delta):
-                return True
-        rejected = self._rule.count("rejected")
-        logger.warning(
-            "rejected a non-finite delta from partition %d (%d so far)", partition, rejected
-        )
-        if rejected > self._max_bad_updates:
-            self._rule.abort(
-                f"{rejected} deltas held NaN or inf (the last from partition {partition}), more "
-                f"than maxBadUpdates={self._max_bad_updates}: training diverged. Lower the "
-                "learning rate or clip gradients, e.g. optimizer={'class_name': 'Adam', "
-                "'config': {'clipnorm': 1.0}}"
-            )
-        return False
-
-    def _check_delta(self, arrays: list[np.ndarray]) -> None:
-        got = [(tuple(a.shape), a.dtype.str) for a in arrays]
-        if got != self._shapes:
-            raise ProtocolError(
-                f"delta does not match the model: expected {self._shapes}, got {got}"
-            )

@@ -241,7 +241,8 @@ def test_a_worker_that_registers_mid_fit_loads_the_server_optimizer_state() -> N
     """A rerun's replicas start from the server's optimizer state (Adam's moments and step
     count), not from a fresh optimizer, or they would step differently from a single process."""
     from spark_keras_ml.executor.rows import Rows
-    from spark_keras_ml.executor.train import PartitionWorker, build_trainee, connect
+    from spark_keras_ml.executor.train import build_trainee, connect
+    from spark_keras_ml.executor.worker import PartitionWorker
 
     model = small_model()
     compile_config = resolve_compile_config(

@@ -8,7 +8,8 @@ import numpy as np
 
 from spark_keras_ml.config import TrainConfig
 from spark_keras_ml.executor.rows import Rows
-from spark_keras_ml.executor.train import PartitionWorker, build_trainee, connect
+from spark_keras_ml.executor.train import build_trainee, connect
+from spark_keras_ml.executor.worker import PartitionWorker
 from spark_keras_ml.ps.server import ParameterServer
 
 

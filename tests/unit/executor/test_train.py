@@ -274,3 +274,39 @@ def test_a_model_compiled_for_xla_exchanges_from_outside_its_step(frequency: str
     for weights in finals:
         for got, want in zip(weights, final, strict=True):
             np.testing.assert_array_equal(got, want)
+
+
+def test_the_recorded_gradient_moments_are_those_of_each_stretch_s_steps() -> None:
+    """Squared norms and consecutive products of the very gradients Keras stepped on, reset at
+    every exchange: the one inside the step and the one after the epoch."""
+    from spark_keras_ml.executor import local_sgd
+
+    model = tiny_model()
+    model.compile(optimizer=keras.optimizers.SGD(0.0), loss="sparse_categorical_crossentropy")
+    x = np.random.default_rng(1).normal(size=(16, 4)).astype(np.float32)
+    y = (np.arange(16) % 3).astype(np.float32)
+    inside: list[Any] = []
+
+    def exchange(weights: list[np.ndarray], moments: Any) -> list[np.ndarray]:
+        inside.append(moments)
+        return weights
+
+    recorder = local_sgd.exchange_in_graph(model, 2, 4, 0, exchange)
+    model.fit(x, y, batch_size=4, epochs=1, shuffle=False, verbose=0)
+    after = recorder.take()
+    loss = keras.losses.SparseCategoricalCrossentropy()
+    import tensorflow as tf
+
+    grads = []
+    for start in range(0, 16, 4):  # the rate is 0: every step's weights are the first ones
+        with tf.GradientTape() as tape:
+            value = loss(y[start : start + 4], model(x[start : start + 4]))
+        grads.append([g.numpy() for g in tape.gradient(value, model.trainable_variables)])
+    assert len(inside) == 1  # after step 2; the epoch's last exchange is outside the step
+    for moments, (first, second) in zip([*inside, after], [grads[:2], grads[2:]], strict=True):
+        assert moments.steps == 2
+        expected_squares = [float((a * a).sum() + (b * b).sum()) for a, b in zip(first, second)]
+        expected_products = [float((a * b).sum()) for a, b in zip(first, second)]
+        np.testing.assert_allclose(moments.squares, expected_squares, rtol=1e-4)
+        np.testing.assert_allclose(moments.products, expected_products, rtol=1e-4, atol=1e-7)
+    assert recorder.take().steps == 0

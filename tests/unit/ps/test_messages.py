@@ -9,7 +9,14 @@ import numpy as np
 import pytest
 
 from spark_keras_ml.ps import protocol
-from spark_keras_ml.ps.messages import EpochEnd, Hello, MetricState, Push, Reply
+from spark_keras_ml.ps.messages import (
+    EpochEnd,
+    GradientMoments,
+    Hello,
+    MetricState,
+    Push,
+    Reply,
+)
 from spark_keras_ml.ps.protocol import Op, ProtocolError
 from tests.unit.ps.support import body_bytes, raw_body, socket_pair
 
@@ -26,6 +33,7 @@ MESSAGES = [
     Push(step=3, rows=32, epoch=0),
     Push(step=7, rows=0, epoch=1, gradients=True, precision="bfloat16", end=END),
     Push(step=2**40, rows=1, epoch=2, precision="float16", end=EpochEnd(1, 0, {"lr": 0.01})),
+    Push(step=4, rows=16, moments=GradientMoments(16, (2.5, None, 0.0), (1.0, None, -0.5))),
     Reply(version=0, resume_step=0, steps_per_epoch=1),
     Reply(version=5, rejected=True, stop_after=2),
     Reply(version=3, rejected=False, update=True),
@@ -85,6 +93,13 @@ def test_non_finite_metrics_travel_as_null() -> None:
     assert received.end == EpochEnd(rows=4, held_out=0, logs={"loss": None, "big": None, "ok": 2.5})
 
 
+def test_non_finite_gradient_moments_travel_as_null() -> None:
+    moments = GradientMoments(3, (math.inf, 1.0), (math.nan, 2.0))
+    meta = Push(step=0, rows=4, moments=moments).encode()
+    assert meta["moments"] == {"steps": 3, "squares": [None, 1.0], "products": [None, 2.0]}
+    assert Push.decode(meta).moments == GradientMoments(3, (None, 1.0), (None, 2.0))
+
+
 def test_decoded_logs_are_floats_or_none() -> None:
     # A hand-made peer may write ints, NaN/Infinity literals or an integer beyond float range.
     huge = "1" + "0" * 400
@@ -103,6 +118,7 @@ def test_a_push_that_ends_an_epoch_names_the_epoch() -> None:
 _HELLO = {"partition": 1, "attempt": 2, "run": 0, "rows": 3}
 _PUSH = {"step": 0, "rows": 1}
 _END = {"rows": 1, "held_out": 0, "logs": {}}
+_MOMENTS = {"steps": 2, "squares": [1.0, None], "products": [0.5, None]}
 
 
 @pytest.mark.parametrize(
@@ -132,6 +148,11 @@ _END = {"rows": 1, "held_out": 0, "logs": {}}
         (Push, {**_PUSH, "end": _END}, "PUSH ends an epoch but has no 'epoch' field"),
         (Push, {**_PUSH, "epoch": 0, "end": [1]}, "epoch end must be a JSON object"),
         (Push, {**_PUSH, "epoch": 0, "end": {"rows": 1, "logs": {}}}, "has no 'held_out'"),
+        (Push, {**_PUSH, "moments": [1]}, "PUSH moments must be a JSON object"),
+        (Push, {**_PUSH, "moments": {**_MOMENTS, "steps": -1}}, "'steps' must be a non-neg"),
+        (Push, {**_PUSH, "moments": {**_MOMENTS, "squares": 1.0}}, "'squares' must be a list"),
+        (Push, {**_PUSH, "moments": {**_MOMENTS, "products": ["1"]}}, "must be a number or null"),
+        (Push, {**_PUSH, "moments": {**_MOMENTS, "products": []}}, "as many products as squares"),
         (EpochEnd, {"rows": 1, "held_out": 0}, "epoch end has no 'logs' field"),
         (EpochEnd, {**_END, "held_out": -3}, "'held_out' must be a non-negative integer"),
         (Reply, {}, "WEIGHTS reply has no 'version' field"),

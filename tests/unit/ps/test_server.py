@@ -18,7 +18,7 @@ import pytest
 from spark_keras_ml.ps import protocol
 from spark_keras_ml.ps.bookkeeping import Schedule
 from spark_keras_ml.ps.client import ParameterClient
-from spark_keras_ml.ps.messages import EpochEnd, Reply
+from spark_keras_ml.ps.messages import EpochEnd, GradientMoments, Reply
 from spark_keras_ml.ps.protocol import (
     HEADER,
     MAGIC,
@@ -405,6 +405,19 @@ def test_delta_that_does_not_match_the_model_is_refused(delta: list[np.ndarray])
         assert server.failure is not None
         assert "lost the worker for partition 0" in server.failure
         assert "delta does not match the model" in server.failure
+
+
+def test_gradient_moments_that_do_not_match_the_model_are_refused() -> None:
+    delta = [np.zeros((3, 2), np.float32), np.zeros(4, np.float32)]
+    with ParameterServer(initial_weights(), num_workers=1, secret=SECRET, timeout=5.0) as server:
+        with client_for(server) as client:
+            client.hello(partition=0, rows=5)
+            moments = GradientMoments(2, (1.0,), (0.5,))  # one weight of two
+            with pytest.raises(ProtocolError, match="connection closed"):
+                client.push(delta, rows=5, step=0, moments=moments)
+        assert server.version == 0
+        assert server.failure is not None
+        assert "gradient moments do not match the model: expected 2 weights" in server.failure
         assert_weights(server.final_weights(), initial_weights())
 
 

@@ -8,6 +8,7 @@ non-finite deltas and compressed deltas.
 from __future__ import annotations
 
 import json
+import math
 import os
 import threading
 import time
@@ -19,18 +20,20 @@ import numpy as np
 import pytest
 
 from spark_keras_ml.ps import protocol
+from spark_keras_ml.ps.async_rules import AsyncRule, HogwildRule
 from spark_keras_ml.ps.bookkeeping import Schedule, steps_per_epoch
 from spark_keras_ml.ps.client import ParameterClient
-from spark_keras_ml.ps.messages import Reply
+from spark_keras_ml.ps.messages import GradientMoments, Reply
 from spark_keras_ml.ps.protocol import RemoteError
-from spark_keras_ml.ps.scaling import boost_caps, delta_scale, restoring_boost
-from spark_keras_ml.ps.server import ParameterServer
-from spark_keras_ml.ps.updates import (
-    AsyncRule,
-    HogwildRule,
-    SyncRule,
-    make_rule,
+from spark_keras_ml.ps.scaling import (
+    boost_caps,
+    delta_scale,
+    noise_ratio,
+    restoring_boost,
+    step_ratio,
 )
+from spark_keras_ml.ps.server import ParameterServer
+from spark_keras_ml.ps.updates import SyncRule, make_rule
 from tests.unit.ps.support import SECRET, WAIT, run_workers, wait_until
 
 pytestmark = pytest.mark.timeout(60)
@@ -212,6 +215,48 @@ def test_sync_rounds_lengthen_disagreeing_means_that_keep_their_direction() -> N
     np.testing.assert_allclose(second[1], [1.0, 1.0])  # not trainable: the mean
     third = round_of(2, -1.0)  # back the way it came: an oscillation
     np.testing.assert_allclose(third[0], [1.1 - 0.5, 1.1 - 0.5])
+
+
+def test_the_noise_ratio_of_gradients_comes_from_consecutive_products() -> None:
+    """Gradients of signal 1 and noise of variance 3 per coordinate: r = 3. Consecutive ones
+    share the signal only, so their products measure it however the noise is."""
+    rng = np.random.default_rng(0)
+    grads = 1.0 + np.sqrt(3.0) * rng.normal(size=(2_000, 50))
+    squares = float((grads * grads).sum())
+    products = float((grads[1:] * grads[:-1]).sum())
+    assert noise_ratio(squares, products, steps=2_000, pairs=1_999) == pytest.approx(3, rel=0.05)
+    same = np.ones((10, 50))  # no noise
+    assert noise_ratio(float((same * same).sum()), 9 * 50.0, steps=10, pairs=9) == 0.0
+    assert noise_ratio(4.0, -1.0, steps=2, pairs=1) == math.inf  # no signal left
+    assert noise_ratio(4.0, 0.0, steps=1, pairs=0) is None  # one gradient: nothing to pair
+    assert step_ratio(math.inf, workers=4, cap=10.0) == 2.0
+    assert step_ratio(3.0, workers=4, cap=10.0) == pytest.approx(np.sqrt(4 / 1.75))
+    assert step_ratio(3.0, workers=1, cap=10.0) == 1.0
+
+
+def test_a_round_with_gradient_moments_takes_its_boost_from_them() -> None:
+    """The same disagreeing deltas: lengthened by sqrt(2) (capped) where the deltas' own
+    disagreement is all there is, by nothing where the gradients behind them say they were
+    all signal, and by the deltas' measure again once one worker sends no moments."""
+    moments = GradientMoments(4, (8.0, None), (6.0, None))  # squares 2 a step, products 2
+
+    def second_round(with_moments: tuple[bool, bool]) -> np.ndarray:
+        weights = [np.zeros(2, np.float32), np.zeros(2, np.float32)]
+        schedule = Schedule(frequency="steps", batch_size=4, local_steps=4)
+        rule = make_rule("sync", weights, 2, schedule=schedule, boost_caps=[1.2, 1.0])
+        run_workers(lambda: rule.register(0, 1, 32, 5.0), lambda: rule.register(1, 1, 32, 5.0))
+
+        def push(p: int, step: int) -> Any:
+            delta = [np.eye(2, dtype=np.float32)[p]] * 2
+            return rule.push(p, 1, step, delta, 16, 5.0, moments if with_moments[p] else None)
+
+        for step in (0, 1):
+            run_workers(lambda s=step: push(0, s), lambda s=step: push(1, s))
+        return np.array(rule.weights()[1][0], copy=True)
+
+    np.testing.assert_allclose(second_round((False, False)), [0.5 + 0.6, 0.5 + 0.6])
+    np.testing.assert_allclose(second_round((True, True)), [1.0, 1.0])
+    np.testing.assert_allclose(second_round((True, False)), [0.5 + 0.6, 0.5 + 0.6])
 
 
 def test_the_boost_follows_how_far_the_mean_goes_on_in_its_last_direction() -> None:
