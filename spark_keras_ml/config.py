@@ -147,6 +147,9 @@ class TrainConfig:
     #: Rows are held out (validationSplit or validationCol): each epoch ends with a report step
     #: whose push carries val_* metrics measured on the weights the epoch's last exchange gave.
     report_step: bool = False
+    #: Record the moments of the gradients between exchanges, from which the server lengthens a
+    #: mean of deltas (a normalizing optimizer, more than one worker; see ps/scaling.py).
+    gradient_moments: bool = False
 
 
 @dataclass(frozen=True)

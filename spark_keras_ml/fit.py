@@ -293,6 +293,7 @@ class FitPlan:
             batch_size=self.worker_batch_size,
             local_steps=self.local_steps,
             report_step=self.report_step,
+            gradient_moments=self.boost_caps is not None,
             gradients=self.gradients,
             timeout=self.timeout,
             seed=self.seed,

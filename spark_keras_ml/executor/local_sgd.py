@@ -116,16 +116,17 @@ def exchange_in_graph(
     local_steps: int,
     batches_per_epoch: int,
     first_epoch: int,
-    exchange: Callable[[list[np.ndarray], GradientMoments], list[np.ndarray]],
-) -> MomentRecorder:
+    exchange: Callable[[list[np.ndarray], GradientMoments | None], list[np.ndarray]],
+    record: bool = True,
+) -> MomentRecorder | None:
     """Make the mid-epoch exchanges of local SGD run inside the train step (TensorFlow only).
 
     After every ``local_steps``-th step of an epoch, except its last (whose exchange carries the
     epoch's logs, so it stays with :class:`Exchanges`), the optimizer's ``apply`` hands every
     weight, and the moments of the gradients since the last exchange, to ``exchange`` through
     ``tf.numpy_function`` and sets the weights to what it returns. Keras can then run a whole
-    epoch in one call of its train function. Returns the recorder of those moments, for the
-    exchanges that run outside the step.
+    epoch in one call of its train function. Returns the recorder of those moments (with
+    ``record``; None without, and ``exchange`` gets None), for the exchanges outside the step.
     """
     import tensorflow as tf
 
@@ -133,28 +134,33 @@ def exchange_in_graph(
 
     optimizer, weights = model.optimizer, model.weights
     original = optimizer.apply
-    recorder = MomentRecorder(model)
+    # It keeps a copy of every trainable weight's last gradient: only where the server uses it.
+    recorder = MomentRecorder(model) if record else None
     # Steps of the fit so far; not a Keras variable, so never among the model's weights.
     step = tf.Variable(first_epoch * batches_per_epoch, dtype=tf.int64, trainable=False)
 
     def run(*values: np.ndarray) -> list[np.ndarray]:
         count = len(weights)
-        return exchange(list(values[:count]), recorder.moments(*values[count:]))
+        moments = None if recorder is None else recorder.moments(*values[count:])
+        return exchange(list(values[:count]), moments)
 
     def swap() -> Any:
+        sums = [] if recorder is None else recorder.tensors()
         new = tf.numpy_function(
             run,
-            [*(tf.convert_to_tensor(w) for w in weights), *recorder.tensors()],
+            [*(tf.convert_to_tensor(w) for w in weights), *sums],
             Tout=[w.dtype for w in weights],
             stateful=True,
         )
         for variable, value in zip(weights, new, strict=True):
             variable.assign(tf.reshape(value, variable.shape))
-        recorder.reset()
+        if recorder is not None:
+            recorder.reset()
         return tf.constant(True)
 
     def apply(grads: Any, trainable_variables: Any = None) -> None:
-        recorder.record(grads, trainable_variables)
+        if recorder is not None:
+            recorder.record(grads, trainable_variables)
         original(grads, trainable_variables)
         batch = step % batches_per_epoch
         step.assign_add(1)

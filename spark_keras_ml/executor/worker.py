@@ -151,7 +151,7 @@ class PartitionWorker:
 
             steps = self._batches_per_epoch
             self._recorder = local_sgd.exchange_in_graph(
-                model, self._local_steps, steps, first, self._in_step
+                model, self._local_steps, steps, first, self._in_step, config.gradient_moments
             )
             self._in_graph = True
         if self._in_graph:

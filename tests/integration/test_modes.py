@@ -116,6 +116,8 @@ def test_means_of_a_normalizing_optimizers_deltas_restore_its_step(digits, param
     est = KerasEstimator(model=digits_model(), numWorkers=2, **params)
     plan = FitPlan.read(est, est._require_model(), train, None)
     caps = plan.boost_caps
+    # The workers record their gradients' moments only for a server that uses them.
+    assert plan.task_config(("127.0.0.1", 1), b"secret").gradient_moments == boosted
     if not boosted:
         assert caps is None
         return
