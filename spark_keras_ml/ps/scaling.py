@@ -89,8 +89,8 @@ def noise_ratio(squares: float, products: float, *, steps: int, pairs: int) -> f
     mean product is the squared norm of the expected gradient (the signal, which moves little
     in one step), and their mean squared norm is that plus the noise's variance. Unlike the
     disagreement of whole deltas, this needs no guess at how a signal adds up over a round's
-    steps (:func:`restoring_boost`): measured on digits, a simulated default at 2/4/8 workers
-    lost 0.3/0.7/0.9 points with it and 0.6/1.2/2.2 with the deltas' (docs/architecture.md).
+    steps (:func:`restoring_boost`): the default on digits at 2/4/8 workers lost 0.8/0.8/1.6
+    points with it and 1.1/1.3/1.9 with the deltas' (3 seeds; docs/architecture.md).
     """
     if steps < 1 or pairs < 1:
         return None
