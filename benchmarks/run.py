@@ -41,6 +41,7 @@ def main() -> None:
     if args.docs_only:
         data = json.loads((RESULTS / f"bench{suffix}.json").read_text())
         combined.results = [_result(r) for r in data["results"]]
+        combined.rows = data["series"]
         write_docs(combined, RESULTS / f"bench{suffix}", data["seconds"], args.quick)
         return
     for section in args.sections:
@@ -72,6 +73,7 @@ def write_docs(report: Report, stem: Path, seconds: float, quick: bool) -> None:
         + (" This is the quick variant: smaller data, fewer modes." if quick else ""),
         "",
         report.markdown(),
+        *points_table(report.series_rows("quality")),
         f"![ratios against their references]({chart.as_posix()})",
         "",
         f"Rows that meet their target: {sum(r.met is True for r in report.results)} of "
@@ -82,6 +84,38 @@ def write_docs(report: Report, stem: Path, seconds: float, quick: bool) -> None:
         lines += ["", "Missed: " + "; ".join(f"{r.section} {r.name}" for r in missed) + "."]
     DOCS.write_text(with_results(DOCS.read_text() if DOCS.exists() else "", "\n".join(lines)))
     log(f"wrote {DOCS}")
+
+
+def points_table(rows: list[dict[str, Any]]) -> list[str]:
+    """The quality rows as holdout points against single-process Keras, one line per
+    configuration and a column per workload, "a / b / c" at the worker counts measured."""
+    if not rows:
+        return []
+    workloads = list(dict.fromkeys(r["workload"] for r in rows))
+    configurations = list(dict.fromkeys(r.get("configuration", r.get("mode")) for r in rows))
+    counts = sorted({r["workers"] for r in rows})
+    points = {
+        (r.get("configuration", r.get("mode")), r["workload"], r["workers"]): 100
+        * (r["accuracy"] - r["reference"])
+        for r in rows
+    }
+
+    def cell(configuration: str, workload: str) -> str:
+        values = [points.get((configuration, workload, n)) for n in counts]
+        return " / ".join("–" if v is None else f"{v:+.1f}" for v in values)
+
+    workers = " / ".join(str(n) for n in counts)
+    lines = [
+        "",
+        f"Holdout accuracy in points against single-process Keras, at {workers} workers:",
+        "",
+        "| configuration | " + " | ".join(workloads) + " |",
+        "|---" * (len(workloads) + 1) + "|",
+    ]
+    lines += [
+        f"| {c} | " + " | ".join(cell(c, w) for w in workloads) + " |" for c in configurations
+    ]
+    return [*lines, ""]
 
 
 #: docs/benchmarks.md is written by hand around these markers; a run replaces what is between.
