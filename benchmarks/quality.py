@@ -81,8 +81,11 @@ def run(report: Report, quick: bool, part: Part = Part()) -> None:
         prefixes = tuple(part.configurations)
         configurations = [c for c in configurations if c.name.startswith(prefixes)]
     counts = tuple(part.workers or counts)
-    spark = spark_session("local[8]")
     for w in (workloads.make(n) for n in names):
+        # A session (and so Python workers) per workload: a worker Spark reuses grows with
+        # every fit by what Keras itself keeps of a model (about 22 MB a fit of wide), and
+        # eight of them outgrew this machine's memory over a few hundred fits.
+        spark = spark_session("local[8]")
         seeds = list(range(SEEDS if w.name in SEEDED and not quick else 1))
         train = w.train_frame(spark)
         references = [reference_fit(w, seed=seed)["accuracy"] for seed in seeds]
@@ -124,7 +127,7 @@ def run(report: Report, quick: bool, part: Part = Part()) -> None:
                     target_note=f"at most {points:g} point{'s' if points > 1 else ''} below",
                 )
         train.unpersist()
-    spark.stop()
+        spark.stop()
 
 
 def main() -> None:

@@ -28,6 +28,8 @@ from typing import Any
 import keras
 import numpy as np
 
+from spark_keras_ml.executor.step_function import StepFunction
+
 #: What a worker does with one step's update (model.weights order: gradients where trainable,
 #: changes elsewhere): push it, and return the round's mean update, or None to skip the step.
 Exchange = Callable[[list[np.ndarray]], list[np.ndarray] | None]
@@ -174,14 +176,14 @@ def compile_replica(model: keras.Model, compile_config: dict[str, Any], in_graph
     return replica
 
 
-def exchange_in_graph(replica: Replica, exchange: Exchange) -> None:
+def exchange_in_graph(replica: Replica, exchange: Exchange) -> StepFunction:
     """Make the replica's optimizer exchange inside the train step (TensorFlow only).
 
     Its ``apply`` hands the step's gradients and non-trainable weights to ``exchange`` through
     ``tf.numpy_function``, sets the non-trainable weights to the round's merged values, and steps
     on the round's mean gradient; a round without rows (every push rejected, or a resumed step
     already applied) is skipped, as a single process skips a step whose gradients were not
-    finite.
+    finite. Release the returned function once the fit is over.
     """
     import tensorflow as tf
 
@@ -207,6 +209,8 @@ def exchange_in_graph(replica: Replica, exchange: Exchange) -> None:
         ]
         return [np.bool_(mean is not None), *stepped, *merged]
 
+    function = StepFunction(run)  # TensorFlow keeps what numpy_function calls: nothing big
+
     def apply(grads: Sequence[Any], trainable_variables: Sequence[Any] | None = None) -> None:
         variables = list(
             model.trainable_variables if trainable_variables is None else trainable_variables
@@ -219,7 +223,7 @@ def exchange_in_graph(replica: Replica, exchange: Exchange) -> None:
         ]
         states = [tf.convert_to_tensor(v) for v in fixed]
         out = tf.numpy_function(
-            lambda *arrays: run(positions, arrays),
+            lambda *arrays: function(positions, arrays),
             inputs + states,
             Tout=[tf.bool, *(t.dtype for t in inputs), *(s.dtype for s in states)],
             stateful=True,
@@ -239,3 +243,4 @@ def exchange_in_graph(replica: Replica, exchange: Exchange) -> None:
         tf.cond(applied, step, lambda: tf.constant(False))
 
     optimizer.apply = apply
+    return function

@@ -19,6 +19,7 @@ import numpy as np
 if TYPE_CHECKING:
     from spark_keras_ml.executor.gradient_moments import MomentRecorder
     from spark_keras_ml.executor.rows import Rows
+    from spark_keras_ml.executor.step_function import StepFunction
     from spark_keras_ml.executor.worker import PartitionWorker
     from spark_keras_ml.ps.messages import GradientMoments
 
@@ -118,19 +119,21 @@ def exchange_in_graph(
     first_epoch: int,
     exchange: Callable[[list[np.ndarray], GradientMoments | None], list[np.ndarray]],
     record: bool = True,
-) -> MomentRecorder | None:
+) -> tuple[StepFunction, MomentRecorder | None]:
     """Make the mid-epoch exchanges of local SGD run inside the train step (TensorFlow only).
 
     After every ``local_steps``-th step of an epoch, except its last (whose exchange carries the
     epoch's logs, so it stays with :class:`Exchanges`), the optimizer's ``apply`` hands every
     weight, and the moments of the gradients since the last exchange, to ``exchange`` through
     ``tf.numpy_function`` and sets the weights to what it returns. Keras can then run a whole
-    epoch in one call of its train function. Returns the recorder of those moments (with
-    ``record``; None without, and ``exchange`` gets None), for the exchanges outside the step.
+    epoch in one call of its train function. Returns the function the step calls, to release
+    once the fit is over, and the recorder of those moments (with ``record``; None without, and
+    ``exchange`` gets None), for the exchanges outside the step.
     """
     import tensorflow as tf
 
     from spark_keras_ml.executor.gradient_moments import MomentRecorder
+    from spark_keras_ml.executor.step_function import StepFunction
 
     optimizer, weights = model.optimizer, model.weights
     original = optimizer.apply
@@ -144,10 +147,12 @@ def exchange_in_graph(
         moments = None if recorder is None else recorder.moments(*values[count:])
         return exchange(list(values[:count]), moments)
 
+    function = StepFunction(run)  # TensorFlow keeps what numpy_function calls: nothing big
+
     def swap() -> Any:
         sums = [] if recorder is None else recorder.tensors()
         new = tf.numpy_function(
-            run,
+            function,
             [*(tf.convert_to_tensor(w) for w in weights), *sums],
             Tout=[w.dtype for w in weights],
             stateful=True,
@@ -170,4 +175,4 @@ def exchange_in_graph(
         tf.cond(due, swap, lambda: tf.constant(False))
 
     optimizer.apply = apply
-    return recorder
+    return function, recorder

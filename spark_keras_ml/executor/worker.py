@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     import keras
 
     from spark_keras_ml.executor.gradient_moments import MomentRecorder
+    from spark_keras_ml.executor.step_function import StepFunction
     from spark_keras_ml.executor.train import Trainee
 
 logger = logging.getLogger(__name__)
@@ -91,6 +92,7 @@ class PartitionWorker:
         #: records the moments of the gradients between exchanges there.
         self._in_graph = False
         self._recorder: MomentRecorder | None = None
+        self._step_function: StepFunction | None = None
         #: Early stopping: the last epoch every worker must finish, once the server says so.
         self._stop_after: int | None = None
         #: Pushes (steps) this attempt made.
@@ -144,13 +146,13 @@ class PartitionWorker:
         if self._replica is not None and self._replica.capture is None:
             from spark_keras_ml.executor.gradients import exchange_in_graph
 
-            exchange_in_graph(self._replica, self._in_step)
+            self._step_function = exchange_in_graph(self._replica, self._in_step)
             self._in_graph = True
         elif self._replica is None and exchanges_in_step(model):
             from spark_keras_ml.executor import local_sgd
 
             steps = self._batches_per_epoch
-            self._recorder = local_sgd.exchange_in_graph(
+            self._step_function, self._recorder = local_sgd.exchange_in_graph(
                 model, self._local_steps, steps, first, self._in_step, config.gradient_moments
             )
             self._in_graph = True
@@ -181,6 +183,9 @@ class PartitionWorker:
             if self._failure is not None:  # raised in the train step: the error as it was
                 raise self._failure from None
             raise
+        finally:
+            if self._step_function is not None:  # TensorFlow keeps it: let go of this worker
+                self._step_function.release()
 
     def _in_step(self, values: list[np.ndarray], moments: GradientMoments | None = None) -> Any:
         """An exchange called from inside the train step (TensorFlow): in sync/batch with the

@@ -291,7 +291,7 @@ def test_the_recorded_gradient_moments_are_those_of_each_stretch_s_steps() -> No
         inside.append(moments)
         return weights
 
-    recorder = local_sgd.exchange_in_graph(model, 2, 4, 0, exchange)
+    _, recorder = local_sgd.exchange_in_graph(model, 2, 4, 0, exchange)
     model.fit(x, y, batch_size=4, epochs=1, shuffle=False, verbose=0)
     after = recorder.take()
     loss = keras.losses.SparseCategoricalCrossentropy()
@@ -310,3 +310,27 @@ def test_the_recorded_gradient_moments_are_those_of_each_stretch_s_steps() -> No
         np.testing.assert_allclose(moments.squares, expected_squares, rtol=1e-4)
         np.testing.assert_allclose(moments.products, expected_products, rtol=1e-4, atol=1e-7)
     assert recorder.take().steps == 0
+
+
+def test_a_released_exchange_lets_go_of_the_worker() -> None:
+    """TensorFlow keeps the Python function of every traced numpy_function for the life of the
+    process; Spark reuses the Python worker, so what the exchange reaches must be let go."""
+    import gc
+    import weakref
+
+    from spark_keras_ml.executor import local_sgd
+
+    class Worker:  # stands for the worker the exchange is a method of
+        def exchange(self, weights: list[np.ndarray], moments: Any) -> list[np.ndarray]:
+            return weights
+
+    worker, model = Worker(), tiny_model()
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    function, _ = local_sgd.exchange_in_graph(model, 2, 4, 0, worker.exchange)
+    x = np.zeros((16, 4), np.float32)
+    model.fit(x, np.zeros(16, np.float32), batch_size=4, epochs=1, verbose=0)
+    function.release()
+    gone = [weakref.ref(worker), weakref.ref(model)]
+    del worker, model, function
+    gc.collect()
+    assert [ref() for ref in gone] == [None, None]
