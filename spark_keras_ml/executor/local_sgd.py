@@ -16,10 +16,11 @@ from typing import TYPE_CHECKING, Any
 import keras
 import numpy as np
 
+from spark_keras_ml.executor.gradient_moments import MomentRecorder
+from spark_keras_ml.executor.step_function import StepFunction
+
 if TYPE_CHECKING:
-    from spark_keras_ml.executor.gradient_moments import MomentRecorder
     from spark_keras_ml.executor.rows import Rows
-    from spark_keras_ml.executor.step_function import StepFunction
     from spark_keras_ml.executor.worker import PartitionWorker
     from spark_keras_ml.ps.messages import GradientMoments
 
@@ -131,9 +132,6 @@ def exchange_in_graph(
     ``exchange`` gets None), for the exchanges outside the step.
     """
     import tensorflow as tf
-
-    from spark_keras_ml.executor.gradient_moments import MomentRecorder
-    from spark_keras_ml.executor.step_function import StepFunction
 
     optimizer, weights = model.optimizer, model.weights
     original = optimizer.apply
