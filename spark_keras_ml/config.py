@@ -48,6 +48,15 @@ class Layout:
     weight_name: str = ""
     #: Per target: the number of classes when it holds class indices (a sparse loss), else None.
     classes: tuple[int | None, ...] = ()
+    #: Per input: the dtype its keras.Input declares ("float32" where not given).
+    input_dtypes: tuple[str, ...] = ()
+    #: The dict keys of the inputs (outputs), in their order, where the model takes a dict.
+    input_keys: tuple[str, ...] | None = None
+    target_keys: tuple[str, ...] | None = None
+
+    def input_dtype(self, index: int) -> str:
+        dtypes = self.input_dtypes
+        return dtypes[index] if index < len(dtypes) else "float32"
 
     def input_name(self, index: int) -> str:
         names = self.input_names

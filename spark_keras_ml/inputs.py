@@ -1,10 +1,13 @@
 """Which DataFrame columns feed which model input and output, in what per-row shape.
 
 Decided once on the driver, before any job, from one read of the DataFrame's schema
-(:class:`Table`). Every column travels to the workers flat: a number as ``float``, anything wider
-(a Vector, an array, nested arrays, several columns concatenated) as ``array<float>``; the
-workers reshape each to the per-row shape planned here (``executor/rows.py``). Shapes are checked
-against the first row on the driver for a fit, and against every row on the workers.
+(:class:`Table`). Every column travels to the workers flat: a value as itself, anything wider (a
+Vector, an array, nested arrays, several columns concatenated) as a flat array, in the Spark type
+``column_types.wire_type`` picks for the dtype the model input declares; the workers convert each
+to that dtype, exactly or with an error, and reshape it to the per-row shape planned here
+(``executor/rows.py``). A model that takes a dict of inputs (outputs) is fed by key, and the
+keys are the names columns are matched by. Shapes are checked against the first row on the
+driver for a fit, and against every row on the workers.
 
 Also here: Spark's columnar-input setting that Vector columns trip over in ``transform``.
 """
@@ -15,11 +18,10 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import keras
 from pyspark.ml.functions import vector_to_array
-from pyspark.ml.linalg import VectorUDT
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql.types import (
@@ -31,6 +33,7 @@ from pyspark.sql.types import (
     UserDefinedType,
 )
 
+from spark_keras_ml import column_types
 from spark_keras_ml.config import HELD_OUT, WEIGHT, Layout, check_width, feature_name, label_name
 from spark_keras_ml.model_info import is_custom_loss
 from spark_keras_ml.validation import param_error
@@ -39,8 +42,14 @@ logger = logging.getLogger(__name__)
 
 #: A per-row shape; ``-1`` marks the one dimension (a sequence length) taken from the row width.
 Shape = tuple[int, ...]
-#: A model input or output: its name and per-row shape.
-Spec = tuple[str, Shape]
+
+
+class Spec(NamedTuple):
+    """A model input or output: its name, per-row shape and dtype."""
+
+    name: str
+    shape: Shape
+    dtype: str = "float32"
 
 
 class Table:
@@ -75,26 +84,35 @@ class Slot:
     name: str  # the model's input/output name
     shape: Shape  # per row, without the batch dimension
     columns: tuple[str, ...]
-    column: Column  # the JVM expression: float, or array<float> of prod(shape) values
-    is_array: bool  # whether ``column`` is array<float> (else one float per row)
+    column: Column  # the JVM expression: a value, or a flat array of prod(shape) values
+    is_array: bool  # whether ``column`` is an array (else one value per row)
     classes: int | None = None  # class indices in [0, classes) (a sparse loss's label)
+    dtype: str = "float32"  # what the model input declares
 
     def describe(self) -> str:
         cols = ", ".join(f"`{c}`" for c in self.columns)
         return f"{cols} -> {self.name} {_show(self.shape)}"
 
 
-def output_specs(model: keras.Model) -> list[Spec]:
-    """Specs of the model's outputs, named as Keras names them in losses and logs."""
+def input_specs(model: keras.Model) -> tuple[list[Spec], tuple[str, ...] | None]:
+    """Specs of the model's inputs in the order Keras flattens them, and their dict keys where
+    the model takes a dict (the keys then name the inputs)."""
+    return _keyed(tensor_specs(model.inputs), _structure(model, "input"))
+
+
+def output_specs(model: keras.Model) -> tuple[list[Spec], tuple[str, ...] | None]:
+    """Specs of the model's outputs, named as Keras names them in losses and logs (the dict
+    keys, or the output layers' names), and the dict keys where the model returns a dict."""
     specs = tensor_specs(model.outputs, "output")
+    keys = _structure(model, "output")
     names = getattr(model, "output_names", None)  # functional models: the output layers' names
-    if names and len(names) == len(specs):
-        specs = [(str(name), shape) for name, (_, shape) in zip(names, specs, strict=True)]
-    return specs
+    if keys is None and names and len(names) == len(specs):
+        specs = [s._replace(name=str(name)) for name, s in zip(names, specs, strict=True)]
+    return _keyed(specs, keys)
 
 
 def tensor_specs(tensors: Sequence[Any], role: str = "input") -> list[Spec]:
-    """(name, per-row shape) of each model input or output; one unknown dimension becomes -1.
+    """The spec of each model input or output; one unknown dimension becomes -1.
 
     Unnamed tensors (Keras calls them ``keras_tensor_N``) are called ``role`` (``input 1``...).
     """
@@ -111,24 +129,63 @@ def tensor_specs(tensors: Sequence[Any], role: str = "input") -> list[Spec]:
         name = str(tensor.name)
         if name.startswith("keras_tensor"):
             name = role if len(tensors) == 1 else f"{role} {index}"
-        specs.append((name, tuple(-1 if d is None else int(d) for d in dims)))
+        shape = tuple(-1 if d is None else int(d) for d in dims)
+        specs.append(Spec(name, shape, str(getattr(tensor, "dtype", None) or "float32")))
     return specs
 
 
+def _structure(model: keras.Model, role: str) -> tuple[str, ...] | None:
+    """The keys of a functional model's dict of inputs (outputs), in Keras' flattening order
+    (sorted); None for a tensor or a list. Nested structures are refused."""
+    try:
+        struct = getattr(model, role)  # Sequential models not yet called have none: a list
+    except (AttributeError, ValueError):
+        return None
+    parts = list(struct.values()) if isinstance(struct, dict) else struct
+    if isinstance(parts, list | tuple) and any(isinstance(p, dict | list | tuple) for p in parts):
+        raise ValueError(
+            f"Expected the model's {role}s to be a tensor, a list of tensors or a dict of "
+            f"tensors by name. Flatten the nested structure in the model. Received: {struct!r}"
+        )
+    return tuple(sorted(str(k) for k in struct)) if isinstance(struct, dict) else None
+
+
+def _check_strings(specs: Sequence[Spec]) -> None:
+    strings = [s.name for s in specs if s.dtype == column_types.STRING]
+    backend = keras.backend.backend()
+    if strings and backend != "tensorflow":
+        raise ValueError(
+            f"Expected the TensorFlow backend for a model with string inputs ({strings}): only "
+            "TensorFlow has string tensors. Set KERAS_BACKEND=tensorflow on the driver and the "
+            "executors, or look the strings up before the model (StringIndexer) and feed "
+            f"integers. Received: backend {backend!r}"
+        )
+
+
+def _keyed(
+    specs: list[Spec], keys: tuple[str, ...] | None
+) -> tuple[list[Spec], tuple[str, ...] | None]:
+    if keys is None:
+        return specs, None
+    return [s._replace(name=key) for key, s in zip(keys, specs, strict=True)], keys
+
+
 def feature_slots(table: Table, columns: Sequence[str], specs: Sequence[Spec]) -> list[Slot]:
-    """Columns for each model input (``specs``: ``tensor_specs(model.inputs)``), in order.
+    """Columns for each model input (``specs``: ``input_specs(model)``), in order.
 
     One input: every column, flattened and concatenated. Several inputs: one column each,
-    matched by input name when the names are the columns, else by position.
+    matched by input name (a dict's keys) when the names are the columns, else by position.
     """
     param = "featuresCols" if len(columns) > 1 else "featuresCol"
+    _check_strings(specs)
     if len(specs) == 1:
-        name, shape = specs[0]
-        return [Slot(name, shape, tuple(columns), *_concat(table, columns, param, shape))]
+        spec = specs[0]
+        column, is_array = _concat(table, columns, param, spec)
+        return [Slot(spec.name, spec.shape, tuple(columns), column, is_array, dtype=spec.dtype)]
     groups = _match(specs, columns, "input", param)
     return [
-        Slot(name, shape, (col,), *flat_column(table, col, param, shape))
-        for (name, shape), col in zip(specs, groups, strict=True)
+        Slot(spec.name, spec.shape, (col,), *flat_column(table, col, param, spec), dtype=spec.dtype)
+        for spec, col in zip(specs, groups, strict=True)
     ]
 
 
@@ -142,7 +199,8 @@ def label_slots(
         raise _mismatch(specs, columns, "output", param)
     groups = _match(specs, columns, "output", param)
     slots = []
-    for index, ((name, shape), col) in enumerate(zip(specs, groups, strict=True)):
+    for index, (spec, col) in enumerate(zip(specs, groups, strict=True)):
+        name, shape = spec.name, spec.shape
         classes = None
         output_loss = _loss_for(loss, name, index)
         if _is_sparse(output_loss):
@@ -153,7 +211,8 @@ def label_slots(
             # (a class index, say), anything wider must fill the output's shape.
             if isinstance(table.require(col, param), NumericType):
                 shape = ()
-        column, is_array = flat_column(table, col, param, shape)
+        # Labels feed losses and metrics, which compute in floats: float32, checked exactly.
+        column, is_array = flat_column(table, col, param, Spec(name, shape))
         slots.append(Slot(name, shape, (col,), column, is_array, classes))
     return slots
 
@@ -180,8 +239,10 @@ def training_columns(
     validation_split: float,
 ) -> TrainingColumns:
     table = Table(df)
-    inputs = feature_slots(table, features, tensor_specs(model.inputs))
-    outputs = label_slots(table, labels, output_specs(model), loss)
+    input_list, input_keys = input_specs(model)
+    output_list, output_keys = output_specs(model)
+    inputs = feature_slots(table, features, input_list)
+    outputs = label_slots(table, labels, output_list, loss)
     columns = [s.column.alias(feature_name(i)) for i, s in enumerate(inputs)]
     columns += [s.column.alias(label_name(i)) for i, s in enumerate(outputs)]
     if weight is not None:
@@ -208,18 +269,21 @@ def training_columns(
         held_out=held_out is not None,
         weight_name=weight or "",
         classes=tuple(s.classes for s in outputs),
+        input_dtypes=tuple(s.dtype for s in inputs),
+        input_keys=input_keys,
+        target_keys=output_keys,
     )
     key = (tuple(features), tuple(labels), weight, held_out)
     return TrainingColumns([*inputs, *outputs], columns, layout, key)
 
 
-def flat_column(table: Table, name: str, param: str, shape: Shape) -> tuple[Column, bool]:
-    """``name`` as a float (when one value fills ``shape``) or a flat ``array<float>``, and
-    whether it is the array."""
+def flat_column(table: Table, name: str, param: str, spec: Spec) -> tuple[Column, bool]:
+    """``name`` as one value per row (when one value fills the spec's shape) or a flat array,
+    in the Spark type its values travel as into ``spec``'s dtype; and whether it is the array."""
     dtype = table.require(name, param)
-    if isinstance(dtype, NumericType) and _size(shape) == 1:
-        return F.col(name).cast("float"), False
-    return _as_flat_array(name, dtype, param), True
+    if _size(spec.shape) == 1 and column_types.is_supported(dtype):
+        return F.col(name).cast(_wire(name, dtype, param, spec)), False
+    return _as_flat_array(name, dtype, param, spec), True
 
 
 def check_first_row(df: DataFrame, slots: Sequence[Slot]) -> bool:
@@ -233,31 +297,55 @@ def check_first_row(df: DataFrame, slots: Sequence[Slot]) -> bool:
     return True
 
 
-def _concat(table: Table, columns: Sequence[str], param: str, shape: Shape) -> tuple[Column, bool]:
+def _concat(table: Table, columns: Sequence[str], param: str, spec: Spec) -> tuple[Column, bool]:
     if len(columns) == 1:
-        return flat_column(table, columns[0], param, shape)
-    parts = [_as_flat_array(col, table.require(col, param), param) for col in columns]
+        return flat_column(table, columns[0], param, spec)
+    parts = [_as_flat_array(col, table.require(col, param), param, spec) for col in columns]
     return F.concat(*parts), True
 
 
-def _as_flat_array(name: str, dtype: DataType, param: str) -> Column:
+def _as_flat_array(name: str, dtype: DataType, param: str, spec: Spec) -> Column:
     column = F.col(name)
-    if isinstance(dtype, VectorUDT):
-        return vector_to_array(column, "float32")
-    if isinstance(dtype, NumericType):
-        return F.array(column.cast("float"))
+    if column_types.is_vector(dtype):
+        if column_types.dtype_kind(spec.dtype) == column_types.STRING:
+            raise _unfit(name, dtype, param, spec)
+        return vector_to_array(column, column_types.vector_precision(spec.dtype))
+    if column_types.is_supported(dtype):
+        return F.array(column.cast(_wire(name, dtype, param, spec)))
     depth, element = 0, dtype
     while isinstance(element, ArrayType):
         depth, element = depth + 1, element.elementType
-    if depth and isinstance(element, NumericType):
+    if depth and column_types.is_supported(element):
         for _ in range(depth - 1):
             column = F.flatten(column)
-        return column.cast("array<float>")
+        return column.cast(f"array<{_wire(name, element, param, spec)}>")
     raise ValueError(
-        f"Expected column `{name}` ({param}) to be a Vector, a number, or an array (possibly "
-        "nested) of numbers. Assemble numeric columns with pyspark.ml.feature.VectorAssembler, "
-        f"or index strings with StringIndexer first. Received: {name} of type "
-        f"{dtype.simpleString()}"
+        f"Expected column `{name}` ({param}) to be a Vector, a number, a boolean, a string, or "
+        "an array (possibly nested) of them. Assemble numeric columns with "
+        "pyspark.ml.feature.VectorAssembler, or select the fields of a struct. Received: "
+        f"{name} of type {dtype.simpleString()}"
+    )
+
+
+def _wire(name: str, element: DataType, param: str, spec: Spec) -> str:
+    wire = column_types.wire_type(element, spec.dtype)
+    if wire is None:
+        raise _unfit(name, element, param, spec)
+    return wire
+
+
+def _unfit(name: str, dtype: DataType, param: str, spec: Spec) -> ValueError:
+    if column_types.dtype_kind(spec.dtype) == column_types.STRING:
+        fix = "Feed it a string column, or declare the input with the column's type"
+    else:
+        fix = (
+            'Declare the model input as keras.Input(..., dtype="string") and look the values '
+            "up inside the model (StringLookup, Hashing, TextVectorization), or index them "
+            "with StringIndexer first"
+        )
+    return ValueError(
+        f"Expected column `{name}` ({param}) to hold values model input `{spec.name}` "
+        f"({spec.dtype}) can take. {fix}. Received: {name} of type {dtype.simpleString()}"
     )
 
 
@@ -265,14 +353,14 @@ def _match(specs: Sequence[Spec], columns: Sequence[str], kind: str, param: str)
     """The column for each spec: by name when the names are the columns, else by position."""
     if len(columns) != len(specs):
         raise _mismatch(specs, columns, kind, param)
-    by_name = {name for name, _ in specs}
+    by_name = {spec.name for spec in specs}
     if by_name == set(columns):
-        return [name for name, _ in specs]
+        return [spec.name for spec in specs]
     return list(columns)
 
 
 def _mismatch(specs: Sequence[Spec], columns: Sequence[str], kind: str, param: str) -> ValueError:
-    shown = ", ".join(f"{name} {_show(shape)}" for name, shape in specs)
+    shown = ", ".join(f"{spec.name} {_show(spec.shape)}" for spec in specs)
     return ValueError(
         f"Expected one column per model {kind} ({len(specs)}: {shown}) in `{param}`, matched "
         f"by {kind} name or else by position. Set `{param}` to that many columns. "

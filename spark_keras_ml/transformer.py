@@ -22,7 +22,7 @@ from pyspark.sql import functions as F
 from spark_keras_ml import cluster
 from spark_keras_ml.config import OUTPUT_SCHEMAS, Layout, PredictConfig
 from spark_keras_ml.executor.predict import predict_batches
-from spark_keras_ml.inputs import Spec, Table, avoid_columnar_udt_input, feature_slots, tensor_specs
+from spark_keras_ml.inputs import Spec, Table, avoid_columnar_udt_input, feature_slots, input_specs
 from spark_keras_ml.model_info import output_kind
 from spark_keras_ml.params import HasInferenceParams
 from spark_keras_ml.persistence import KerasReadable, KerasWritable
@@ -81,7 +81,8 @@ class KerasTransformer(Model, HasInferenceParams, KerasReadable, KerasWritable):
         super().__init__()
         self._model_bytes: bytes | None = None
         self._history: dict[str, list[float]] = {}
-        self._facts: tuple[str, str, list[Spec]] | None = None  # (model id, kind, input specs)
+        # (model id, output kind, input specs, input dict keys)
+        self._facts: tuple[str, str, list[Spec], tuple[str, ...] | None] | None = None
         kwargs = dict(self._input_kwargs)
         model = kwargs.pop("model", None)
         if model is not None:
@@ -143,14 +144,17 @@ class KerasTransformer(Model, HasInferenceParams, KerasReadable, KerasWritable):
         summary = metadata.get("summary")
         self._summary = None if summary is None else TrainingSummary.from_dict(summary)
 
-    def _model_facts(self, model_bytes: bytes, key: str) -> tuple[str, list[Spec]]:
-        """The output kind ``auto`` resolves to, and the model's inputs; cached per model."""
+    def _model_facts(
+        self, model_bytes: bytes, key: str
+    ) -> tuple[str, list[Spec], tuple[str, ...] | None]:
+        """The output kind ``auto`` resolves to, the model's inputs and their dict keys (where it
+        takes a dict); cached per model."""
         if self._facts is None or self._facts[0] != key:
             model = model_from_bytes(model_bytes, custom_objects=self.getCustomObjects())
             loss = (compile_config_of(model_bytes) or {}).get("loss")
-            self._facts = (key, output_kind(model, loss), tensor_specs(model.inputs))
+            self._facts = (key, output_kind(model, loss), *input_specs(model))
         kind = self.getOutputKind()
-        return (self._facts[1] if kind == "auto" else kind), self._facts[2]
+        return (self._facts[1] if kind == "auto" else kind), self._facts[2], self._facts[3]
 
     def _transform(self, dataset: DataFrame) -> DataFrame:
         validate(self)
@@ -160,7 +164,7 @@ class KerasTransformer(Model, HasInferenceParams, KerasReadable, KerasWritable):
                 "KerasTransformer(model=...) or by KerasEstimator.fit. Received: no model"
             )
         key = model_id(self._model_bytes)
-        kind, specs = self._model_facts(self._model_bytes, key)
+        kind, specs, keys = self._model_facts(self._model_bytes, key)
         table = Table(dataset)
         slots = feature_slots(table, self.feature_columns(), specs)
         config = PredictConfig(
@@ -173,6 +177,8 @@ class KerasTransformer(Model, HasInferenceParams, KerasReadable, KerasWritable):
             layout=Layout(
                 inputs=tuple(s.shape for s in slots),
                 input_names=tuple(s.describe() for s in slots),
+                input_dtypes=tuple(s.dtype for s in slots),
+                input_keys=keys,
             ),
         )
         udf = _prediction_udf(config, len(slots), OUTPUT_SCHEMAS[kind])

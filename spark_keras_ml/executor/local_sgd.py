@@ -17,10 +17,10 @@ import keras
 import numpy as np
 
 from spark_keras_ml.executor.gradient_moments import MomentRecorder
+from spark_keras_ml.executor.rows import Rows, structure
 from spark_keras_ml.executor.step_function import StepFunction
 
 if TYPE_CHECKING:
-    from spark_keras_ml.executor.rows import Rows
     from spark_keras_ml.executor.worker import PartitionWorker
     from spark_keras_ml.ps.messages import GradientMoments
 
@@ -46,9 +46,7 @@ def epoch_batches(
         for start in range(0, len(rows), batch_size):
             # Sorted: the gather then reads memory forwards; order within a batch does not matter.
             batch = rows.take(np.sort(order[start : start + batch_size]))
-            # Tuples, not lists, for several inputs or outputs: tf.data reads a list as a
-            # single tensor spec and refuses it.
-            x, y = _structure(batch.x), _structure(batch.y)
+            x, y = batch.x, batch.y
             yield (x, y) if batch.weights is None else (x, y, batch.weights)
 
 
@@ -71,9 +69,9 @@ def epoch_data(rows: Rows, batch_size: int, seed: int, partition: int, epochs: r
     def gather(index: Any) -> tuple[Any, ...]:
         # Sorted, as in epoch_batches: the same rows in the same order within a batch.
         picked = [tf.gather(t, tf.sort(index)) for t in tensors]
-        x, y = picked[:inputs], picked[inputs : inputs + targets]
-        batch = (x[0] if inputs == 1 else tuple(x), y[0] if targets == 1 else tuple(y))
-        return batch if rows.weights is None else (*batch, picked[-1])
+        x = structure(picked[:inputs], rows.input_keys)
+        y = structure(picked[inputs : inputs + targets], rows.target_keys)
+        return (x, y) if rows.weights is None else (x, y, picked[-1])
 
     epochs_data = tf.data.Dataset.from_tensor_slices(orders)
     batches = epochs_data.flat_map(
@@ -85,10 +83,6 @@ def epoch_data(rows: Rows, batch_size: int, seed: int, partition: int, epochs: r
     options = tf.data.Options()
     options.autotune.enabled = False
     return batches.map(gather).prefetch(2).with_options(options)
-
-
-def _structure(arrays: np.ndarray | list[np.ndarray]) -> np.ndarray | tuple[np.ndarray, ...]:
-    return tuple(arrays) if isinstance(arrays, list) else arrays
 
 
 class Exchanges(keras.callbacks.Callback):

@@ -17,9 +17,10 @@ _EPSILON = 1e-7
 
 
 def flat_outputs(outputs: Any) -> np.ndarray:
-    """One array per row: a multi-output model's outputs flattened and concatenated."""
+    """One array per row: a multi-output model's outputs flattened and concatenated (a dict's
+    in the order of its sorted keys, as Keras flattens it and as the outputs are named)."""
     if isinstance(outputs, list | tuple | dict):
-        parts = list(outputs.values()) if isinstance(outputs, dict) else list(outputs)
+        parts = [outputs[k] for k in sorted(outputs)] if isinstance(outputs, dict) else outputs
         return np.concatenate([np.asarray(p).reshape(len(p), -1) for p in parts], axis=1)
     return np.asarray(outputs)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -18,7 +18,8 @@ import pyarrow as pa
 from spark_keras_ml.config import PredictConfig
 from spark_keras_ml.executor.outputs import OUTPUTS, flat_outputs, to_arrow
 from spark_keras_ml.executor.resources import configure_threads
-from spark_keras_ml.executor.rows import arrow_to_numpy
+from spark_keras_ml.executor.rows import arrow_to_numpy, structure
+from spark_keras_ml.executor.values import as_tensors
 from spark_keras_ml.serialization import model_from_bytes
 
 if TYPE_CHECKING:
@@ -64,19 +65,21 @@ def predict_batches(
     model = MODELS.get(config.model_id, config.model_bytes, config.custom_objects)
     to_columns = OUTPUTS[config.kind]
     layout = config.layout
+    keys = layout.input_keys
     size = config.batch_size
     for batch in batches:
         columns = batch if isinstance(batch, tuple) else (batch,)
         xs = [
-            arrow_to_numpy(a, layout.inputs[i], layout.input_name(i)) for i, a in enumerate(columns)
+            arrow_to_numpy(a, layout.inputs[i], layout.input_name(i), layout.input_dtype(i))
+            for i, a in enumerate(columns)
         ]
         chunks = [
-            flat_outputs(model.predict_on_batch(_model_input([x[i : i + size] for x in xs])))
+            flat_outputs(model.predict_on_batch(_model_input([x[i : i + size] for x in xs], keys)))
             for i in range(0, len(xs[0]), size)
         ]
         outputs = np.concatenate(chunks) if chunks else np.zeros((0, 1), dtype=np.float32)
         yield to_arrow(to_columns(outputs))
 
 
-def _model_input(arrays: list[np.ndarray]) -> np.ndarray | list[np.ndarray]:
-    return arrays[0] if len(arrays) == 1 else arrays
+def _model_input(arrays: list[np.ndarray], keys: tuple[str, ...] | None) -> Any:
+    return as_tensors(structure(arrays, keys))

@@ -1,8 +1,9 @@
 """A partition's rows as the model takes them, and the checks every transported column passes.
 
 Training reads Arrow-backed pandas batches (``mapInPandas``); inference reads Arrow arrays (an
-Arrow UDF). Either way a column becomes a float32 numpy array of the model's per-row shape, with
-one wording for each bad-data error. No SparkSession, no Keras: tested with plain pandas.
+Arrow UDF). Either way a column becomes a numpy array of the model's per-row shape in the dtype
+its input declares (``executor/values.py``), with one wording for each bad-data error, and a
+model that takes a dict gets a dict. No SparkSession, no Keras: tested with plain pandas.
 """
 
 from __future__ import annotations
@@ -22,37 +23,29 @@ from spark_keras_ml.config import (
     feature_name,
     label_name,
 )
+from spark_keras_ml.executor.values import convert, numpy_dtype, refuse_nulls
 
 
-def column_to_numpy(series: pd.Series, what: str) -> np.ndarray:
-    """A column of numbers or of equal-length arrays as a finite float32 matrix (rows first).
+def column_to_numpy(series: pd.Series, what: str, dtype: str = "float32") -> np.ndarray:
+    """A column of values or of equal-length arrays as a ``dtype`` matrix (rows first), each
+    value exactly as the DataFrame holds it (``executor/values.py``).
 
     ``what`` names the column(s) in errors, e.g. "`age`, `income` -> input (2,)".
     """
     refuse_nulls(int(series.isna().sum()), what)
-    if series.dtype != object:
-        with np.errstate(over="ignore"):  # too large for float32 becomes inf, refused below
-            values = series.to_numpy(dtype=np.float32)
+    if not len(series):
+        return convert(np.zeros(0, dtype=numpy_dtype(dtype)), dtype, what)
+    rows = series.to_list() if series.dtype == object else None
+    if rows is None or not isinstance(rows[0], np.ndarray | list):
+        values = series.to_numpy(dtype=object if rows is not None else None)
     else:
-        rows = series.to_list()
-        if not rows:
-            return np.zeros((0, 0), dtype=np.float32)
         refuse_ragged({len(v) for v in rows}, what)
-        with np.errstate(over="ignore"):
-            values = np.concatenate(rows).astype(np.float32, copy=False).reshape(len(rows), -1)
-    return refuse_non_finite(values, what)
+        values = np.concatenate([np.asarray(v) for v in rows]).reshape(len(rows), -1)
+    return convert(values, dtype, what)
 
 
 # The checks every transported column passes, whether it arrives as pandas (training) or as
-# Arrow (inference): one wording for each bad-data error.
-
-
-def refuse_nulls(nulls: int, what: str) -> None:
-    if nulls:
-        raise ValueError(
-            f"Expected no null values in {what}. Drop or impute those rows first (e.g. "
-            f"df.dropna() or pyspark.ml.feature.Imputer). Received: {nulls} null rows"
-        )
+# Arrow (inference): one wording for each bad-data error (the value checks: executor/values.py).
 
 
 def refuse_ragged(widths: set[int], what: str) -> None:
@@ -63,19 +56,11 @@ def refuse_ragged(widths: set[int], what: str) -> None:
         )
 
 
-def refuse_non_finite(values: np.ndarray, what: str) -> np.ndarray:
-    if not np.isfinite(values).all():
-        bad = int((~np.isfinite(values.reshape(len(values), -1))).any(axis=1).sum())
-        raise ValueError(
-            f"Expected finite numbers in {what}. Drop or impute the rows holding NaN or inf "
-            f"(or values too large for float32). Received: {bad} such rows"
-        )
-    return values
-
-
-def shaped(series: pd.Series, shape: Sequence[int], what: str) -> np.ndarray:
-    """A transported column (float, or flat float arrays) as ``(rows, *shape)`` float32."""
-    return to_shape(column_to_numpy(series, what), shape, what)
+def shaped(
+    series: pd.Series, shape: Sequence[int], what: str, dtype: str = "float32"
+) -> np.ndarray:
+    """A transported column (values, or flat arrays of them) as ``(rows, *shape)`` ``dtype``."""
+    return to_shape(column_to_numpy(series, what, dtype), shape, what)
 
 
 def to_shape(flat: np.ndarray, shape: Sequence[int], what: str) -> np.ndarray:
@@ -109,6 +94,9 @@ class Rows:
     targets: list[np.ndarray]
     weights: np.ndarray | None = None
     held_out: np.ndarray | None = None
+    #: The dict keys of the inputs (outputs) where the model takes a dict, in ``inputs`` order.
+    input_keys: tuple[str, ...] | None = None
+    target_keys: tuple[str, ...] | None = None
 
     def __len__(self) -> int:
         return len(self.inputs[0])
@@ -124,15 +112,29 @@ class Rows:
             [a[index] for a in self.inputs],
             [a[index] for a in self.targets],
             None if self.weights is None else self.weights[index],
+            input_keys=self.input_keys,
+            target_keys=self.target_keys,
         )
 
     @property
-    def x(self) -> np.ndarray | list[np.ndarray]:
-        return self.inputs[0] if len(self.inputs) == 1 else self.inputs
+    def x(self) -> Structure:
+        return structure(self.inputs, self.input_keys)
 
     @property
-    def y(self) -> np.ndarray | list[np.ndarray]:
-        return self.targets[0] if len(self.targets) == 1 else self.targets
+    def y(self) -> Structure:
+        return structure(self.targets, self.target_keys)
+
+
+#: What a model takes: one array, a tuple of them, or a dict of them by input name.
+Structure = np.ndarray | tuple[np.ndarray, ...] | dict[str, np.ndarray]
+
+
+def structure(arrays: Sequence[np.ndarray], keys: Sequence[str] | None) -> Structure:
+    """``arrays`` as the model takes them: a dict where it has ``keys``, else the one array or a
+    tuple (tf.data reads a list as a single tensor spec and refuses it)."""
+    if keys is not None:
+        return dict(zip(keys, arrays, strict=True))
+    return arrays[0] if len(arrays) == 1 else tuple(arrays)
 
 
 def partition_rows(batches: Iterable[pd.DataFrame], layout: Layout) -> Rows:
@@ -161,12 +163,14 @@ def partition_rows(batches: Iterable[pd.DataFrame], layout: Layout) -> Rows:
         targets,
         joined([p.weights for p in parts]),
         joined([p.held_out for p in parts]),
+        layout.input_keys,
+        layout.target_keys,
     )
 
 
 def _batch_rows(data: pd.DataFrame, layout: Layout) -> Rows:
     inputs = [
-        shaped(data[feature_name(i)], shape, layout.input_name(i))
+        shaped(data[feature_name(i)], shape, layout.input_name(i), layout.input_dtype(i))
         for i, shape in enumerate(layout.inputs)
     ]
     targets = [
@@ -184,14 +188,17 @@ def _batch_rows(data: pd.DataFrame, layout: Layout) -> Rows:
             f"Expected sample weights >= 0 in {weight_name}. Received: "
             f"{int((weights < 0).sum())} negative weights"
         )
-    return Rows(inputs, targets, weights, held_out)
+    return Rows(inputs, targets, weights, held_out, layout.input_keys, layout.target_keys)
 
 
-def arrow_to_numpy(array: pa.Array, shape: Sequence[int], what: str) -> np.ndarray:
-    """A batch of a transported column (float, or lists of floats) as ``(rows, *shape)``.
+def arrow_to_numpy(
+    array: pa.Array, shape: Sequence[int], what: str, dtype: str = "float32"
+) -> np.ndarray:
+    """A batch of a transported column (values, or lists of them) as ``(rows, *shape)``
+    ``dtype``.
 
-    A list column's values are one flat buffer, so a batch becomes a ``(rows, width)`` float32
-    matrix without a Python object per row (a pandas UDF would build a numpy array per row).
+    A list column's values are one flat buffer, so a batch becomes a ``(rows, width)`` matrix
+    without a Python object per row (a pandas UDF would build a numpy array per row).
     """
     rows = len(array)
     refuse_nulls(array.null_count, what)
@@ -202,15 +209,15 @@ def arrow_to_numpy(array: pa.Array, shape: Sequence[int], what: str) -> np.ndarr
             refuse_ragged(set(widths.tolist()), what)
         width = int(widths[0]) if rows else 0
         flat = array.values.slice(offsets[0], offsets[-1] - offsets[0]) if rows else array.values
-        values = _floats(flat).reshape(rows, width)
+        values = _values(flat, what).reshape(rows, width)
     else:
-        values = _floats(array)
-    return to_shape(refuse_non_finite(values, what), shape, what)
+        values = _values(array, what)
+    return to_shape(convert(values, dtype, what), shape, what)
 
 
-def _floats(array: pa.Array) -> np.ndarray:
-    with np.errstate(over="ignore"):  # too large for float32 becomes inf, refused by the caller
-        return np.asarray(array.to_numpy(zero_copy_only=False), dtype=np.float32)
+def _values(array: pa.Array, what: str) -> np.ndarray:
+    refuse_nulls(array.null_count, what)  # a null inside a list
+    return np.asarray(array.to_numpy(zero_copy_only=False))
 
 
 def split_held_out(
