@@ -95,6 +95,10 @@ class PartitionWorker:
         self._step_function: StepFunction | None = None
         #: Early stopping: the last epoch every worker must finish, once the server says so.
         self._stop_after: int | None = None
+        #: The learning rate the server's last reply carried (a driver-side Keras callback set
+        #: it), and the one the optimizer has: taken as an epoch starts, between train calls.
+        self._learning_rate: float | None = None
+        self._rate_taken: float | None = None
         #: Pushes (steps) this attempt made.
         self.pushes = 0
         #: Epochs done, counting those before a resume.
@@ -119,6 +123,8 @@ class PartitionWorker:
         elif len(arrays) != count:
             raise ProtocolError(f"expected {count} weights in reply to HELLO, got {len(arrays)}")
         self._steps, self._resume_step = reply.steps_per_epoch, reply.resume_step
+        self._learning_rate = reply.learning_rate
+        self._take_learning_rate()
 
     def run(self) -> None:
         """Train every epoch of the schedule from ``resume_step``; end on the server's weights."""
@@ -203,10 +209,23 @@ class PartitionWorker:
 
     def begin_epoch(self, epoch: int) -> None:
         """Called as ``epoch`` (of this fit) starts."""
+        self._take_learning_rate()
         self._current_epoch = epoch
         self._exchange = 0
         self._rows_since = 0
         self._batches_since = 0
+
+    def _take_learning_rate(self) -> None:
+        """Train at the learning rate the server last sent. Only here, outside the train
+        function: a reply read inside a step (a ``tf.numpy_function``) must not assign a
+        variable the running step reads. In sync every worker gets it in the same round's
+        reply, so all of them switch as the same epoch starts."""
+        rate = self._learning_rate
+        if rate is None or rate == self._rate_taken:
+            return
+        optimizer = self._model.optimizer if self._replica is None else self._replica.optimizer
+        optimizer.learning_rate = rate
+        self._rate_taken = rate
 
     def after_batch(self, batch: int, rows: int) -> None:
         """Called after each mini-batch step: exchange every ``local_steps`` of them."""
@@ -319,6 +338,8 @@ class PartitionWorker:
             raise ProtocolError(f"expected the mean update of round {step}, received weights")
         if reply.stop_after is not None:
             self._stop_after = reply.stop_after
+        if reply.learning_rate is not None:
+            self._learning_rate = reply.learning_rate
         return arrays or None
 
     def _report(self, epoch: int, logs: dict[str, float], states: tuple[MetricState, ...]) -> None:
@@ -405,3 +426,5 @@ class PartitionWorker:
         self.pushes += 1
         if reply.stop_after is not None:
             self._stop_after = reply.stop_after
+        if reply.learning_rate is not None:
+            self._learning_rate = reply.learning_rate

@@ -276,6 +276,9 @@ class Reply:
     #: PUSH replies in sync/batch: the arrays are the round's mean update (gradients and
     #: non-trainable changes), not weights; none at all when the round had no rows to apply.
     update: bool = False
+    #: HELLO and PUSH replies, once a driver-side Keras callback changed it: the learning rate
+    #: the worker's optimizer trains its next epoch with.
+    learning_rate: float | None = None
 
     def encode(self) -> dict[str, Any]:
         meta: dict[str, Any] = {"version": self.version}
@@ -286,6 +289,8 @@ class Reply:
         for name in ("rejected", "update"):
             if getattr(self, name):
                 meta[name] = True
+        if self.learning_rate is not None:
+            meta["learning_rate"] = self.learning_rate
         return meta
 
     @classmethod
@@ -299,6 +304,7 @@ class Reply:
             rejected=_bool_field(meta, "rejected", what),
             stop_after=_optional_int_field(meta, "stop_after", what),
             update=_bool_field(meta, "update", what),
+            learning_rate=_optional_rate_field(meta, "learning_rate", what),
         )
 
 
@@ -333,6 +339,24 @@ def _int_field(meta: dict[str, Any], name: str, what: str) -> int:
 def _optional_int_field(meta: dict[str, Any], name: str, what: str) -> int | None:
     """An optional non-negative integer: absent or null is None."""
     return None if meta.get(name) is None else _int_field(meta, name, what)
+
+
+def _optional_rate_field(meta: dict[str, Any], name: str, what: str) -> float | None:
+    """An optional finite, non-negative number: absent or null is None."""
+    value = meta.get(name)
+    if value is None:
+        return None
+    number = math.nan
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        try:
+            number = float(value)
+        except OverflowError:  # an integer literal beyond float's range
+            number = math.inf
+    if not math.isfinite(number) or number < 0:
+        raise ProtocolError(
+            f"{what} field {name!r} must be a finite number >= 0, received {_short(value)}"
+        )
+    return number
 
 
 def _bool_field(meta: dict[str, Any], name: str, what: str) -> bool:

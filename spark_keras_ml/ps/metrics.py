@@ -72,6 +72,19 @@ class EpochAggregator:
             self._on_epoch(epoch, {"rows": float(total), **means})
         return True
 
+    def add_logs(self, values: dict[str, float]) -> None:
+        """Add keys to the last completed epoch of :attr:`history` (a key new to it reads NaN
+        in the epochs before)."""
+        with self._lock:
+            epochs = len(self.rows)
+            for key, value in values.items():
+                column = self.history.setdefault(key, [])
+                column.extend([math.nan] * (epochs - 1 - len(column)))
+                if len(column) < epochs:
+                    column.append(float(value))
+                else:
+                    column[-1] = float(value)
+
     def _exact(self, reports: list[EpochEnd], means: dict[str, float]) -> dict[str, float]:
         """The logged keys computed from the workers' summed states, where that is possible."""
         if self._finish_states is None:

@@ -105,6 +105,12 @@ class ServerOptimizer:
     def iterations(self) -> int:
         return int(self._optimizer.iterations.numpy())
 
+    def set_learning_rate(self, rate: float) -> None:
+        """Step at ``rate`` from the next call on (the compiled step reads the optimizer's
+        learning-rate variable on every call)."""
+        with self._lock:
+            self._optimizer.learning_rate = rate
+
     def state(self) -> list[np.ndarray]:
         """The optimizer's variables (step count, learning rate, moments), in Keras's order:
         what a worker's replica loads to step as this optimizer does."""

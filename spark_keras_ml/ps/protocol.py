@@ -42,7 +42,7 @@ from spark_keras_ml.ps import aligned
 
 MAGIC = b"SKML"
 #: Bumped whenever a frame or a meta changes: both sides must run the same spark_keras_ml.
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 HEADER = struct.Struct("!4sBBHQ")
 META_LENGTH = struct.Struct("!I")
 

@@ -152,6 +152,8 @@ class ParameterServer:
         self._run = 0
         # Early stopping: the last epoch every worker finishes, once a callback asked to stop.
         self._stop_after: int | None = None
+        # Once a driver-side Keras callback changed it: the learning rate every reply carries.
+        self._learning_rate: float | None = None
         # The epoch each partition's worker is in, as of the last reply it was sent.
         self._current_epoch: dict[int, int] = {}
         self._on_epoch_applied = on_epoch_applied
@@ -238,6 +240,20 @@ class ParameterServer:
         with self._lock:
             if self._stop_after is None:
                 self._stop_after = max([epoch, *self._current_epoch.values()])
+
+    def set_learning_rate(self, rate: float) -> None:
+        """Train on at ``rate`` (a driver-side Keras callback set it): every later reply carries
+        it to the workers' optimizers; in sync/batch the server's steps at it from the next
+        round (the closed ones first at the old rate). An outer optimizer keeps its own."""
+        if self._optimizer is not None:
+            self._rule.weights()
+            self._optimizer.set_learning_rate(rate)
+        with self._lock:
+            self._learning_rate = rate
+
+    def add_logs(self, values: dict[str, float]) -> None:
+        """Keys a driver-side callback added to the last epoch's logs (Keras' History has them)."""
+        self._epochs.add_logs(values)
 
     def prepare_rerun(self) -> int:
         """Called by the driver before it reruns a failed sync job (see ``syncRetries``).
@@ -400,10 +416,13 @@ class ParameterServer:
             registration = self._rule.register(
                 hello.partition, hello.attempt, hello.rows, self._timeout
             )
+            with self._lock:
+                rate = self._learning_rate
             reply = Reply(
                 version=registration.version,
                 resume_step=registration.resume_step,
                 steps_per_epoch=registration.steps_per_epoch,
+                learning_rate=rate,
             )
             # Sync/batch: the optimizer's state for the worker's replica (no round closes
             # before this worker pushes, so it is the state that goes with these weights).
@@ -459,12 +478,18 @@ class ParameterServer:
         with self._lock:
             if epoch is not None:  # the worker goes on with the next epoch after an end
                 self._current_epoch[partition] = epoch + 1 if end is not None else epoch
-            stop_after = self._stop_after
+            stop_after, rate = self._stop_after, self._learning_rate
         rounds = self._rounds if arrays else None
         if rounds is not None:  # sync/batch: the round's mean, which every replica applies
             weights = rounds.round_mean(push.step) or []
         update = rounds is not None
-        reply = Reply(version=version, rejected=not usable, stop_after=stop_after, update=update)
+        reply = Reply(
+            version=version,
+            rejected=not usable,
+            stop_after=stop_after,
+            update=update,
+            learning_rate=rate,
+        )
         protocol.send_message(conn, Op.WEIGHTS, reply.encode(), weights)
         if rounds is not None:  # the server's own step on that mean, while the workers train on
             rounds.settle()
