@@ -2,7 +2,9 @@
 
 Keras callbacks run inside one process next to the model; here the model is spread over the
 workers and the parameter server, so a callback gets a :class:`Training` handle instead: it can
-stop every worker at the end of the current epoch and keep the weights of a good epoch.
+stop every worker at the end of the current epoch and keep the weights of a good epoch. Keras'
+own callbacks run in the same list, against a driver-side copy of the model
+(:mod:`spark_keras_ml.keras_callbacks`); :class:`FitCallbacks` calls them all in order.
 
 Callbacks run on a parameter-server thread, while the push that completed the epoch waits: in a
 sync fit every worker learns the decision at the same round. Keep them quick.
@@ -12,9 +14,13 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Protocol
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from spark_keras_ml.keras_callbacks import DriverModel, DriverServer
 
 logger = logging.getLogger(__name__)
 
@@ -230,22 +236,100 @@ def run_epoch_end(callbacks: list[Callback], epoch: int, logs: dict[str, float])
         try:
             callback.on_epoch_end(epoch, dict(logs))
         except Exception as exc:
-            raise CallbackError(f"{type(callback).__name__}.on_epoch_end failed: {exc!r}") from exc
+            # A Keras callback is named as the user knows it, not by its adapter.
+            name = type(getattr(callback, "keras_callback", callback)).__name__
+            raise CallbackError(f"{name}.on_epoch_end failed: {exc!r}") from exc
 
 
 class CallbackError(RuntimeError):
     """A driver-side callback raised; the fit is aborted with this message."""
 
 
-def check_callbacks(callbacks: Any) -> list[Callback]:
+class FitCallbacks:
+    """The callbacks of one fit, in the user's order: this package's, and Keras' own wrapped to
+    run against one :class:`~spark_keras_ml.keras_callbacks.DriverModel` (built only when there
+    is a Keras callback). A context manager: on leaving, Keras callbacks let go of the fit."""
+
+    def __init__(self, callbacks: list[Callback], driver: DriverModel | None = None) -> None:
+        self.callbacks = callbacks
+        self.driver = driver
+
+    @classmethod
+    def plan(cls, callbacks: list[Any], build: Callable[[], DriverModel]) -> FitCallbacks:
+        """``callbacks`` as set on the estimator; ``build()`` makes the driver model."""
+        if all(isinstance(c, Callback) for c in callbacks):
+            return cls(list(callbacks))
+        driver = build()
+        return cls([c if isinstance(c, Callback) else driver.wrap(c) for c in callbacks], driver)
+
+    def train_begin(self, server: DriverServer, training: Training, first_epoch: int) -> None:
+        """Every on_train_begin, then Keras' on_epoch_begin of the first epoch: before the job,
+        so that its learning rate is in every reply to HELLO."""
+        if self.driver is not None:
+            self.driver.start(server, training)
+        for callback in self.callbacks:
+            callback.on_train_begin(training)
+        if self.driver is not None:
+            self.driver.begin_epoch(first_epoch)
+
+    def epoch_end(self, epoch: int, logs: dict[str, float]) -> None:
+        """Every on_epoch_end (raises :class:`CallbackError`); the driver model first takes the
+        weights the epoch ended on, and then passes on what Keras callbacks changed."""
+        if self.driver is not None:
+            self.driver.end_epoch(epoch, logs)
+        run_epoch_end(self.callbacks, epoch, logs)
+        if self.driver is not None:
+            self.driver.after_epoch(epoch)
+
+    def train_end(
+        self, weights: list[np.ndarray], history: dict[str, list[float]], training: Training
+    ) -> list[np.ndarray]:
+        """Every on_train_end; the weights the fit ends on: those a Keras callback set in it
+        (``restore_best_weights``), else those a callback kept, else ``weights``."""
+        if self.driver is not None:
+            self.driver.end_training(weights)
+        for callback in self.callbacks:
+            callback.on_train_end(history)
+        training.close()
+        chosen = None if self.driver is None else self.driver.final_weights()
+        if chosen is not None:
+            logger.info("Ending on the weights a Keras callback set as training ended")
+            return chosen
+        if training.restore_epoch is not None and training.kept is not None:
+            logger.info("Restoring the weights of epoch %d", training.kept[0] + 1)
+            return training.kept[1]
+        return weights
+
+    def __enter__(self) -> FitCallbacks:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.driver is not None:
+            self.driver.close()
+
+
+def check_callbacks(callbacks: Any) -> list[Any]:
+    """The callbacks of a fit: this package's, and Keras' own that can run on the driver once an
+    epoch (:mod:`spark_keras_ml.keras_callbacks`), refused here, before any job, otherwise."""
     if callbacks is None:
         return []
-    if not isinstance(callbacks, list | tuple) or not all(
-        isinstance(c, Callback) for c in callbacks
-    ):
+    if not isinstance(callbacks, list | tuple):
         raise TypeError(
-            "Expected `callbacks` to be a list of spark_keras_ml.callbacks.Callback (for "
-            "example EarlyStopping). Keras callbacks need a live model, which a distributed fit "
-            f"does not have on the driver. Received: {callbacks!r}"
+            "Expected `callbacks` to be a list of callbacks (spark_keras_ml.callbacks.Callback "
+            f"or keras.callbacks.Callback). Received: callbacks={callbacks!r}"
         )
+    for position, callback in enumerate(callbacks):
+        if isinstance(callback, Callback):
+            continue
+        # Imported here: this module loads without Keras (the package's import does not
+        # import it), and a list of this package's callbacks never needs it.
+        from spark_keras_ml.keras_callbacks import check_keras_callback, is_keras_callback
+
+        if not is_keras_callback(callback):
+            raise TypeError(
+                "Expected `callbacks` to hold spark_keras_ml.callbacks.Callback or "
+                "keras.callbacks.Callback instances. Pass an instance (not the class) of a "
+                f"callback. Received: callbacks[{position}]={callback!r}"
+            )
+        check_keras_callback(callback, position)
     return list(callbacks)

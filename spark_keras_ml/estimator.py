@@ -25,7 +25,7 @@ from pyspark.ml.param import Param
 from pyspark.sql import DataFrame
 
 from spark_keras_ml import fit
-from spark_keras_ml.callbacks import Callback, check_callbacks
+from spark_keras_ml.callbacks import check_callbacks
 from spark_keras_ml.params import (
     DEFAULT_LOCAL_STEPS,
     HasOutputParams,
@@ -121,11 +121,11 @@ class KerasEstimator(Estimator, HasTrainingParams, HasOutputParams, KerasReadabl
         rawPredictionCol: str = "rawPrediction",
         outputKind: str = "auto",
         customObjects: list[str] | None = None,
-        callbacks: list[Callback] | None = None,
+        callbacks: list[Any] | None = None,
     ) -> None:
         super().__init__()
         self._model_bytes: bytes | None = None
-        self._callbacks: list[Callback] = []
+        self._callbacks: list[Any] = []
         self.setParams(**self._input_kwargs)
 
     @keyword_only
@@ -164,7 +164,7 @@ class KerasEstimator(Estimator, HasTrainingParams, HasOutputParams, KerasReadabl
         rawPredictionCol: str = "rawPrediction",
         outputKind: str = "auto",
         customObjects: list[str] | None = None,
-        callbacks: list[Callback] | None = None,
+        callbacks: list[Any] | None = None,
     ) -> KerasEstimator:
         """Set Params by keyword, exactly as the constructor does (no checking until ``fit``)."""
         kwargs = dict(self._input_kwargs)
@@ -174,8 +174,13 @@ class KerasEstimator(Estimator, HasTrainingParams, HasOutputParams, KerasReadabl
             self.setCallbacks(kwargs.pop("callbacks"))
         return self._set(**kwargs)
 
-    def setCallbacks(self, callbacks: list[Callback] | None) -> KerasEstimator:
-        """Driver-side callbacks (e.g. :class:`~spark_keras_ml.callbacks.EarlyStopping`).
+    def setCallbacks(self, callbacks: list[Any] | None) -> KerasEstimator:
+        """Driver-side callbacks, called once an epoch in the list's order: this package's
+        (e.g. :class:`~spark_keras_ml.callbacks.EarlyStopping`) and Keras' own
+        (``keras.callbacks.EarlyStopping``, ``ModelCheckpoint``, ``ReduceLROnPlateau``...,
+        run against a driver-side copy of the model, see
+        :mod:`spark_keras_ml.keras_callbacks`). A Keras callback that needs per-batch hooks
+        is refused here.
 
         They are code, not Params: ``fit(df)`` calls these very objects, ``copy()`` (and so
         ``fit(df, params)`` and CrossValidator) gives each copy deep copies, and they are not
@@ -184,7 +189,7 @@ class KerasEstimator(Estimator, HasTrainingParams, HasOutputParams, KerasReadabl
         self._callbacks = check_callbacks(callbacks)
         return self
 
-    def getCallbacks(self) -> list[Callback]:
+    def getCallbacks(self) -> list[Any]:
         return list(self._callbacks)
 
     def copy(self, extra: dict[Param, Any] | None = None) -> KerasEstimator:

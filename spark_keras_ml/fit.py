@@ -26,7 +26,7 @@ import numpy as np
 from pyspark.sql import DataFrame, Row, SparkSession
 
 from spark_keras_ml import cluster
-from spark_keras_ml.callbacks import Callback, CallbackError, ProgressBar, Training, run_epoch_end
+from spark_keras_ml.callbacks import Callback, CallbackError, FitCallbacks, ProgressBar, Training
 from spark_keras_ml.checkpoint import (
     Checkpoint,
     CheckpointWriter,
@@ -53,6 +53,7 @@ if TYPE_CHECKING:
     import keras
 
     from spark_keras_ml.estimator import KerasEstimator
+    from spark_keras_ml.keras_callbacks import DriverModel
     from spark_keras_ml.tuning import SharedTrainingData
 
 logger = logging.getLogger(__name__)
@@ -91,7 +92,8 @@ class FitPlan:
     seed: int
     validation_split: float
     task_cpus: int
-    callbacks: list[Callback]
+    #: In the user's order, Keras' own against a driver-side model where there are any.
+    callbacks: FitCallbacks
     resume: Resume
     location: OnDriver
     #: How often a failed training job is rerun (sync only: a lost task fails a barrier stage).
@@ -150,6 +152,13 @@ class FitPlan:
             return dataset.select(*columns.columns).repartition(num_workers)
 
         progress: list[Callback] = [ProgressBar()] if estimator.getProgressBar() else []
+
+        def driver_model() -> DriverModel:  # built only for a Keras callback
+            from spark_keras_ml.keras_callbacks import DriverModel
+
+            epochs = estimator.getEpochs()
+            return DriverModel.build(model_bytes, compile_config, custom_objects, epochs)
+
         plan = cls(
             uid=estimator.uid,
             spark=spark,
@@ -174,7 +183,7 @@ class FitPlan:
             seed=estimator.getSeed(),
             validation_split=validation_split,
             task_cpus=cluster.task_cpus(spark),
-            callbacks=estimator.getCallbacks() + progress,
+            callbacks=FitCallbacks.plan(estimator.getCallbacks() + progress, driver_model),
             resume=resume_point(spark, estimator.getCheckpointDir(), model),
             location=OnDriver.of(spark),
             reruns=estimator.getSyncRetries() if mode == "sync" else 0,
@@ -208,9 +217,11 @@ class FitPlan:
     @property
     def report_step(self) -> bool:
         """Each epoch's logs travel in one more step of no rows, after its last exchange: with
-        rows held out (val_* measured on the merged weights) and in sync/batch (whose exchanges
-        run inside the train step)."""
-        return self.validation_split > 0 or self.layout.held_out or self.gradients
+        rows held out (val_* measured on the merged weights), in sync/batch (whose exchanges
+        run inside the train step), and with Keras callbacks (they see the weights the epoch
+        ended on, and every sync worker gets their learning rate in the same round)."""
+        held_out = self.validation_split > 0 or self.layout.held_out
+        return held_out or self.gradients or self.callbacks.driver is not None
 
     @property
     def worker_batch_size(self) -> int:
@@ -339,9 +350,9 @@ def run(plan: FitPlan) -> FitResult:
         return FitResult(plan.resume.history, None)
     started = time.time()
     fit = FitRun(plan)
-    for callback in plan.callbacks:
-        callback.on_train_begin(fit.training)
-    with plan.location.serve(fit.server) as address:
+    # Keras callbacks let go of the fit on leaving, failed or not: they stay copyable.
+    with plan.location.serve(fit.server) as address, plan.callbacks:
+        plan.callbacks.train_begin(fit.server, fit.training, plan.resume.first_epoch)
         logger.info(
             "Training on %d workers (%s, epochs=%d, batchSize=%d); parameter server at %s:%d",
             plan.num_workers,
@@ -355,14 +366,8 @@ def run(plan: FitPlan) -> FitResult:
             results = fit.collect(plan.task_config(address, fit.secret))
         finally:
             fit.close_writer()
-        weights, history = fit.server.final_weights(), fit.history()
-        for callback in plan.callbacks:
-            callback.on_train_end(history)
-        fit.training.close()
-    kept = fit.training.kept
-    if fit.training.restore_epoch is not None and kept is not None:
-        logger.info("Restoring the weights of epoch %d", kept[0] + 1)
-        weights = kept[1]
+        history = fit.history()
+        weights = plan.callbacks.train_end(fit.server.final_weights(), history, fit.training)
     plan.model.set_weights(weights)
     workers = [r.asDict() for r in sorted(results, key=lambda r: r["partition"])]
     phases = fit_phases(started, submitted, time.time(), workers)
@@ -391,9 +396,7 @@ class FitRun:
     def on_epoch(self, epoch: int, logs: dict[str, float]) -> None:
         logger.info(format_epoch(epoch, self.plan.epochs, logs))
         try:
-            run_epoch_end(
-                self.plan.callbacks, epoch, {k: v for k, v in logs.items() if k != "rows"}
-            )
+            self.plan.callbacks.epoch_end(epoch, {k: v for k, v in logs.items() if k != "rows"})
         except CallbackError as exc:
             self.server.abort(str(exc))
 

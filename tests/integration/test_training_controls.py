@@ -177,11 +177,16 @@ def test_a_failing_callback_fails_the_fit_naming_it(digits) -> None:  # type: ig
         fit(train, epochs=3, callbacks=[Broken()])
 
 
-def test_keras_callbacks_are_refused_with_the_reason() -> None:
+def test_keras_callbacks_needing_batches_are_refused_with_the_reason() -> None:
     import keras
 
-    with pytest.raises(TypeError, match=r"spark_keras_ml.callbacks.Callback.*live model"):
-        KerasEstimator(callbacks=[keras.callbacks.EarlyStopping()])
+    class PerBatch(keras.callbacks.Callback):
+        def on_batch_end(self, batch, logs=None):  # type: ignore[no-untyped-def]
+            pass
+
+    KerasEstimator(callbacks=[keras.callbacks.EarlyStopping()])  # runs on the driver
+    with pytest.raises(ValueError, match=r"PerBatch overrides on_batch_end, which Keras calls"):
+        KerasEstimator(callbacks=[PerBatch()])
 
 
 def test_history_plots_with_pandas_and_plot_history(digits) -> None:  # type: ignore[no-untyped-def]
