@@ -16,6 +16,7 @@ import numpy as np
 
 from spark_keras_ml.config import TrainConfig
 from spark_keras_ml.executor.rows import Rows
+from spark_keras_ml.executor.values import as_tensors
 from spark_keras_ml.ps.client import ParameterClient
 from spark_keras_ml.ps.messages import EpochEnd, GradientMoments, MetricState
 from spark_keras_ml.ps.protocol import ProtocolError, compress_delta
@@ -384,7 +385,7 @@ class PartitionWorker:
             from spark_keras_ml.executor.metric_state import metric_states
 
             scores = self._model.evaluate(
-                held_out.x,
+                as_tensors(held_out.x),
                 held_out.y,
                 sample_weight=held_out.weights,
                 batch_size=self._config.batch_size,
