@@ -38,6 +38,8 @@ MESSAGES = [
     Reply(version=5, rejected=True, stop_after=2),
     Reply(version=3, rejected=False, update=True),
     Reply(version=9, resume_step=4, steps_per_epoch=3, rejected=True, stop_after=0),
+    Reply(version=2, learning_rate=0.0005),
+    Reply(version=4, resume_step=0, steps_per_epoch=2, learning_rate=0.0),
 ]
 
 
@@ -160,6 +162,10 @@ _MOMENTS = {"steps": 2, "squares": [1.0, None], "products": [0.5, None]}
         (Reply, {"version": 0, "stop_after": -2}, "'stop_after' must be a non-negative"),
         (Reply, {"version": 0, "resume_step": True}, "'resume_step' must be a non-negative"),
         (Reply, {"version": 0, "rejected": "no"}, "'rejected' must be true or false"),
+        (Reply, {"version": 0, "learning_rate": -0.1}, "'learning_rate' must be a finite number"),
+        (Reply, {"version": 0, "learning_rate": 10**400}, "'learning_rate' must be a finite"),
+        (Reply, {"version": 0, "learning_rate": "1e-3"}, "'learning_rate' must be a finite"),
+        (Reply, {"version": 0, "learning_rate": True}, "'learning_rate' must be a finite"),
         (Reply, "version", "WEIGHTS reply must be a JSON object"),
     ],
 )
