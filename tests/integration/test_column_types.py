@@ -4,21 +4,14 @@ into masking models; values that would change on the way are refused naming the 
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 from spark_keras_ml import KerasEstimator, KerasTransformer
+from tests.integration.test_cli import run_score
 
 pytestmark = pytest.mark.usefixtures("spark")
 
-REPO = Path(__file__).resolve().parents[2]
 #: Ids no float32 holds: each rounds to a neighbour's float (2^40 + 1 and 2^40 + 2 share one).
 BASE = 2**40
 USERS = np.arange(BASE + 1, BASE + 6, dtype="int64")
@@ -61,6 +54,15 @@ def structured_model():  # type: ignore[no-untyped-def]
     return model
 
 
+def reloaded(fitted, path):  # type: ignore[no-untyped-def]
+    fitted.save(str(path))
+    return KerasTransformer.load(str(path))
+
+
+def predictions(model, df, column="prediction"):  # type: ignore[no-untyped-def]
+    return [r[column] for r in model.transform(df).select(column).collect()]
+
+
 @pytest.fixture(scope="module")
 def structured(spark):  # type: ignore[no-untyped-def]
     columns = ["city", "user", "age", "churned"]
@@ -83,7 +85,7 @@ def test_ids_above_float32_reach_an_integer_lookup_exactly(spark) -> None:  # ty
     assert [r["prediction"] for r in rows] == expected
 
 
-def test_structured_data_with_raw_strings_and_ids_trains_and_predicts_in_a_fresh_process(
+def test_structured_data_of_raw_strings_and_ids_trains_and_scores_alike_in_the_score_job(
     spark,  # type: ignore[no-untyped-def]
     structured,  # type: ignore[no-untyped-def]
     tmp_path,  # type: ignore[no-untyped-def]
@@ -117,36 +119,18 @@ def test_structured_data_with_raw_strings_and_ids_trains_and_predicts_in_a_fresh
     probabilities = [r["probability"][1] for r in here.select("probability").collect()]
     np.testing.assert_allclose(probabilities, keras_p, rtol=1e-5, atol=1e-6)
 
+    # The production scoring job, in a fresh process, on the table as stored: the same scores.
     fitted.save(str(tmp_path / "model"))
-    script = textwrap.dedent(
-        f"""
-        import json, os, sys
-        os.environ["PYSPARK_PYTHON"] = sys.executable
-        from pyspark.sql import SparkSession
-        from spark_keras_ml import KerasTransformer
-        from tests.integration.test_column_types import structured_rows
-        spark = SparkSession.builder.master("local[2]").getOrCreate()
-        columns = ["city", "user", "age", "churned"]
-        df = spark.createDataFrame(structured_rows(), columns).repartition(2)
-        model = KerasTransformer.load({str(tmp_path / "model")!r})
-        rows = model.transform(df).orderBy("user", "city", "age").select("probability").collect()
-        out = [r["probability"][1] for r in rows]
-        open({str(tmp_path / "there.json")!r}, "w").write(json.dumps(out))
-        spark.stop()
-        """
-    )
-    env = dict(os.environ, PYSPARK_PYTHON=sys.executable, PYSPARK_DRIVER_PYTHON=sys.executable)
-    done = subprocess.run(
-        [sys.executable, "-c", script],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-        check=False,
-    )
+    structured.write.parquet(str(tmp_path / "input.parquet"))
+    output = tmp_path / "scored.parquet"
+    done = run_score(
+        "--model", str(tmp_path / "model"), "--input", str(tmp_path / "input.parquet"),
+        "--output", str(output),
+    )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
-    there = json.loads((tmp_path / "there.json").read_text())
+    scored = spark.read.parquet(str(output)).orderBy("user", "city", "age")
+    assert scored.schema["user"].dataType.simpleString() == "bigint"
+    there = [r["probability"][1] for r in scored.select("probability").collect()]
     np.testing.assert_allclose(there, probabilities, rtol=1e-6, atol=1e-7)
 
 
@@ -203,7 +187,7 @@ def test_null_strings_are_refused_naming_the_column(spark) -> None:  # type: ign
         scorer.transform(df).collect()
 
 
-def test_text_and_string_arrays_feed_lookup_layers(spark) -> None:  # type: ignore[no-untyped-def]
+def test_text_and_string_arrays_feed_lookup_layers(spark, tmp_path) -> None:  # type: ignore[no-untyped-def]
     import keras
     from pyspark.ml.evaluation import BinaryClassificationEvaluator
 
@@ -233,9 +217,11 @@ def test_text_and_string_arrays_feed_lookup_layers(spark) -> None:  # type: igno
     ).fit(df)
     auc = BinaryClassificationEvaluator().evaluate(fitted.transform(df))
     assert auc >= 0.99
+    loaded = reloaded(fitted, tmp_path / "model")  # the vocabularies travel in the .keras file
+    assert predictions(loaded, df, "probability") == predictions(fitted, df, "probability")
 
 
-def test_dict_outputs_take_their_labels_by_name(spark) -> None:  # type: ignore[no-untyped-def]
+def test_dict_outputs_take_their_labels_by_name(spark, tmp_path) -> None:  # type: ignore[no-untyped-def]
     import keras
 
     rng = np.random.default_rng(1)
@@ -272,9 +258,11 @@ def test_dict_outputs_take_their_labels_by_name(spark) -> None:  # type: ignore[
     got = np.array([r["prediction"] for r in scored])
     np.testing.assert_allclose(got[:, :1], expected["amount"], rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(got[:, 1:], expected["kind"], rtol=1e-4, atol=1e-5)
+    loaded = reloaded(fitted, tmp_path / "model")
+    assert predictions(loaded, df) == predictions(fitted, df)
 
 
-def test_masking_models_train_on_padded_sequences(spark) -> None:  # type: ignore[no-untyped-def]
+def test_masking_models_train_on_padded_sequences(spark, tmp_path) -> None:  # type: ignore[no-untyped-def]
     """Variable-length sequences padded with zeros (ids from 1) into Embedding(mask_zero=True):
     the label is whether token 7 occurs, so padding must not count."""
     import keras
@@ -317,3 +305,5 @@ def test_masking_models_train_on_padded_sequences(spark) -> None:  # type: ignor
     padded = fitted.getKerasModel().predict(short, verbose=0)
     unpadded = keras.ops.convert_to_numpy(dense(gru(embed(short[:, :3]))))
     np.testing.assert_allclose(padded, unpadded, rtol=1e-5, atol=1e-6)
+    loaded = reloaded(fitted, tmp_path / "model")
+    assert predictions(loaded, df, "probability") == predictions(fitted, df, "probability")
