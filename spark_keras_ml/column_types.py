@@ -75,6 +75,6 @@ def is_vector(column_type: DataType) -> bool:
 
 
 def _whole_decimal(element: DataType) -> bool:
-    # A decimal without a fraction that fits 18 digits is an integer; a wider one (up to 38
-    # digits) would overflow a bigint, so it travels as a double and is checked there.
-    return isinstance(element, DecimalType) and element.scale == 0 and element.precision <= 18
+    # A decimal without a fraction is an integer: as a double, one of more than 15 digits would
+    # round. Casting one beyond a bigint's range fails in Spark's ANSI mode (its default).
+    return isinstance(element, DecimalType) and element.scale == 0

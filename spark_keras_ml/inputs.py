@@ -322,7 +322,8 @@ def _as_flat_array(name: str, dtype: DataType, param: str, spec: Spec) -> Column
     raise ValueError(
         f"Expected column `{name}` ({param}) to be a Vector, a number, a boolean, a string, or "
         "an array (possibly nested) of them. Assemble numeric columns with "
-        "pyspark.ml.feature.VectorAssembler, or select the fields of a struct. Received: "
+        "pyspark.ml.feature.VectorAssembler, select the fields of a struct, and turn dates and "
+        "timestamps into numbers (F.unix_timestamp, F.datediff) first. Received: "
         f"{name} of type {dtype.simpleString()}"
     )
 

@@ -63,6 +63,16 @@ def convert(values: np.ndarray, dtype: str, what: str) -> np.ndarray:
                 f"whole numbers for a {dtype} input",
                 "Round or cast the column to an integer type, or declare the input as a float",
             )
+            # A fractional column's whole values beyond 2^53 were rounded before they came.
+            limit = _EXACT_INTEGERS[values.dtype.name]
+            _refuse(
+                (values > limit) | (values < -limit),
+                values,
+                what,
+                f"whole numbers a {values.dtype.name} holds exactly (at most 2^"
+                f"{limit.bit_length() - 1}) from a fractional column",
+                "Cast the column to bigint in Spark, where it is still exact",
+            )
         info = np.iinfo(target)
         _refuse(
             (values < info.min) | (values > info.max),

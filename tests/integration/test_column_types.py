@@ -307,3 +307,15 @@ def test_masking_models_train_on_padded_sequences(spark, tmp_path) -> None:  # t
     np.testing.assert_allclose(padded, unpadded, rtol=1e-5, atol=1e-6)
     loaded = reloaded(fitted, tmp_path / "model")
     assert predictions(loaded, df, "probability") == predictions(fitted, df, "probability")
+
+
+def test_timestamps_are_refused_saying_how_to_make_numbers_of_them(spark) -> None:  # type: ignore[no-untyped-def]
+    import datetime
+
+    import keras
+
+    model = keras.Sequential([keras.Input((1,), dtype="int64"), keras.layers.Dense(1)])
+    df = spark.createDataFrame([(datetime.datetime(2026, 1, 1), 1.0)], ["seen", "label"])
+    estimator = KerasEstimator(model=model, featuresCol="seen", loss="mse")
+    with pytest.raises(ValueError, match=r"`seen`.*F\.unix_timestamp.*seen of type timestamp"):
+        estimator.fit(df)

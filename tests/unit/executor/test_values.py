@@ -104,3 +104,9 @@ def test_a_dict_model_gets_its_inputs_and_targets_by_key() -> None:
     assert rows.take(np.array([1])).x["city"].tolist() == [["rome"]]
     empty = partition_rows([], layout)
     assert len(empty) == 0 and empty.x["city"].dtype == object
+
+
+def test_whole_values_a_double_already_rounded_are_refused_for_int_inputs() -> None:
+    with pytest.raises(ValueError, match=r"float64 holds exactly.*Cast the column to bigint"):
+        convert(np.array([2.0**60]), "int64", "`id`")
+    assert convert(np.array([2.0**53]), "int64", "`id`").tolist() == [2**53]
