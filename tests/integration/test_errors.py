@@ -28,7 +28,7 @@ def estimator(**params):  # type: ignore[no-untyped-def]
     [
         ({"featuresCol": "nope"}, ["`featuresCol`", "columns:", "featuresCol='nope'"]),
         ({"labelCol": "missing"}, ["`labelCol`", "labelCol='missing'"]),
-        ({"featuresCol": "text"}, ["`text` (featuresCol)", "VectorAssembler", "type string"]),
+        ({"featuresCol": "text"}, ["`text` (featuresCol)", 'dtype="string"', "type string"]),
         ({"labelCol": "text"}, ["`text` (labelCol)", "StringIndexer", "type string"]),
         ({"mode": "turbo"}, ["`mode`", "'sync', 'async', 'hogwild'", "mode='turbo'"]),
         ({"frequency": "hourly"}, ["`frequency`", "'epoch', 'batch'", "frequency='hourly'"]),
