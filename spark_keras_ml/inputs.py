@@ -9,12 +9,11 @@ to that dtype, exactly or with an error, and reshape it to the per-row shape pla
 keys are the names columns are matched by. Shapes are checked against the first row on the
 driver for a fit, and against every row on the workers.
 
-Also here: Spark's columnar-input setting that Vector columns trip over in ``transform``.
+Also here: how ``transform`` keeps Spark's columnar UDF input away from Vector columns.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,8 +36,6 @@ from spark_keras_ml import column_types
 from spark_keras_ml.config import HELD_OUT, WEIGHT, Layout, check_width, feature_name, label_name
 from spark_keras_ml.model_info import is_custom_loss
 from spark_keras_ml.validation import param_error
-
-logger = logging.getLogger(__name__)
 
 #: A per-row shape; ``-1`` marks the one dimension (a sequence length) taken from the row width.
 Shape = tuple[int, ...]
@@ -404,23 +401,30 @@ def _show(shape: Shape) -> str:
 COLUMNAR_UDF_INPUT = "spark.sql.execution.arrow.pythonUDF.columnarInput.enabled"
 
 
-def avoid_columnar_udt_input(table: Table) -> None:
-    """Turn off Spark's columnar pandas-UDF input when the table carries a Vector (or any UDT)."""
+#: A column that keeps Spark's scan from feeding the UDF columnar batches; dropped again.
+_ROW_BARRIER = "__skml_rows"
+
+
+def without_columnar_udt_input(table: Table) -> tuple[DataFrame, str | None]:
+    """The table, arranged so that Spark's columnar pandas-UDF input cannot trip over a Vector
+    (or any UDT) column, and the name of the column that does it (drop it after the UDF), or
+    None where nothing was needed.
+
+    The setting is the session's, and changing it would change every later query of the
+    user's. A nondeterministic projection between the scan and the UDF instead makes Spark
+    convert to rows there (the optimizer neither removes nor merges it), for this query only;
+    its cost is that a filter on the scored table is not pushed below it into the scan.
+    """
     if not any(_has_udt(dtype) for dtype in table.types.values()):
-        return
-    conf = table.df.sparkSession.conf
+        return table.df, None
     try:
         # No default argument: it would be returned instead of Spark's own default when unset.
-        enabled = str(conf.get(COLUMNAR_UDF_INPUT)).lower() == "true"
+        enabled = str(table.df.sparkSession.conf.get(COLUMNAR_UDF_INPUT)).lower() == "true"
     except Exception:  # a Spark without this setting has no such path
-        return
-    if enabled:
-        logger.info(
-            "Setting %s=false for this session: Spark's columnar input to pandas UDFs cannot "
-            "carry Vector columns read from Parquet.",
-            COLUMNAR_UDF_INPUT,
-        )
-        conf.set(COLUMNAR_UDF_INPUT, "false")
+        return table.df, None
+    if not enabled:
+        return table.df, None
+    return table.df.withColumn(_ROW_BARRIER, F.monotonically_increasing_id()), _ROW_BARRIER
 
 
 def _has_udt(dtype: DataType) -> bool:

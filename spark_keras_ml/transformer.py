@@ -22,7 +22,13 @@ from pyspark.sql import functions as F
 from spark_keras_ml import cluster
 from spark_keras_ml.config import OUTPUT_SCHEMAS, Layout, PredictConfig
 from spark_keras_ml.executor.predict import predict_batches
-from spark_keras_ml.inputs import Spec, Table, avoid_columnar_udt_input, feature_slots, input_specs
+from spark_keras_ml.inputs import (
+    Spec,
+    Table,
+    feature_slots,
+    input_specs,
+    without_columnar_udt_input,
+)
 from spark_keras_ml.model_info import output_kind
 from spark_keras_ml.params import HasInferenceParams
 from spark_keras_ml.persistence import KerasReadable, KerasWritable
@@ -190,9 +196,9 @@ class KerasTransformer(Model, HasInferenceParams, KerasReadable, KerasWritable):
                 f"setPredictionCol/setProbabilityCol/setRawPredictionCol, or drop the old ones. "
                 f"Received: {clash} already present"
             )
-        avoid_columnar_udt_input(table)
-        scored = dataset.withColumn(_OUTPUT, udf(*(s.column for s in slots)))
-        return scored.withColumns(outputs).drop(_OUTPUT)
+        rows, barrier = without_columnar_udt_input(table)
+        scored = rows.withColumn(_OUTPUT, udf(*(s.column for s in slots)))
+        return scored.withColumns(outputs).drop(_OUTPUT, *([barrier] if barrier else []))
 
     def _output_columns(self, kind: str) -> dict[str, Column]:
         out = F.col(_OUTPUT)

@@ -264,3 +264,25 @@ def test_validation_col_and_split_together_are_refused(arrays) -> None:  # type:
         fit(flagged, dense_classifier(), validationCol="label")
     with pytest.raises(ValueError, match=r"`holdout` \(sampleWeightCol\) to be numeric"):
         fit(flagged, dense_classifier(), sampleWeightCol="holdout")
+
+
+def test_parquet_with_vectors_scores_and_leaves_the_session_as_found(
+    spark, digits, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    """Spark's columnar pandas-UDF input cannot carry a Vector read from Parquet; transform works
+    around it for its own query, without changing the session's setting."""
+    from spark_keras_ml import KerasTransformer
+    from spark_keras_ml.inputs import COLUMNAR_UDF_INPUT
+
+    _, test = digits
+    test.write.parquet(str(tmp_path / "digits.parquet"))
+    table = spark.read.parquet(str(tmp_path / "digits.parquet"))
+    before = spark.conf.get(COLUMNAR_UDF_INPUT)
+    spark.conf.set(COLUMNAR_UDF_INPUT, "true")
+    try:
+        scored = KerasTransformer(model=dense_classifier()).transform(table)
+        assert scored.columns == ["features", "label", "prediction", "probability", "rawPrediction"]
+        assert scored.count() == test.count()
+        assert spark.conf.get(COLUMNAR_UDF_INPUT) == "true"
+    finally:
+        spark.conf.set(COLUMNAR_UDF_INPUT, before)
