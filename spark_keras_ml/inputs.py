@@ -94,13 +94,27 @@ class Slot:
 def input_specs(model: keras.Model) -> tuple[list[Spec], tuple[str, ...] | None]:
     """Specs of the model's inputs in the order Keras flattens them, and their dict keys where
     the model takes a dict (the keys then name the inputs)."""
-    return _keyed(tensor_specs(model.inputs), _structure(model, "input"))
+    return _keyed(tensor_specs(model_tensors(model, "inputs")), _structure(model, "input"))
+
+
+def model_tensors(model: keras.Model, role: str) -> list[Any]:
+    """``model.inputs`` or ``model.outputs``; a clear error for a model Keras has not built (a
+    ``Sequential`` without an ``Input``, a subclassed model), whose columns nothing can plan."""
+    try:
+        return list(getattr(model, role))
+    except (AttributeError, ValueError) as exc:
+        raise ValueError(
+            f"Expected a Keras model whose {role} are known: a functional model, or a "
+            "Sequential model that starts with keras.Input(shape=...). Add the Input layer (a "
+            "subclassed model can be wrapped: keras.Model(inputs, subclassed(inputs))). "
+            f"Received: {type(model).__name__} {getattr(model, 'name', '')!r} ({exc})"
+        ) from None
 
 
 def output_specs(model: keras.Model) -> tuple[list[Spec], tuple[str, ...] | None]:
     """Specs of the model's outputs, named as Keras names them in losses and logs (the dict
     keys, or the output layers' names), and the dict keys where the model returns a dict."""
-    specs = tensor_specs(model.outputs, "output")
+    specs = tensor_specs(model_tensors(model, "outputs"), "output")
     keys = _structure(model, "output")
     names = getattr(model, "output_names", None)  # functional models: the output layers' names
     if keys is None and names and len(names) == len(specs):
@@ -290,6 +304,11 @@ def check_first_row(df: DataFrame, slots: Sequence[Slot]) -> bool:
     if row is None:
         return False
     for slot, width in zip(slots, row, strict=True):
+        if width is None or width < 0:  # size() of a null: -1, or null in ANSI mode
+            raise ValueError(
+                f"Expected no null values in {slot.describe()}. Drop or impute those rows "
+                "first (e.g. df.dropna()). Received: a null in the first row"
+            )
         check_width(slot.shape, width, slot.describe())
     return True
 
@@ -306,7 +325,10 @@ def _as_flat_array(name: str, dtype: DataType, param: str, spec: Spec) -> Column
     if column_types.is_vector(dtype):
         if column_types.dtype_kind(spec.dtype) == column_types.STRING:
             raise _unfit(name, dtype, param, spec)
-        return vector_to_array(column, column_types.vector_precision(spec.dtype))
+        # vector_to_array fails the task on a null with Spark's own words; a null row instead
+        # reaches the worker's null check, which names the column.
+        converted = vector_to_array(column, column_types.vector_precision(spec.dtype))
+        return F.when(column.isNotNull(), converted)
     if column_types.is_supported(dtype):
         return F.array(column.cast(_wire(name, dtype, param, spec)))
     depth, element = 0, dtype

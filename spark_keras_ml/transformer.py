@@ -158,7 +158,8 @@ class KerasTransformer(Model, HasInferenceParams, KerasReadable, KerasWritable):
         if self._facts is None or self._facts[0] != key:
             model = model_from_bytes(model_bytes, custom_objects=self.getCustomObjects())
             loss = (compile_config_of(model_bytes) or {}).get("loss")
-            self._facts = (key, output_kind(model, loss), *input_specs(model))
+            specs, keys = input_specs(model)  # first: it says clearly when a model is unbuilt
+            self._facts = (key, output_kind(model, loss), specs, keys)
         kind = self.getOutputKind()
         return (self._facts[1] if kind == "auto" else kind), self._facts[2], self._facts[3]
 

@@ -41,7 +41,12 @@ def _non_negative_int(v: Any) -> bool:
 
 
 def _positive_number(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and v > 0
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+
+#: The longest `timeout` taken: a wait of the order of 1e11 s overflows the platform's timers
+#: deep inside a task, and no fit waits a month for one worker.
+MAX_TIMEOUT_SECONDS = 30 * 24 * 3600
 
 
 def _column_list(v: Any) -> bool:
@@ -90,7 +95,7 @@ RULES: dict[str, Rule] = {
     ),
     "learningRate": Rule(
         lambda v: v is None or _positive_number(v),
-        "a number > 0, or None",
+        "a finite number > 0, or None",
         "Leave it None to keep the optimizer's own rate.",
     ),
     "loss": Rule(
@@ -104,8 +109,8 @@ RULES: dict[str, Rule] = {
         "Wrap a single metric in a list, e.g. ['accuracy'].",
     ),
     "timeout": Rule(
-        _positive_number,
-        "a number of seconds > 0",
+        lambda v: _positive_number(v) and v <= MAX_TIMEOUT_SECONDS,
+        f"a finite number of seconds > 0 and <= {MAX_TIMEOUT_SECONDS} (30 days)",
         "Allow at least the time of one epoch on the slowest worker.",
     ),
     "maxStaleness": Rule(

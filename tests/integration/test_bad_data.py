@@ -74,3 +74,43 @@ def test_transform_refuses_nan_features_naming_the_column(flat) -> None:  # type
 def test_string_features_are_refused_before_any_job(flat) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(ValueError, match=r"`text` \(featuresCol\).*StringIndexer.*type string"):
         fit(flat.withColumn("text", F.lit("a")), featuresCol="text")
+
+
+@pytest.fixture(scope="module")
+def vectors_with_nulls(spark, digits):  # type: ignore[no-untyped-def]
+    """digits' Vector column with every fifth row null (the first row among them)."""
+    from pyspark.sql import Window
+
+    train, _ = digits
+    order = Window.orderBy("label", "features_id")
+    numbered = (
+        train.limit(100)
+        .withColumn("features_id", F.monotonically_increasing_id())
+        .withColumn("n", F.row_number().over(order))
+    )
+    nulled = F.when(F.col("n") % 5 != 1, F.col("features"))
+    return numbered.select(nulled.alias("features"), "label", "n").cache()
+
+
+def test_null_vectors_are_named_in_fit_and_transform(vectors_with_nulls) -> None:  # type: ignore[no-untyped-def]
+    first_row_null = vectors_with_nulls.orderBy("n")
+    with pytest.raises(ValueError, match=r"no null values in `features`.*first row"):
+        KerasEstimator(model=digits_model(), numWorkers=2, epochs=1).fit(first_row_null)
+    later_nulls = vectors_with_nulls.orderBy(F.desc("n"))  # a non-null first row
+    with pytest.raises(RuntimeError, match=r"no null values in `features`"):
+        KerasEstimator(model=digits_model(), numWorkers=2, epochs=1).fit(later_nulls)
+    with pytest.raises(Exception, match=r"no null values in `features`"):
+        KerasTransformer(model=digits_model()).transform(vectors_with_nulls).collect()
+
+
+@pytest.mark.filterwarnings("ignore:You are saving a model that has not yet been built")
+def test_a_model_without_inputs_is_refused_before_any_job(flat) -> None:  # type: ignore[no-untyped-def]
+    import keras
+
+    unbuilt = keras.Sequential([keras.layers.Dense(10, activation="softmax")])
+    with pytest.raises(ValueError, match=r"inputs are known.*keras\.Input.*Received: Sequential"):
+        KerasEstimator(
+            model=unbuilt, featuresCol="pixels", loss="sparse_categorical_crossentropy"
+        ).fit(flat)
+    with pytest.raises(ValueError, match=r"inputs are known"):
+        KerasTransformer(model=unbuilt, featuresCol="pixels").transform(flat)

@@ -110,3 +110,20 @@ def test_local_steps_longer_than_an_epoch_are_refused() -> None:
     message = str(info.value)
     assert message.startswith("Expected localSteps to be at most the steps of an epoch on one")
     assert "frequency='epoch'" in message and message.endswith("Received: localSteps=16")
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("timeout", float("inf")),
+        ("timeout", float("nan")),
+        ("timeout", 1e12),  # overflows the platform's timers inside a task
+        ("learningRate", float("inf")),
+        ("learningRate", float("nan")),
+    ],
+)
+def test_non_finite_and_overflowing_numbers_are_refused_up_front(name: str, value: float) -> None:
+    stage = KerasEstimator()
+    stage._set(**{name: value})
+    with pytest.raises(ValueError, match=rf"Expected `{name}` to be a finite number"):
+        validate(stage)
