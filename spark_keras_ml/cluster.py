@@ -6,6 +6,7 @@ import contextlib
 import re
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 from pyspark.sql import SparkSession
 from pyspark.sql.utils import is_remote
@@ -159,13 +160,35 @@ def cancel_jobs(spark: SparkSession, tag: str) -> None:
 _PYTHON_ERROR = re.compile(r"^(?!(?:org|java|scala|py4j)\.)[A-Za-z_][\w.]*(?:Error|Exception): \S")
 
 
-def job_failure_message(exc: BaseException, mode: str, retries: int) -> str:
-    """A short message for a training job that Spark failed (the cause stays chained).
+@dataclass(frozen=True)
+class JobFailure:
+    """Why Spark failed a training job, read from its exception: the cause, and whether a rerun
+    could go differently."""
+
+    cause: str
+    #: "cancelled" (a user cancelled it: never rerun), "environment" (a worker could not import
+    #: a module), "input" (bad data or configuration), or "lost" (a task or executor was lost).
+    kind: str
+
+    @property
+    def rerun_helps(self) -> bool:
+        # An import or a bad row fails every attempt the same way; a cancel is the user's word.
+        return self.kind == "lost"
+
+
+#: Python errors a rerun meets again: the data or the configuration, not a lost task.
+_INPUT_ERRORS = ("ValueError", "TypeError", "KeyError")
+_MISSING_MODULE = re.compile(r"(?:ModuleNotFoundError|ImportError): .*?No module named '([\w.]+)'")
+
+
+def job_failure(exc: BaseException) -> JobFailure:
+    """Classify a failed training job (the cause stays chained to whatever the caller raises).
 
     The cause is the executor's own Python error when there is one (its traceback is inside
     Spark's exception text), else the first line that names an error.
     """
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = str(exc)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
     cause = next(
         (line for line in lines if _PYTHON_ERROR.match(line)),
         next(
@@ -173,6 +196,40 @@ def job_failure_message(exc: BaseException, mode: str, retries: int) -> str:
             lines[0] if lines else "",
         ),
     )
+    if _PYTHON_ERROR.match(cause) is None and "cancelled" in text.lower():
+        return JobFailure(next(line for line in lines if "cancelled" in line.lower()), "cancelled")
+    name = cause.split(":", 1)[0].rsplit(".", 1)[-1]
+    if name in ("ModuleNotFoundError", "ImportError"):
+        return JobFailure(cause, "environment")
+    if name in _INPUT_ERRORS:
+        return JobFailure(cause, "input")
+    return JobFailure(cause, "lost")
+
+
+def job_failure_message(failure: JobFailure, mode: str, retries: int) -> str:
+    """A short message for a training job that Spark failed, saying what to do about it."""
+    cause = failure.cause[:500]
+    if failure.kind == "cancelled":
+        return (
+            f"Distributed training was cancelled ({cause}). A cancelled fit is not rerun, "
+            "whatever syncRetries says: fit again to train."
+        )
+    if failure.kind == "environment":
+        module = _MISSING_MODULE.search(cause)
+        missing = f"`{module.group(1)}`" if module else "a module"
+        return (
+            f"Distributed training failed: a Spark Python worker could not import {missing} "
+            f"({cause}). The executors run a Python environment without it: point "
+            "PYSPARK_PYTHON (spark.pyspark.python) at an interpreter that has spark_keras_ml "
+            "and its dependencies (pyarrow, pandas, keras and its backend), install them in "
+            "the cluster's environment, or ship pure-Python modules with --py-files "
+            "(SparkContext.addPyFile). Rerunning would fail the same way, so it was not rerun."
+        )
+    if failure.kind == "input":
+        return (
+            f"Distributed training failed: the Spark job failed ({cause}). Fix the data or "
+            "the configuration the error names: every rerun would fail the same way."
+        )
     if mode == "sync":
         hint = (
             f"A sync fit stops when any worker fails (it was rerun {retries} times); set "
@@ -180,4 +237,4 @@ def job_failure_message(exc: BaseException, mode: str, retries: int) -> str:
         )
     else:
         hint = "Spark retried the failed task up to spark.task.maxFailures times."
-    return f"Distributed training failed: the Spark job failed ({cause[:500]}). {hint}"
+    return f"Distributed training failed: the Spark job failed ({cause}). {hint}"

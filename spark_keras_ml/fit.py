@@ -432,9 +432,10 @@ class FitRun:
                         raise RuntimeError(
                             f"Distributed training failed: {server.failure}"
                         ) from exc
-                    if attempt >= plan.reruns:
+                    failure = cluster.job_failure(exc)
+                    if attempt >= plan.reruns or not failure.rerun_helps:
                         raise RuntimeError(
-                            cluster.job_failure_message(exc, plan.mode, plan.reruns)
+                            cluster.job_failure_message(failure, plan.mode, attempt)
                         ) from exc
                     attempt += 1
                     run = server.prepare_rerun()
