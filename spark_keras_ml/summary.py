@@ -4,6 +4,7 @@ the fitted model. (The per-epoch averaging of the workers' logs is the parameter
 
 from __future__ import annotations
 
+import html
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -15,7 +16,7 @@ def format_epoch(epoch: int, epochs: int, logs: dict[str, float]) -> str:
     return f"Epoch {epoch + 1}/{epochs} - rows: {rows} - {metrics}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class TrainingSummary:
     """What one fit did, kept with the fitted model (and saved with it, as JSON).
 
@@ -53,6 +54,65 @@ class TrainingSummary:
         import pandas as pd
 
         return pd.DataFrame(self.workers)
+
+    # What a user sees: ``print(summary)`` and the REPL show a short table, a notebook an HTML
+    # one; the fields above hold everything.
+
+    def _headline(self) -> str:
+        stopped = ", stopped early" if self.stopped_early else ""
+        resumed = f", resumed at epoch {self.first_epoch + 1}" if self.first_epoch else ""
+        return (
+            f"Training summary: {self.epochs} epochs{stopped}{resumed} in "
+            f"{self.wall_seconds:.1f} s on {len(self.workers)} workers"
+        )
+
+    def _epoch_table(self) -> tuple[list[str], list[list[str]]]:
+        names = list(self.history)
+        header = ["epoch", "rows", *names]
+        rows = [
+            [
+                str(self.first_epoch + i + 1),
+                str(self.rows_per_epoch[i]),
+                *(_number(self.history[n][i]) if i < len(self.history[n]) else "" for n in names),
+            ]
+            for i in range(self.epochs)
+        ]
+        return header, rows
+
+    def _footer(self) -> list[str]:
+        lines = []
+        if self.updates:
+            lines.append("updates: " + ", ".join(f"{k} {v}" for k, v in self.updates.items()))
+        if self.phases:
+            lines.append(
+                "seconds by phase: " + ", ".join(f"{k} {v:.1f}" for k, v in self.phases.items())
+            )
+        return lines
+
+    def __repr__(self) -> str:
+        header, rows = self._epoch_table()
+        widths = [max(len(c) for c in column) for column in zip(header, *rows, strict=True)]
+        table = [
+            "  ".join(cell.rjust(width) for cell, width in zip(line, widths, strict=True))
+            for line in (header, *rows)
+        ]
+        return "\n".join([self._headline(), *table, *self._footer()])
+
+    def _repr_html_(self) -> str:
+        header, rows = self._epoch_table()
+        head = "".join(f"<th>{html.escape(c)}</th>" for c in header)
+        body = "".join(
+            "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows
+        )
+        footer = "".join(f"<p>{html.escape(line)}</p>" for line in self._footer())
+        return (
+            f"<p><b>{html.escape(self._headline())}</b></p>"
+            f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{footer}"
+        )
+
+
+def _number(value: float) -> str:
+    return f"{value:.4g}"
 
 
 #: Per-task phases, in the order a training task goes through them.
