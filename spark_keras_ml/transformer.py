@@ -30,7 +30,7 @@ from spark_keras_ml.inputs import (
     without_columnar_udt_input,
 )
 from spark_keras_ml.model_info import output_kind
-from spark_keras_ml.params import HasInferenceParams
+from spark_keras_ml.params import HasInferenceParams, HasTrainingParams
 from spark_keras_ml.persistence import KerasReadable, KerasWritable
 from spark_keras_ml.serialization import (
     compile_config_of,
@@ -44,7 +44,7 @@ from spark_keras_ml.validation import validate
 _OUTPUT = "__skml_output"
 
 
-class KerasTransformer(Model, HasInferenceParams, KerasReadable, KerasWritable):
+class KerasTransformer(Model, HasInferenceParams, HasTrainingParams, KerasReadable, KerasWritable):
     """A trained Keras model as a Spark ML Model: distributed, batched ``transform``.
 
     What ``transform`` adds depends on ``outputKind`` (``"auto"`` decides from the model):

@@ -58,6 +58,10 @@ def test_cross_validator_picks_the_better_rate_and_round_trips(small, tmp_path) 
     best = int(np.argmax(fitted.avgMetrics))
     assert grid[best][est.learningRate] == 0.02, fitted.avgMetrics
     assert isinstance(fitted.bestModel, KerasTransformer)
+    # The best model carries the Params it was trained with, as Spark's own models do.
+    chosen = fitted.bestModel
+    assert chosen.getLearningRate() == 0.02 and chosen.getMode() == grid[best][est.mode]
+    assert (chosen.getEpochs(), chosen.getNumWorkers(), chosen.getSeed()) == (2, 1, 5)
 
     fitted.save(str(tmp_path / "cv-model"))
     loaded = CrossValidatorModel.load(str(tmp_path / "cv-model"))
@@ -66,6 +70,7 @@ def test_cross_validator_picks_the_better_rate_and_round_trips(small, tmp_path) 
     np.testing.assert_array_equal(
         probabilities(loaded.bestModel, sample), probabilities(fitted.bestModel, sample)
     )
+    assert loaded.bestModel.getLearningRate() == 0.02
     cv.save(str(tmp_path / "cv"))
     assert isinstance(CrossValidator.load(str(tmp_path / "cv")).getEstimator(), KerasEstimator)
 
