@@ -15,6 +15,7 @@ from nbclient import NotebookClient
 
 NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
 ACCURACY_CELL = "evaluate"  # the id of the cell that prints the holdout accuracy
+EARLY_STOPPING_CELL = "5a4d0438"  # training_controls: the fit with early stopping
 
 
 def this_interpreter_kernel(kernels_dir: Path) -> KernelManager:
@@ -56,3 +57,10 @@ def test_notebook_runs(tmp_path: Path, name: str) -> None:
     match = re.search(r"holdout accuracy: (\d\.\d{4})", stream_text(cell))
     assert match, cell.outputs
     assert float(match.group(1)) > 0.9
+    if name == "training_controls":  # the notebook that shows early stopping stops early
+        (fit_cell,) = [c for c in nb.cells if c.get("id") == EARLY_STOPPING_CELL]
+        stopped = re.search(
+            r"trained (\d+) of 40 epochs; stopped early: (\w+)", stream_text(fit_cell)
+        )
+        assert stopped and stopped.group(2) == "True", fit_cell.outputs
+        assert int(stopped.group(1)) < 40
