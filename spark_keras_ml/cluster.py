@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -10,6 +11,8 @@ from dataclasses import dataclass
 
 from pyspark.sql import SparkSession
 from pyspark.sql.utils import is_remote
+
+logger = logging.getLogger(__name__)
 
 #: How long to wait for executors to register before counting task slots (local-cluster and
 #: real clusters start executors asynchronously).
@@ -77,11 +80,20 @@ def task_slots(spark: SparkSession, wanted: int = 0) -> int:
     if local is not None:
         return local
     deadline = time.monotonic() + _SLOT_WAIT_SECONDS
-    while True:
-        slots = _jvm_slots(spark)
-        if slots >= wanted or time.monotonic() > deadline:
-            return slots
+    slots = _jvm_slots(spark)
+    if slots < wanted:
+        # Executors register asynchronously; without a word this wait looks like a hang.
+        logger.warning(
+            "Waiting up to %.0f s for executors to register: %d of the %d task slots a sync "
+            "fit needs are up",
+            _SLOT_WAIT_SECONDS,
+            slots,
+            wanted,
+        )
+    while slots < wanted and time.monotonic() <= deadline:
         time.sleep(0.5)
+        slots = _jvm_slots(spark)
+    return slots
 
 
 def check_workers(spark: SparkSession, mode: str, wanted: int | None) -> int:
@@ -92,9 +104,14 @@ def check_workers(spark: SparkSession, mode: str, wanted: int | None) -> int:
     if wanted is None:
         return slots
     if wanted > slots:
+        waited = (
+            ""
+            if _local_slots(master(spark), task_cpus(spark)) is not None
+            else f" (after waiting {_SLOT_WAIT_SECONDS:.0f} s for executors to register)"
+        )
         raise ValueError(
-            f"Expected `numWorkers` to be at most the cluster's {slots} task slots: a sync "
-            "fit runs every worker at once in a barrier stage. Lower numWorkers or add "
+            f"Expected `numWorkers` to be at most the cluster's {slots} task slots{waited}: a "
+            "sync fit runs every worker at once in a barrier stage. Lower numWorkers or add "
             f"executors/cores. Received: numWorkers={wanted}"
         )
     return wanted
