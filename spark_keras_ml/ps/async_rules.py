@@ -7,7 +7,7 @@ deltas measured (:mod:`~spark_keras_ml.ps.scaling`), and blend non-trainable sta
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -72,6 +72,7 @@ class AsyncRule(UpdateRule):
         rows: int,
         timeout: float,
         moments: GradientMoments | None = None,
+        consumed: Callable[[], None] | None = None,
     ) -> tuple[int, list[np.ndarray]]:
         with self._cond:
             if self._admit(partition, attempt, step, rows > 0) and delta is not None and rows > 0:
@@ -89,6 +90,8 @@ class AsyncRule(UpdateRule):
                 self._version += 1
                 self._cond.notify_all()
             if self._max_staleness is not None:
+                if consumed is not None:
+                    consumed()
                 self._wait_for_slowest(partition, attempt, timeout)
             self._record(partition, self._weights)
             return self._version, self._weights
@@ -180,6 +183,7 @@ class HogwildRule(UpdateRule):
         rows: int,
         timeout: float,
         moments: GradientMoments | None = None,
+        consumed: Callable[[], None] | None = None,
     ) -> tuple[int, list[np.ndarray]]:
         with self._cond:
             applied = self._admit(partition, attempt, step, delta is not None and rows > 0)

@@ -206,9 +206,14 @@ class UpdateRule:
         rows: int,
         timeout: float,
         moments: GradientMoments | None = None,
+        consumed: Callable[[], None] | None = None,
     ) -> tuple[int, list[np.ndarray]]:
         """Apply one step's delta (None: a rejected delta that only moves the step on);
-        ``moments``: of the gradients behind it, where the worker recorded them."""
+        ``moments``: of the gradients behind it, where the worker recorded them.
+
+        ``consumed`` is called before the rule waits on other workers: the delta's arrays may be
+        views of a receive buffer that other handlers need meanwhile, so a rule copies what it
+        keeps of them before it calls it."""
         raise NotImplementedError
 
     def _admit(self, partition: int, attempt: int, step: int, has_update: bool) -> bool:

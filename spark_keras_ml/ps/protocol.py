@@ -32,6 +32,7 @@ import math
 import secrets
 import socket
 import struct
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -101,11 +102,15 @@ class Message:
 _SMALL_READ = 1024
 
 
-def recv_exactly(sock: socket.socket, n: int, into: ReceiveBuffer | None = None) -> memoryview:
+def recv_exactly(
+    sock: socket.socket, n: int, into: ReceiveBuffer | None = None, deadline: float | None = None
+) -> memoryview:
     """Read exactly ``n`` bytes; the end of the stream inside them is an error, never short data.
 
     With ``into``, the bytes land in its reused buffer and the returned view is valid only until
-    the next read into it.
+    the next read into it. With ``deadline`` (``time.monotonic()``), all of them must arrive by
+    then, not just each ``recv`` within the socket's timeout: a peer trickling a byte at a time
+    would otherwise hold the read for the timeout per byte.
     """
     if into is not None:
         buf = into.view(n)
@@ -116,6 +121,8 @@ def recv_exactly(sock: socket.socket, n: int, into: ReceiveBuffer | None = None)
     view = memoryview(buf)
     got = 0
     while got < n:
+        if deadline is not None:
+            until(sock, deadline)
         k = sock.recv_into(view[got:], n - got)
         if k == 0:
             raise ProtocolError(f"connection closed after {got} of {n} expected bytes")
@@ -161,11 +168,24 @@ def send_frame(sock: socket.socket, op: Op, parts: Sequence[bytes | memoryview] 
 _MAX_IOV = 512
 
 
+def until(sock: socket.socket, deadline: float) -> None:
+    """Let the next operation on ``sock`` wait at most until ``deadline``; past it, time out."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("the deadline passed")
+    sock.settimeout(left)
+
+
 def recv_frame(
-    sock: socket.socket, max_body: int, into: ReceiveBuffer | None = None
+    sock: socket.socket,
+    max_body: int,
+    into: ReceiveBuffer | None = None,
+    deadline: float | None = None,
 ) -> tuple[Op, memoryview]:
     """Read one frame; a bad header or a body over ``max_body`` is refused before allocating."""
-    magic, version, op, flags, length = HEADER.unpack(recv_exactly(sock, HEADER.size))
+    magic, version, op, flags, length = HEADER.unpack(
+        recv_exactly(sock, HEADER.size, deadline=deadline)
+    )
     if magic != MAGIC:
         raise ProtocolError(f"bad magic {bytes(magic)!r}: the peer does not speak this protocol")
     if version != PROTOCOL_VERSION:
@@ -181,7 +201,7 @@ def recv_frame(
         raise ProtocolError(f"unsupported frame flags {flags:#x}")
     if length > max_body:
         raise ProtocolError(f"frame body of {length} bytes exceeds the limit of {max_body} bytes")
-    return opcode, recv_exactly(sock, length, into)
+    return opcode, recv_exactly(sock, length, into, deadline)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -346,24 +366,31 @@ def _digest(secret: bytes, challenge: bytes | bytearray | memoryview) -> bytes:
     return hmac.new(secret, bytes(challenge), hashlib.sha256).digest()
 
 
-def deliver_challenge(sock: socket.socket, secret: bytes) -> None:
-    """Challenge the peer and check its answer; raise :class:`AuthenticationError` if wrong."""
+def deliver_challenge(sock: socket.socket, secret: bytes, deadline: float | None = None) -> None:
+    """Challenge the peer and check its answer; raise :class:`AuthenticationError` if wrong.
+
+    With ``deadline``, the peer must have answered by then (see :func:`recv_exactly`).
+    """
     challenge = secrets.token_bytes(CHALLENGE_BYTES)
+    if deadline is not None:
+        until(sock, deadline)
     send_frame(sock, Op.CHALLENGE, [challenge])
-    op, answer = recv_frame(sock, HANDSHAKE_MAX_BODY)
+    op, answer = recv_frame(sock, HANDSHAKE_MAX_BODY, deadline=deadline)
     if op is not Op.RESPONSE or not hmac.compare_digest(bytes(answer), _digest(secret, challenge)):
         send_message(sock, Op.ERROR, {"message": "authentication failed"})
         raise AuthenticationError("the peer failed the HMAC challenge")
     send_frame(sock, Op.WELCOME)
 
 
-def answer_challenge(sock: socket.socket, secret: bytes) -> None:
+def answer_challenge(sock: socket.socket, secret: bytes, deadline: float | None = None) -> None:
     """Answer the peer's challenge; raise :class:`AuthenticationError` if it refuses us."""
-    op, challenge = recv_frame(sock, HANDSHAKE_MAX_BODY)
+    op, challenge = recv_frame(sock, HANDSHAKE_MAX_BODY, deadline=deadline)
     if op is not Op.CHALLENGE or len(challenge) != CHALLENGE_BYTES:
         raise ProtocolError(f"expected a {CHALLENGE_BYTES}-byte CHALLENGE, received {op.name}")
+    if deadline is not None:
+        until(sock, deadline)
     send_frame(sock, Op.RESPONSE, [_digest(secret, challenge)])
-    op, _ = recv_frame(sock, HANDSHAKE_MAX_BODY)
+    op, _ = recv_frame(sock, HANDSHAKE_MAX_BODY, deadline=deadline)
     if op is not Op.WELCOME:
         raise AuthenticationError("the peer rejected our answer: the secrets differ")
 

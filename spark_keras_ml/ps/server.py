@@ -24,10 +24,12 @@ import numpy as np
 
 from spark_keras_ml.ps import protocol
 from spark_keras_ml.ps.bookkeeping import PER_EPOCH, Schedule, Superseded, TrainingAborted
+from spark_keras_ml.ps.connections import HANDSHAKE_SECONDS, Connections
 from spark_keras_ml.ps.messages import Hello, MetricState, Push, Reply
 from spark_keras_ml.ps.metrics import EpochAggregator
 from spark_keras_ml.ps.protocol import Message, Op, ProtocolError, RemoteError
 from spark_keras_ml.ps.push_checks import PushChecks
+from spark_keras_ml.ps.receive_pool import Lease, ReceivePool
 from spark_keras_ml.ps.updates import SyncRule, make_rule
 
 if TYPE_CHECKING:
@@ -157,11 +159,11 @@ class ParameterServer:
         # The epoch each partition's worker is in, as of the last reply it was sent.
         self._current_epoch: dict[int, int] = {}
         self._on_epoch_applied = on_epoch_applied
-        self._last_activity = time.monotonic()
         self._listener: socket.socket | None = None
         self._accept_thread: threading.Thread | None = None
         self._compile_thread: threading.Thread | None = None
-        self._handlers: dict[threading.Thread, socket.socket] = {}
+        self._connections = Connections()
+        self._pool = ReceivePool(timeout, self._rule.abort)
         self._lock = threading.Lock()
         self._stopping = threading.Event()
 
@@ -176,7 +178,6 @@ class ParameterServer:
             listener.close()
             raise
         self._listener = listener
-        self._last_activity = time.monotonic()
         self._accept_thread = threading.Thread(
             target=self._accept_loop, name=f"skml-ps-accept-{self.port}", daemon=True
         )
@@ -190,12 +191,12 @@ class ParameterServer:
         """Stop accepting, drop every connection and join every thread. Safe to call twice."""
         self._stopping.set()
         self._rule.abort("the parameter server was stopped")
+        self._pool.close()
         if self._accept_thread is not None:
             self._accept_thread.join(_JOIN_SECONDS)
         if self._listener is not None:
             self._listener.close()
-        with self._lock:
-            handlers = list(self._handlers.items())
+        handlers = self._connections.items()
         for _, conn in handlers:
             protocol.shutdown_quietly(conn)
         for thread in [*(t for t, _ in handlers), self._compile_thread]:
@@ -221,8 +222,7 @@ class ParameterServer:
 
     def threads(self) -> list[threading.Thread]:
         """Every thread this server started that is still alive (for leak checks)."""
-        with self._lock:
-            threads = list(self._handlers)
+        threads = self._connections.threads()
         threads += [t for t in (self._accept_thread, self._compile_thread) if t is not None]
         return [t for t in threads if t.is_alive()]
 
@@ -267,7 +267,7 @@ class ParameterServer:
             self._run += 1
             run = self._run
         self._rule.restart()
-        self._last_activity = time.monotonic()
+        self._connections.reset_clock()  # the rerun computes its input again
         return run
 
     # --- results ------------------------------------------------------------------------------
@@ -300,20 +300,16 @@ class ParameterServer:
 
     # --- connections --------------------------------------------------------------------------
 
-    # A loop of its own rather than socketserver.ThreadingTCPServer, whose serve_forever() and
-    # service_actions() would host this loop and the watchdog, but: its handler threads are
-    # unnamed and untracked, while threads() and stop() need each one with its connection (to
-    # shut down a handler blocked in recv); server_close() joins them with no timeout, while
-    # stop() must return within seconds; shutdown() deadlocks unless serve_forever() is running,
-    # while stop() without start() must be harmless; and handle_error() prints to stderr.
-    # Overriding all of that would leave socketserver only this select() loop.
+    # A loop of its own rather than socketserver.ThreadingTCPServer: see ps/connections.py.
 
     def _accept_loop(self) -> None:
         listener = self._listener
         if listener is None:
             return
         while not self._stopping.is_set():
-            ready, _, _ = select.select([listener], [], [], _ACCEPT_POLL_SECONDS)
+            # At MAX_HANDSHAKES connections in the handshake, further ones wait in the backlog.
+            waiting = [listener] if self._connections.room() else []
+            ready, _, _ = select.select(waiting, [], [], _ACCEPT_POLL_SECONDS)
             self._watch()
             if not ready or self._stopping.is_set():
                 continue
@@ -321,26 +317,27 @@ class ParameterServer:
                 conn, peer = listener.accept()
             except OSError:
                 continue
-            conn.settimeout(self._timeout)
+            deadline = time.monotonic() + HANDSHAKE_SECONDS
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             thread = threading.Thread(
-                target=self._serve, args=(conn, peer), name=f"skml-ps-conn-{peer[1]}", daemon=True
+                target=self._serve,
+                args=(conn, peer, deadline),
+                name=f"skml-ps-conn-{peer[1]}",
+                daemon=True,
             )
-            with self._lock:
-                self._handlers[thread] = conn
+            self._connections.add(thread, conn)
             thread.start()
 
     def _watch(self) -> None:
         """The idle watchdog, and the one place that reports an abort to ``on_abort``.
 
         Open connections time out on their own (socket and round timeouts); the watchdog covers
-        what they cannot see: no worker connected at all while some partition has not finished
-        (a task that never started or never came back).
+        what they cannot see: once a worker of the run has started, no worker connected while
+        some partition has not finished (a task that never started or never came back). Before
+        that the job may be computing its input, however long (see ``ps/connections.py``).
         """
-        idle = time.monotonic() - self._last_activity
-        with self._lock:
-            connected = bool(self._handlers)
-        if idle > self._timeout and not connected and self._rule.abort_reason is None:
+        idle = self._connections.idle()
+        if idle is not None and idle > self._timeout and self._rule.abort_reason is None:
             unfinished = self._rule.unfinished()
             if unfinished:
                 self._rule.abort(
@@ -358,21 +355,24 @@ class ParameterServer:
                 except Exception:
                     logger.exception("on_abort callback failed")
 
-    def _serve(self, conn: socket.socket, peer: Any) -> None:
+    def _serve(self, conn: socket.socket, peer: Any, deadline: float) -> None:
         worker: tuple[int, int] | None = None  # (partition, attempt) once registered
-        # Each message is handled (its delta applied or copied) before the next one is read.
-        buffer = protocol.ReceiveBuffer()
+        # Each message is handled (its delta applied or copied) before its buffer goes back.
+        lease = self._pool.lease()
         try:
-            protocol.deliver_challenge(conn, self._secret)
-            protocol.answer_challenge(conn, self._secret)
+            if not self._connections.handshake(conn, peer, self._secret, deadline, self._timeout):
+                return
             while not self._stopping.is_set():
-                message = protocol.recv_message(conn, self._max_body, buffer)
-                self._last_activity = time.monotonic()
+                message = protocol.recv_message(conn, self._max_body, lease)
+                self._connections.touch()
                 if message.op is Op.BYE:
                     if worker is not None:
                         self._rule.finish(*worker)
                     return
-                worker = self._handle(conn, message, worker)
+                try:
+                    worker = self._handle(conn, message, worker, lease)
+                finally:
+                    lease.release()
         except TrainingAborted as exc:
             protocol.send_error(conn, str(exc))
         except RemoteError as exc:
@@ -397,13 +397,12 @@ class ParameterServer:
             self._rule.abort(f"the server failed while serving partition {partition}: {exc!r}")
             protocol.send_error(conn, f"server error: {exc!r}")
         finally:
+            lease.release()
             conn.close()
-            with self._lock:
-                self._handlers.pop(threading.current_thread(), None)
-            self._last_activity = time.monotonic()
+            self._connections.remove()
 
     def _handle(
-        self, conn: socket.socket, message: Message, worker: tuple[int, int] | None
+        self, conn: socket.socket, message: Message, worker: tuple[int, int] | None, lease: Lease
     ) -> tuple[int, int]:
         if message.op is Op.HELLO:
             if worker is not None:
@@ -413,6 +412,7 @@ class ParameterServer:
                 raise Superseded(
                     f"partition {hello.partition} of run {hello.run} arrived during run {self._run}"
                 )
+            self._connections.start_clock()  # a training task has started
             registration = self._rule.register(
                 hello.partition, hello.attempt, hello.rows, self._timeout
             )
@@ -432,7 +432,7 @@ class ParameterServer:
         if worker is None:
             raise ProtocolError(f"{message.op.name} before HELLO")
         if message.op is Op.PUSH:
-            self._handle_push(conn, Push.decode(message.meta), message.arrays, worker)
+            self._handle_push(conn, Push.decode(message.meta), message.arrays, worker, lease)
             return worker
         if message.op is Op.PULL:
             version, weights = self._rule.weights()
@@ -446,6 +446,7 @@ class ParameterServer:
         push: Push,
         arrays: list[np.ndarray],
         worker: tuple[int, int],
+        lease: Lease,
     ) -> None:
         partition, attempt = worker
         if push.gradients != self._gradients:
@@ -472,6 +473,7 @@ class ParameterServer:
             push.rows if usable else 0,
             self._timeout,
             push.moments,
+            lease.release,  # before the rule waits on other workers: the delta is copied
         )
         if completed and epoch is not None and self._on_epoch_applied is not None:
             self._on_epoch_applied(epoch, [np.array(w, copy=True) for w in weights])

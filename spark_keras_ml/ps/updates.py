@@ -9,7 +9,8 @@ rule; a rule never touches a socket.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -75,10 +76,15 @@ class SyncRule(UpdateRule):
         self._pushed: set[int] = set()
         self._rows = 0
         self._applied_in_round = 0
-        # Float64, but float32 in sync/batch: there a round's mean of a few gradients is sent
-        # as float32 anyway, and the sum in float64 was the server's largest computation per round.
-        dtype = np.float64 if optimizer is None else np.float32
-        self._acc: list[np.ndarray] = [np.zeros_like(w, dtype=dtype) for w in self._weights]
+        # The round's row-weighted mean of deltas so far (see add_to_mean), or with an optimizer
+        # its row-weighted sum of gradients, in the weights' own float type (float32 for a
+        # float32 model): a float64 sum held twice the model on the driver, and was the largest
+        # computation of a sync/batch round.
+        self._acc: list[np.ndarray] = [
+            np.zeros(w.shape, np.result_type(w.dtype, np.float32)) for w in self._weights
+        ]
+        # What a push's arithmetic goes through (under the lock), one per dtype of the sums.
+        self._blocks = {a.dtype: np.empty(_BLOCK, a.dtype) for a in self._acc}
         # The boost's: each array's row-weighted squared norms this round, its last mean, and
         # the moments of the gradients behind the round's deltas.
         self._squares, self._previous_means = scaling.boost_state(self._weights)
@@ -156,6 +162,7 @@ class SyncRule(UpdateRule):
         rows: int,
         timeout: float,
         moments: GradientMoments | None = None,
+        consumed: Callable[[], None] | None = None,
     ) -> tuple[int, list[np.ndarray]]:
         with self._cond:
             has_update = delta is not None and rows > 0
@@ -171,11 +178,17 @@ class SyncRule(UpdateRule):
                 )
             if self._admit(partition, attempt, step, has_update) and delta is not None and rows > 0:
                 self._applied_in_round += 1
+                self._rows += rows
                 for acc, d in zip(self._acc, delta, strict=True):
-                    acc += d * acc.dtype.type(rows)  # one temporary, of the sum's dtype
+                    block = self._blocks[acc.dtype]
+                    if self.optimizer is not None:
+                        add_scaled(acc, d, rows, block)
+                    else:
+                        add_to_mean(acc, d, rows / self._rows, block)
                 scaling.add_squares(self._squares, delta, rows, self._boost_caps)
                 self._gradients.add(moments)
-                self._rows += rows
+            if consumed is not None:  # the delta is in the sum
+                consumed()
             self._pushed.add(partition)
             round_id, generation = self._version, self._generation
             if len(self._pushed) == self._num_workers:
@@ -228,21 +241,39 @@ class SyncRule(UpdateRule):
             self._mean = [acc / np.float32(self._rows) for acc in self._acc]
             self._pending.append(self._mean)  # stepped after the replies (see settle)
         elif self._rows > 0 and self._outer is not None:
-            mean = [acc / self._rows for acc in self._acc]
+            mean = [acc.copy() for acc in self._acc]  # the sums are reset below
             self._weights = self._outer.step_delta(self._weights, mean)
         elif self._rows > 0:
-            self._weights = [
-                (w + self._boost(i, acc / self._rows)).astype(w.dtype, copy=False)
-                for i, (w, acc) in enumerate(zip(self._weights, self._acc, strict=True))
-            ]
+            self._add_round()
         self._reset_round()
         self._version += 1
         self._cond.notify_all()
 
-    def _boost(self, i: int, mean: np.ndarray) -> np.ndarray:
-        """Array ``i`` of the round's mean delta, lengthened as ``scaling`` says."""
+    def _add_round(self) -> None:
+        """The next weights: each array plus the round's mean delta, lengthened as ``scaling``
+        says. Worked out in the round's mean, which becomes the new array where their dtypes
+        agree, so the server holds the weights and one mean. The old array then becomes the
+        next round's mean where nothing else holds it (a reply still being sent would), which
+        spares a fresh one's page faults; the first push of a round overwrites it."""
+        old, new = self._weights, []
+        for i, acc in enumerate(self._acc):
+            factor = self._boost(i, acc)
+            if factor != 1.0:
+                acc *= acc.dtype.type(factor)
+            if acc.dtype != old[i].dtype:  # float16 or integers: the mean is float32 or float64
+                new.append((old[i] + acc).astype(old[i].dtype))
+                continue
+            acc += old[i]
+            new.append(acc)
+            # Two references: the old list's and getrefcount's argument.
+            fresh = sys.getrefcount(old[i]) > 2
+            self._acc[i] = np.zeros(acc.shape, acc.dtype) if fresh else old[i]
+        self._weights = new
+
+    def _boost(self, i: int, mean: np.ndarray) -> float:
+        """How far array ``i`` of the round's mean delta is lengthened (``scaling`` says)."""
         if self._boost_caps[i] <= 1.0:
-            return mean
+            return 1.0
         factor = scaling.boost_of_mean(
             mean,
             self._squares[i],
@@ -253,17 +284,51 @@ class SyncRule(UpdateRule):
             cap=self._boost_caps[i],
             ratio=self._gradients.ratio(i),
         )
-        self._previous_means[i] = mean
-        return mean if factor == 1.0 else factor * mean
+        self._previous_means[i] = mean.copy()  # ``mean`` is the sum, reused in place
+        return factor
 
     def _reset_round(self) -> None:
-        for acc in self._acc:
-            acc.fill(0.0)
+        if self.optimizer is not None or self._outer is not None:
+            for acc in self._acc:  # sums; a mean is overwritten by the first push of a round
+                acc.fill(0.0)
         self._squares = [0.0] * len(self._squares)
         self._gradients.reset()
         self._rows = 0
         self._applied_in_round = 0
         self._pushed.clear()
+
+
+#: Elements per block of :func:`add_scaled`: its temporary stays in the cache, not model-sized.
+_BLOCK = 1 << 16
+
+
+def add_to_mean(mean: np.ndarray, array: np.ndarray, weight: float, block: np.ndarray) -> None:
+    """``mean += (array - mean) * weight`` through ``block`` (of ``mean``'s dtype), without a
+    model-sized temporary: with ``weight`` the rows behind ``array`` over all the rows so far,
+    ``mean`` is the row-weighted mean of the arrays added. The first, of weight 1, is copied,
+    so ``mean`` may hold anything before it. A row-weighted float32 sum of large finite deltas
+    overflows where their mean does not; float32 blocks take a third of float64's time."""
+    if weight == 1.0:
+        np.copyto(mean, array, casting="unsafe")
+        return
+    flat_mean, flat = mean.reshape(-1), array.reshape(-1)
+    for start in range(0, flat.size, block.size):
+        end = min(start + block.size, flat.size)
+        part = block[: end - start]
+        np.subtract(flat[start:end], flat_mean[start:end], out=part, casting="unsafe")
+        part *= weight
+        np.add(flat_mean[start:end], part, out=flat_mean[start:end], casting="unsafe")
+
+
+def add_scaled(total: np.ndarray, array: np.ndarray, factor: int, block: np.ndarray) -> None:
+    """``total += array * factor`` through ``block``, without a model-sized temporary."""
+    flat_total, flat = total.reshape(-1), array.reshape(-1)
+    scale = total.dtype.type(factor)
+    for start in range(0, flat.size, block.size):
+        end = min(start + block.size, flat.size)
+        part = block[: end - start]
+        np.multiply(flat[start:end], scale, out=part, casting="unsafe")
+        np.add(flat_total[start:end], part, out=flat_total[start:end], casting="unsafe")
 
 
 def make_rule(

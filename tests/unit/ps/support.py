@@ -109,3 +109,30 @@ def json_body(meta: Any, payload: bytes = b"") -> bytearray:
     if isinstance(meta, dict) and isinstance(meta.get("arrays"), list) and meta["arrays"]:
         payload = bytes(aligned.padding(META_LENGTH.size + len(blob))) + payload
     return raw_body(blob, payload)
+
+
+def push_from_process(
+    address: tuple[str, int],
+    secret: bytes,
+    parameters: int,
+    partition: int,
+    steps: int,
+    go: Any,
+    done: Any,
+) -> None:
+    """A worker in a process of its own (its memory is not the server's): registers, waits
+    for ``go``, pushes ``steps`` float32 deltas of ``parameters`` elements, says "ok" on
+    ``done`` (or the error)."""
+    from spark_keras_ml.ps.client import ParameterClient
+
+    like = [np.zeros(parameters, np.float32)]
+    delta = [np.full(parameters, 1e-3, np.float32)]
+    try:
+        with ParameterClient(*address, secret, like=like, timeout=30.0, reuse_buffers=True) as c:
+            c.hello(partition=partition, attempt=1, rows=1)
+            go.wait(60)
+            for step in range(steps):
+                c.push(delta, step=step, rows=1)
+        done.put("ok")
+    except Exception as exc:
+        done.put(repr(exc))
