@@ -73,12 +73,38 @@ def predict_batches(
             arrow_to_numpy(a, layout.inputs[i], layout.input_name(i), layout.input_dtype(i))
             for i, a in enumerate(columns)
         ]
-        chunks = [
-            flat_outputs(model.predict_on_batch(_model_input([x[i : i + size] for x in xs], keys)))
-            for i in range(0, len(xs[0]), size)
-        ]
+        chunks = []
+        for i in range(0, len(xs[0]), size):
+            inputs = _model_input([x[i : i + size] for x in xs], keys)
+            trace_for_any_batch(model, inputs)
+            chunks.append(flat_outputs(model.predict_on_batch(inputs)))
         outputs = np.concatenate(chunks) if chunks else np.zeros((0, 1), dtype=np.float32)
         yield to_arrow(to_columns(outputs))
+
+
+def trace_for_any_batch(model: keras.Model, inputs: Any) -> None:
+    """Trace ``model``'s predict function once, for batches of any number of rows.
+
+    Keras traces it for the shape of its first call, and again (relaxed) for the first call of
+    another shape: the last chunk of every Arrow batch and every batch of another length are
+    such calls. That cost a second trace per model, and once a reused Python worker had
+    loaded a few models, TensorFlow's warning that the function "triggered tf.function
+    retracing" (it counts the traces of every Keras model's predict function together).
+    Traced first with the batch dimension left open, every later call reuses that trace.
+    Other backends compile per call as they do; a model that runs eagerly traces nothing.
+    """
+    import keras
+
+    if keras.backend.backend() != "tensorflow" or model.run_eagerly:
+        return
+    import tensorflow as tf
+
+    model.make_predict_function()
+    function = model.predict_function
+    if function.experimental_get_tracing_count():  # traced already: by an earlier chunk
+        return
+    spec = tf.nest.map_structure(lambda t: tf.TensorSpec((None, *t.shape[1:]), t.dtype), inputs)
+    function.get_concrete_function([(spec,)])  # what predict_on_batch passes: [(inputs,)]
 
 
 def _model_input(arrays: list[np.ndarray], keys: tuple[str, ...] | None) -> Any:

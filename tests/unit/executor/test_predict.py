@@ -30,3 +30,40 @@ def test_predict_batches_matches_keras_predict_and_caches_the_model() -> None:
     np.testing.assert_allclose(probs, model.predict(x, verbose=0), rtol=1e-5, atol=1e-7)
     first = MODELS.get(config.model_id, data)
     assert MODELS.get(config.model_id, data) is first
+
+
+def test_each_model_is_traced_once_whatever_its_batch_sizes() -> None:
+    """A partition's last chunk, and every Arrow batch of another size, used to trace the
+    model's predict function again: twice per model, and TensorFlow warned of retracing once
+    a worker had loaded three models. Traced once for any batch size, it warns of nothing."""
+    import logging
+
+    warnings: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            warnings.append(record.getMessage())
+
+    handler = Collect(level=logging.WARNING)
+    logging.getLogger("tensorflow").addHandler(handler)
+    try:
+        rng = np.random.default_rng(2)
+        for units in (5, 6, 7):
+            keras.utils.set_random_seed(units)
+            model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(units)])
+            data = model_to_bytes(model)
+            config = PredictConfig(
+                model_id(data), data, "raw", batch_size=8, task_cpus=1, layout=Layout(((4,),))
+            )
+            x = rng.normal(size=(8, 4)).astype("float32")
+            batches = [pa.array(list(x[:5]), pa.list_(pa.float32())), pa.array(list(x[5:]))]
+            outputs = list(predict_batches(config, iter(batches)))
+            assert [len(o) for o in outputs] == [5, 3]
+            got = np.array([row["prediction"] for o in outputs for row in o.to_pylist()])
+            # model(x), not model.predict: that would trace a predict function of its own.
+            np.testing.assert_allclose(got, np.asarray(model(x)), rtol=1e-5, atol=1e-6)
+            cached = MODELS.get(config.model_id, data)
+            assert cached.predict_function.experimental_get_tracing_count() == 1
+    finally:
+        logging.getLogger("tensorflow").removeHandler(handler)
+    assert not [w for w in warnings if "retracing" in w], warnings
