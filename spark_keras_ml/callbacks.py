@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -190,44 +192,123 @@ class EarlyStopping(Callback):
 
 
 class ProgressBar(Callback):
-    """A tqdm progress bar over the epochs on the driver, showing the latest metrics.
+    """Progress over the epochs on the driver, as Keras' ``verbose`` shows it.
 
-    ``tqdm.auto`` draws a widget in Jupyter and text elsewhere. Needs tqdm
-    (``pip install 'spark_keras_ml[progress]'``); ``KerasEstimator(progressBar=True)`` adds one.
+    ``verbose=1``: a live bar with the latest metrics where a line can be redrawn (a terminal,
+    or a notebook, where ``tqdm.auto`` draws a widget): tqdm's bar when it is installed (the
+    "progress" extra), else a plain-text one. Anywhere else, and with ``verbose=2``, one line
+    per epoch, so that a log file never receives a half-drawn bar. It writes to ``file``
+    (``sys.stdout`` as the fit starts, as Keras does), not through logging, so it needs no
+    logging set-up. ``KerasEstimator(verbose=...)`` adds one.
     """
 
-    def __init__(self, file: Any = None) -> None:
+    def __init__(self, file: Any = None, verbose: int = 1) -> None:
+        if verbose not in (1, 2):
+            raise ValueError(
+                "Expected `verbose` to be 1 (a bar) or 2 (a line per epoch). Received: "
+                f"verbose={verbose!r}"
+            )
         self.file = file
+        self.verbose = verbose
         self._bar: Any = None
+        self._stream: Any = None
+        self._last = 0.0
 
     def on_train_begin(self, training: Training) -> None:
         super().on_train_begin(training)
-        try:
-            from tqdm.auto import tqdm
-        except ImportError as exc:
-            raise ImportError(
-                "Expected tqdm for the progress bar. Install it with `pip install "
-                "'spark_keras_ml[progress]'`, or leave progressBar off. Received: no module "
-                "named tqdm"
-            ) from exc
-        self._bar = tqdm(
-            total=training.epochs,
-            initial=training.first_epoch,
-            unit="epoch",
-            desc="training",
-            file=self.file,
-            dynamic_ncols=True,
-        )
+        stream = sys.stdout if self.file is None else self.file
+        self._stream, self._last = stream, time.perf_counter()
+        if self.verbose == 1 and interactive(stream):
+            self._bar = _live_bar(stream, training)
 
     def on_epoch_end(self, epoch: int, logs: dict[str, float]) -> None:
+        metrics = {k: v for k, v in logs.items() if k != "rows"}
         if self._bar is not None:
-            self._bar.set_postfix({k: f"{v:.4f}" for k, v in logs.items()}, refresh=False)
+            self._bar.set_postfix({k: f"{v:.4f}" for k, v in metrics.items()}, refresh=False)
             self._bar.update(1)
+            return
+        now = time.perf_counter()
+        seconds, self._last = now - self._last, now
+        took = f"{seconds:.1f}s" if seconds >= 1 else f"{seconds * 1000:.0f}ms"
+        values = "".join(f" - {k}: {v:.4f}" for k, v in metrics.items())
+        print(
+            f"Epoch {epoch + 1}/{self.training.epochs} - {took}{values}",
+            file=self._stream,
+            flush=True,
+        )
 
     def on_train_end(self, history: dict[str, list[float]]) -> None:
         if self._bar is not None:
             self._bar.close()
-            self._bar = None  # a closed bar holds a stream: keep the callback copyable
+        # A bar and a stream hold locks and file handles: keep the callback copyable.
+        self._bar = self._stream = None
+
+
+def interactive(stream: Any) -> bool:
+    """Whether ``stream`` shows a line redrawn in place: a terminal, or a notebook's output."""
+    if type(stream).__module__.split(".")[0] == "ipykernel":
+        return True
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
+
+
+def progress_callbacks(verbose: str | int, stream: Any = None) -> list[Callback]:
+    """The progress a fit shows for Keras' ``verbose``: "auto" is a bar where ``stream``
+    (``sys.stdout``) is interactive and a line per epoch elsewhere; 0 shows nothing."""
+    if verbose == "auto":
+        verbose = 1 if interactive(sys.stdout if stream is None else stream) else 2
+    return [ProgressBar(stream, verbose=int(verbose))] if verbose else []
+
+
+def _live_bar(stream: Any, training: Training) -> Any:
+    """tqdm's bar (a widget in Jupyter) where tqdm is installed, else a plain-text one."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return _TextBar(stream, training.epochs, training.first_epoch)
+    return tqdm(
+        total=training.epochs,
+        initial=training.first_epoch,
+        unit="epoch",
+        desc="training",
+        file=stream,
+        dynamic_ncols=True,
+    )
+
+
+class _TextBar:
+    """The part of tqdm's interface the progress callback uses, drawn with a carriage return
+    on one line of an interactive stream."""
+
+    WIDTH = 30
+
+    def __init__(self, stream: Any, total: int, initial: int) -> None:
+        self._stream, self._total, self._done = stream, total, initial
+        self._postfix: dict[str, str] = {}
+        self._drawn = 0
+        self._draw()
+
+    def set_postfix(self, values: dict[str, str], refresh: bool = True) -> None:
+        self._postfix = dict(values)
+
+    def update(self, n: int) -> None:
+        self._done += n
+        self._draw()
+
+    def close(self) -> None:
+        print(file=self._stream, flush=True)
+
+    def _draw(self) -> None:
+        filled = self.WIDTH * self._done // max(self._total, 1)
+        bar = "=" * filled + (">" if filled < self.WIDTH else "") + "." * (self.WIDTH - filled - 1)
+        values = "".join(f" - {k}: {v}" for k, v in self._postfix.items())
+        line = f"training {self._done}/{self._total} [{bar[: self.WIDTH]}]{values}"
+        # Blank out what a longer previous line left behind.
+        self._stream.write("\r" + line.ljust(self._drawn))
+        self._stream.flush()
+        self._drawn = len(line)
 
 
 def run_epoch_end(callbacks: list[Callback], epoch: int, logs: dict[str, float]) -> None:

@@ -15,6 +15,8 @@ Who owns what:
 from __future__ import annotations
 
 import copy
+import sys
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -99,6 +101,7 @@ class KerasEstimator(Estimator, HasTrainingParams, HasOutputParams, KerasReadabl
         validationCol: str | None = None,
         checkpointDir: str | None = None,
         progressBar: bool = False,
+        verbose: str | int = "auto",
         mode: str = "sync",
         frequency: str = "steps",
         localSteps: int = DEFAULT_LOCAL_STEPS,
@@ -142,6 +145,7 @@ class KerasEstimator(Estimator, HasTrainingParams, HasOutputParams, KerasReadabl
         validationCol: str | None = None,
         checkpointDir: str | None = None,
         progressBar: bool = False,
+        verbose: str | int = "auto",
         mode: str = "sync",
         frequency: str = "steps",
         localSteps: int = DEFAULT_LOCAL_STEPS,
@@ -168,6 +172,15 @@ class KerasEstimator(Estimator, HasTrainingParams, HasOutputParams, KerasReadabl
     ) -> KerasEstimator:
         """Set Params by keyword, exactly as the constructor does (no checking until ``fit``)."""
         kwargs = dict(self._input_kwargs)
+        if "progressBar" in kwargs:
+            warnings.warn(
+                "`progressBar` is deprecated: use `verbose`, as in Keras' model.fit (1 a bar, "
+                "2 a line per epoch, 0 nothing; 'auto' by default). progressBar="
+                f"{kwargs['progressBar']!r} is taken as verbose="
+                f"{1 if kwargs['progressBar'] else 0} where verbose is not set.",
+                DeprecationWarning,
+                stacklevel=_caller_stacklevel(),
+            )
         if "model" in kwargs:
             self.setKerasModel(kwargs.pop("model"))
         if "callbacks" in kwargs:
@@ -251,3 +264,15 @@ class KerasEstimator(Estimator, HasTrainingParams, HasOutputParams, KerasReadabl
         # kind is the one "auto" resolved to.
         self._copyValues(fitted)
         return fitted._set(outputKind=plan.kind)
+
+
+def _caller_stacklevel() -> int:
+    """The stack level of the first frame outside this package and pyspark (whose
+    ``keyword_only`` wraps the constructor and setParams), for a warning that names the
+    user's line."""
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and frame.f_globals.get("__name__", "").startswith(
+        ("spark_keras_ml", "pyspark")
+    ):
+        frame, level = frame.f_back, level + 1
+    return level

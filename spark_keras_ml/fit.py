@@ -26,7 +26,7 @@ import numpy as np
 from pyspark.sql import DataFrame, Row, SparkSession
 
 from spark_keras_ml import cluster
-from spark_keras_ml.callbacks import Callback, CallbackError, FitCallbacks, ProgressBar, Training
+from spark_keras_ml.callbacks import CallbackError, FitCallbacks, Training, progress_callbacks
 from spark_keras_ml.checkpoint import (
     Checkpoint,
     CheckpointWriter,
@@ -151,7 +151,7 @@ class FitPlan:
         def convert() -> DataFrame:
             return dataset.select(*columns.columns).repartition(num_workers)
 
-        progress: list[Callback] = [ProgressBar()] if estimator.getProgressBar() else []
+        progress = progress_callbacks(estimator.getVerbose())
 
         def driver_model() -> DriverModel:  # built only for a Keras callback
             from spark_keras_ml.keras_callbacks import DriverModel

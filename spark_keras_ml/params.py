@@ -184,10 +184,18 @@ class HasTrainingParams(HasFeaturesCol, HasLabelCol, HasSeed):
         "Boolean column: true rows are held out for val_* metrics, never trained on.",
         typeConverter=TypeConverters.toString,
     )
+    verbose: Param[Any] = Param(
+        Params._dummy(),
+        "verbose",
+        "Progress on the driver, as in Keras' model.fit: 1 a live bar over the epochs with the "
+        "latest metrics (tqdm's where installed), 2 one line per epoch, 0 nothing; 'auto' (the "
+        "default) is 1 where stdout is a terminal or a notebook and 2 elsewhere.",
+        typeConverter=_json_native,
+    )
     progressBar: Param[bool] = Param(
         Params._dummy(),
         "progressBar",
-        "Show a tqdm progress bar over the epochs on the driver (needs the 'progress' extra).",
+        "Deprecated: use verbose. True is verbose=1, False verbose=0 (where verbose is not set).",
         typeConverter=TypeConverters.toBoolean,
     )
     checkpointDir: Param[str] = Param(
@@ -218,6 +226,7 @@ class HasTrainingParams(HasFeaturesCol, HasLabelCol, HasSeed):
             validationCol=None,
             checkpointDir=None,
             progressBar=False,
+            verbose="auto",
             mode="sync",
             frequency="steps",
             localSteps=DEFAULT_LOCAL_STEPS,
@@ -291,6 +300,13 @@ class HasTrainingParams(HasFeaturesCol, HasLabelCol, HasSeed):
 
     def getProgressBar(self) -> bool:
         return self.getOrDefault(self.progressBar)
+
+    def getVerbose(self) -> Any:
+        """``verbose``; where only the deprecated ``progressBar`` is set (an estimator saved
+        with it, say), what it maps to: True is 1, False is 0."""
+        if not self.isSet(self.verbose) and self.isSet(self.progressBar):
+            return 1 if self.getOrDefault(self.progressBar) else 0
+        return self.getOrDefault(self.verbose)
 
     def getCheckpointDir(self) -> str | None:
         return self.getOrDefault(self.checkpointDir)

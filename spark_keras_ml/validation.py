@@ -164,6 +164,12 @@ RULES: dict[str, Rule] = {
         "a column name, or None",
         "Name a boolean column that marks the held-out rows.",
     ),
+    "verbose": Rule(
+        lambda v: v == "auto" or (type(v) is int and v in (0, 1, 2)),
+        "one of 'auto', 0, 1, 2",
+        "Use 1 for a progress bar, 2 for one line per epoch, 0 for none, or 'auto' (a bar in "
+        "a terminal or notebook, lines elsewhere), as in Keras' model.fit.",
+    ),
     "outputKind": Rule(
         lambda v: v in OUTPUT_KINDS,
         "one of 'auto', 'classifier', 'regressor', 'raw'",

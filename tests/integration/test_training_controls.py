@@ -209,20 +209,22 @@ def test_history_plots_with_pandas_and_plot_history(digits) -> None:  # type: ig
         plot_history({})
 
 
-def test_progress_bar_and_a_readable_job_description(spark, digits, capsys) -> None:  # type: ignore[no-untyped-def]
-    import io
-
-    from spark_keras_ml.callbacks import ProgressBar
-
+def test_progress_by_default_and_a_readable_job_description(spark, digits, capsys) -> None:  # type: ignore[no-untyped-def]
     train, _ = digits
-    out = io.StringIO()
-    est = KerasEstimator(model=digits_model(), epochs=3, numWorkers=2, callbacks=[ProgressBar(out)])
+    est = KerasEstimator(model=digits_model(), epochs=3, numWorkers=2)
     est.fit(train)
-    text = out.getvalue()
-    assert "3/3" in text and "loss=" in text, text
+    # verbose="auto" off a terminal (pytest captures stdout): one line per epoch on stdout.
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(" - ")[0] for line in lines] == ["Epoch 1/3", "Epoch 2/3", "Epoch 3/3"]
+    assert all(" - loss: " in line and " - accuracy: " in line for line in lines), lines
 
-    fit(train, epochs=2, progressBar=True)
-    assert "2/2" in capsys.readouterr().err
+    fit(train, epochs=2, verbose=0)
+    assert capsys.readouterr().out == ""
+    deprecated = KerasEstimator(model=digits_model(), epochs=2, numWorkers=2)
+    with pytest.warns(DeprecationWarning, match="use `verbose`"):
+        deprecated.setParams(progressBar=False)
+    deprecated.fit(train)  # progressBar=False is verbose=0
+    assert capsys.readouterr().out == ""
 
     jvm = spark.sparkContext._jvm
     seq = spark.sparkContext._jsc.sc().statusStore().jobsList(None)
@@ -234,3 +236,25 @@ def test_progress_bar_and_a_readable_job_description(spark, digits, capsys) -> N
     ]
     wanted = f"spark_keras_ml: training {est.uid} (sync/every 16 steps, epochs 1-3, 2 workers)"
     assert wanted in descriptions, descriptions[:5]
+
+
+def test_an_estimator_saved_with_progress_bar_loads_with_its_verbose(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import json
+    import warnings
+
+    path = tmp_path / "estimator"
+    KerasEstimator(model=digits_model(), epochs=2).save(str(path))
+    # As an estimator saved before verbose existed: progressBar set, no verbose anywhere.
+    (part,) = (path / "metadata").glob("part-*")
+    metadata = json.loads(part.read_text())
+    metadata["paramMap"]["progressBar"] = True
+    metadata["paramMap"].pop("verbose", None)
+    metadata["defaultParamMap"].pop("verbose", None)
+    part.write_text(json.dumps(metadata) + "\n")
+    (part.parent / f".{part.name}.crc").unlink()  # Hadoop checks a file against its .crc
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # loading warns of nothing: the user wrote no progressBar
+        loaded = KerasEstimator.load(str(path))
+    assert loaded.getVerbose() == 1
+    loaded.setParams(verbose=0)
+    assert loaded.getVerbose() == 0

@@ -33,6 +33,7 @@ BAD_VALUES = {
     "validationSplit": 1.0,
     "validationCol": "",
     "checkpointDir": "",
+    "verbose": 3,
 }
 
 
