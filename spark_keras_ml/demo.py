@@ -9,20 +9,42 @@ download)::
 from __future__ import annotations
 
 import argparse
-import logging
+import atexit
 import os
 import shutil
 import sys
 import tempfile
 import time
 
-logger = logging.getLogger("spark_keras_ml.demo")
+from spark_keras_ml.quiet import import_tensorflow
+
+#: The driver JVM's log4j2 set-up: Spark's own console format at WARN, without what a laptop
+#: prints on every start (Spark's note that it uses its default profile, Hadoop's that it runs
+#: its pure-Java code).
+QUIET_LOG4J2 = """\
+rootLogger.level = warn
+rootLogger.appenderRef.stderr.ref = console
+appender.console.type = Console
+appender.console.name = console
+appender.console.target = SYSTEM_ERR
+appender.console.layout.type = PatternLayout
+appender.console.layout.pattern = %d{yy/MM/dd HH:mm:ss} %p %c{1}: %m%n%ex
+logger.nativecode.name = org.apache.hadoop.util.NativeCodeLoader
+logger.nativecode.level = error
+logger.parquet.name = org.apache.parquet.CorruptStatistics
+logger.parquet.level = error
+"""
 
 
 def start_spark(  # type: ignore[no-untyped-def]
     master: str = "local[*]", app_name: str = "spark_keras_ml demo"
 ):
-    """An embedded SparkSession whose Python workers use this interpreter (and its pyarrow)."""
+    """An embedded SparkSession whose Python workers use this interpreter (and its pyarrow).
+
+    Quiet: the driver JVM logs warnings only, and Spark's console progress bar, which would
+    draw over the fit's own progress on the same terminal, is off (it can only be set as the
+    session starts).
+    """
     os.environ["PYSPARK_PYTHON"] = sys.executable
     os.environ["PYSPARK_DRIVER_PYTHON"] = sys.executable
     from pyspark.sql import SparkSession
@@ -33,10 +55,20 @@ def start_spark(  # type: ignore[no-untyped-def]
         .config("spark.ui.enabled", "false")
         .config("spark.ui.showConsoleProgress", "false")
         .config("spark.sql.shuffle.partitions", "4")
+        .config("spark.driver.extraJavaOptions", f"-Dlog4j2.configurationFile={_log4j2_file()}")
         .getOrCreate()
     )
     spark.sparkContext.setLogLevel("WARN")
     return spark
+
+
+def _log4j2_file() -> str:
+    """:data:`QUIET_LOG4J2` in a file the JVM reads as it starts, removed when Python exits."""
+    handle, path = tempfile.mkstemp(prefix="skml-log4j2-", suffix=".properties")
+    with os.fdopen(handle, "w") as f:
+        f.write(QUIET_LOG4J2)
+    atexit.register(os.remove, path)
+    return path
 
 
 def digits_frame(spark):  # type: ignore[no-untyped-def]
@@ -90,7 +122,7 @@ def run(epochs: int, output: str, master: str) -> dict[str, float]:
     predictions = fitted.transform(test).cache()
     evaluator = MulticlassClassificationEvaluator(metricName="accuracy")
     accuracy = evaluator.evaluate(predictions)
-    logger.info("holdout accuracy %.4f, fit %.1f s", accuracy, fit_seconds)
+    print(f"holdout accuracy {accuracy:.4f}, fit {fit_seconds:.1f} s")
 
     path = os.path.join(output, "digits-pipeline")
     fitted.write().overwrite().save(path)
@@ -99,7 +131,7 @@ def run(epochs: int, output: str, master: str) -> dict[str, float]:
     before = {r["id"]: r["probability"] for r in _with_id(predictions).collect()}
     after = {r["id"]: r["probability"] for r in _with_id(again).collect()}
     identical = before == after
-    logger.info("saved to %s and loaded back: identical predictions = %s", path, identical)
+    print(f"saved to {path} and loaded back: identical predictions = {identical}")
     if not identical:
         raise SystemExit("the reloaded PipelineModel predicts differently")
     spark.stop()
@@ -119,10 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--master", default="local[*]")
     parser.add_argument("--output", default=None, help="where to save the PipelineModel")
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    logging.getLogger("py4j").setLevel(logging.WARNING)
+    # Before Keras: TensorFlow's banners would be the first lines of the demo.
+    if os.environ.get("KERAS_BACKEND", "tensorflow") == "tensorflow":
+        import_tensorflow()
     output = args.output or tempfile.mkdtemp(prefix="skml-demo-")
     try:
         run(args.epochs, output, args.master)

@@ -1,6 +1,8 @@
 """What a Python worker's task uses of its machine: threads, memory, time.
 
-No Keras at import: :func:`configure_threads` must run before TensorFlow is first imported.
+No Keras at import: :func:`configure_threads` must run before TensorFlow is first imported: it
+sizes TensorFlow's thread pools and sets its logging environment
+(:func:`~spark_keras_ml.quiet.import_tensorflow`), which both apply only from its import on.
 """
 
 from __future__ import annotations
@@ -13,15 +15,20 @@ import time
 
 import pyarrow as pa
 
+from spark_keras_ml.quiet import import_tensorflow, quiet_environment
+
 
 def configure_threads(cpus: int) -> None:
     """Give TensorFlow ``cpus`` threads per pool, before it is first imported in this process.
 
     TensorFlow sizes its thread pools once, at import: with 2 cores and 2 tasks, each task must
-    keep to its share.
+    keep to its share. The import is quiet: without it every Python worker printed
+    TensorFlow's banners (:mod:`spark_keras_ml.quiet`).
     """
+    quiet_environment()
     if "tensorflow" in sys.modules or os.environ.get("KERAS_BACKEND", "tensorflow") != "tensorflow":
         return
+    import_tensorflow()
     import tensorflow as tf
 
     try:

@@ -10,8 +10,14 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[2] / "spark_keras_ml"
-#: What executor code may import besides itself: the contract, model bytes, the ps client side.
-EXECUTOR_MAY_IMPORT = ("spark_keras_ml.config", "spark_keras_ml.serialization", "spark_keras_ml.ps")
+#: What executor code may import besides itself: the contract, model bytes, the ps client side,
+#: TensorFlow's logging environment.
+EXECUTOR_MAY_IMPORT = (
+    "spark_keras_ml.config",
+    "spark_keras_ml.serialization",
+    "spark_keras_ml.ps",
+    "spark_keras_ml.quiet",
+)
 #: The only driver modules that import executor code: each names the function Spark ships.
 SHIPPED = {
     "spark_keras_ml.fit": {"spark_keras_ml.executor.train": {"train_partition"}},
