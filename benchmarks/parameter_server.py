@@ -6,7 +6,10 @@ One exchange is what a worker does per step: push a float32 delta the size of th
 the weights back. The reference moves the same bytes each way over a raw loopback TCP socket
 (``sendall`` / ``recv_into``, no framing, no HMAC, no numpy), measured in the same run. Then 1 to
 32 client processes push at once to an async server (aggregate MB/s) and to a sync server
-(rounds per second, and the latency of one round).
+(rounds per second, and the latency of one round). Last, how far the server's process grows
+(peak resident memory, from when the 8 workers have registered to the end of their pushes)
+while 8 workers push a 50 MB model to a sync server, against the model's size: the server's
+receive buffers are shared, so it must not grow with the workers.
 """
 
 from __future__ import annotations
@@ -157,6 +160,57 @@ def server_run(
     }
 
 
+def _resident(field: str) -> int:
+    """Bytes of this process's ``VmRSS`` or ``VmHWM`` (its peak since ``clear_refs``)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def memory_growth(parameters: int, clients: int, steps: int) -> tuple[float, float]:
+    """(peak growth while ``clients`` processes push ``steps`` times each, in bytes; the same
+    from before the server was built), with a sync server in this process."""
+    weights = weights_of(parameters)
+    for w in weights:
+        w.fill(0.5)  # resident, as a model's weights are
+    secret = new_secret()
+    context = multiprocessing.get_context("fork")
+    start, results = context.Event(), context.Queue()
+    with open("/proc/self/clear_refs", "w") as refs:  # resets VmHWM to the current RSS
+        refs.write("5")
+    before_server = _resident("VmRSS")
+    with ParameterServer(
+        weights,
+        num_workers=clients,
+        secret=secret,
+        mode="sync",
+        timeout=120.0,
+        schedule=Schedule(frequency="batch"),
+    ) as server:
+        procs = [
+            context.Process(
+                target=_client,
+                args=(server.address, secret, parameters, p, 0.0, steps, start, results),
+            )
+            for p in range(clients)
+        ]
+        for proc in procs:
+            proc.start()
+        time.sleep(0.5 + 0.05 * clients)  # let every client connect and register
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")
+        registered = _resident("VmRSS")
+        start.set()
+        for _ in procs:
+            results.get(timeout=300)
+        peak = _resident("VmHWM")
+        for proc in procs:
+            proc.join(30)
+    return peak - registered, peak - before_server
+
+
 def run(report: Report, quick: bool) -> None:
     seconds = 2.0 if quick else 5.0
     counts = [1, 2, 4, 8, 16, 32]
@@ -209,6 +263,25 @@ def run(report: Report, quick: bool) -> None:
             reference_name="the same server, 1 client",
             target=0.7,
         )
+    parameters = 12_500_000  # 50 MB of float32
+    growth, whole = memory_growth(parameters, clients=8, steps=2 if quick else 4)
+    size = 4 * parameters
+    report.add(
+        "parameter_server",
+        "server memory growth with 8 workers pushing a 50 MB model",
+        ours=growth / 1e6,
+        reference=size / 1e6,
+        unit="MB",
+        reference_name="the model",
+        target=3.0,
+        ceiling=True,
+        target_note="<= 3x",
+    )
+    log(
+        f"8 workers pushing a 50 MB model: the server grew {growth / 1e6:.0f} MB while they "
+        f"pushed ({growth / size:.2f}x), {whole / 1e6:.0f} MB from before it was built "
+        f"({whole / size:.2f}x)"
+    )
 
 
 def main() -> None:
