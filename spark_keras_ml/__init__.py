@@ -15,10 +15,18 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from spark_keras_ml.callbacks import Callback, EarlyStopping
     from spark_keras_ml.estimator import KerasEstimator
+    from spark_keras_ml.persistence import allow_custom_objects
     from spark_keras_ml.plotting import plot_history
     from spark_keras_ml.transformer import KerasTransformer
 
-__all__ = ["Callback", "EarlyStopping", "KerasEstimator", "KerasTransformer", "plot_history"]
+__all__ = [
+    "Callback",
+    "EarlyStopping",
+    "KerasEstimator",
+    "KerasTransformer",
+    "allow_custom_objects",
+    "plot_history",
+]
 __version__ = "0.1.0"
 
 _PUBLIC = {
@@ -27,6 +35,7 @@ _PUBLIC = {
     "Callback": "spark_keras_ml.callbacks",
     "EarlyStopping": "spark_keras_ml.callbacks",
     "plot_history": "spark_keras_ml.plotting",
+    "allow_custom_objects": "spark_keras_ml.persistence",
 }
 
 

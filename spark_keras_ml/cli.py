@@ -6,8 +6,9 @@ Loads a saved ``PipelineModel`` or ``KerasTransformer``, scores a table and writ
 
 It also runs under ``spark-submit`` (``spark-submit -m`` is not a thing, so submit the module's
 file: ``spark-submit $(python -c 'import spark_keras_ml.cli as c; print(c.__file__)') score ...``).
-Exit codes: 0 scored, 2 bad arguments, 3 no model at the path, 4 input missing or lacking the
-model's columns, 5 output exists (with ``--mode error``).
+Exit codes: 0 scored, 2 bad arguments, 3 no model at the path (or one that cannot be loaded:
+damaged, or naming custom-object modules not given with ``--custom-objects``), 4 input missing
+or lacking the model's columns, 5 output exists (with ``--mode error``).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 logger = logging.getLogger("spark_keras_ml.cli")
 
 FORMATS = ("parquet", "csv", "json")
-EXIT_BAD_MODEL, EXIT_BAD_INPUT, EXIT_OUTPUT_EXISTS = 3, 4, 5
+EXIT_BAD_ARGS, EXIT_BAD_MODEL, EXIT_BAD_INPUT, EXIT_OUTPUT_EXISTS = 2, 3, 4, 5
 
 
 class ScoringError(Exception):
@@ -43,6 +44,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     score.add_argument("--output-format", choices=FORMATS, default=None)
     score.add_argument("--mode", choices=("overwrite", "error"), default="error")
     score.add_argument("--master", default=None, help="Spark master (default: spark-submit's)")
+    score.add_argument(
+        "--custom-objects",
+        default="",
+        metavar="MODULES",
+        help="comma-separated modules the saved model may import for its custom Keras objects "
+        "(its customObjects); a saved model naming any other is refused",
+    )
     return parser.parse_args(argv)
 
 
@@ -53,12 +61,23 @@ def guess_format(path: str, given: str | None) -> str:
     return next((f for f in FORMATS if stem.endswith("." + f)), "parquet")
 
 
-def load_model(spark: Any, path: str) -> Any:
-    """A PipelineModel or KerasTransformer, chosen from the saved metadata's class."""
+def load_model(spark: Any, path: str, custom_objects: str = "") -> Any:
+    """A PipelineModel or KerasTransformer, chosen from the saved metadata's class.
+
+    ``custom_objects``: the comma-separated modules the model may import (``--custom-objects``);
+    loading refuses a saved model that names any other (see ``allow_custom_objects``).
+    """
     from pyspark.ml import PipelineModel
     from pyspark.ml.util import DefaultParamsReader
 
+    from spark_keras_ml.persistence import allow_custom_objects
     from spark_keras_ml.transformer import KerasTransformer
+
+    modules = [m.strip() for m in custom_objects.split(",") if m.strip()]
+    try:
+        allow_custom_objects(*modules)
+    except ValueError as exc:
+        raise ScoringError(f"--custom-objects: {exc}", EXIT_BAD_ARGS) from exc
 
     try:
         metadata = DefaultParamsReader.loadMetadata(path, spark)
@@ -69,10 +88,15 @@ def load_model(spark: Any, path: str) -> Any:
             EXIT_BAD_MODEL,
         ) from exc
     kind = str(metadata.get("class", ""))
-    if kind.endswith(".PipelineModel"):
-        return PipelineModel.load(path)
-    if kind.endswith(".KerasTransformer"):
-        return KerasTransformer.load(path)
+    try:
+        if kind.endswith(".PipelineModel"):
+            return PipelineModel.load(path)
+        if kind.endswith(".KerasTransformer"):
+            return KerasTransformer.load(path)
+    except (ValueError, FileNotFoundError) as exc:
+        # The readers' own errors (a damaged file, customObjects not allowed) already say
+        # what was expected and what to do.
+        raise ScoringError(str(exc), EXIT_BAD_MODEL) from exc
     raise ScoringError(
         f"Expected a PipelineModel or KerasTransformer at --model {path}. "
         f"Received: a saved {kind or 'unknown stage'}",
@@ -81,7 +105,7 @@ def load_model(spark: Any, path: str) -> Any:
 
 
 def score(args: argparse.Namespace, spark: Any) -> int:
-    model = load_model(spark, args.model)
+    model = load_model(spark, args.model, args.custom_objects)
     reader = spark.read.format(guess_format(args.input, args.input_format))
     if guess_format(args.input, args.input_format) == "csv":
         reader = reader.option("header", "true").option("inferSchema", "true")

@@ -8,12 +8,20 @@ Layout::
 
     path/metadata/   Spark ML metadata JSON (one text file)
     path/model/      parquet: chunk int, data binary  (the .keras bytes, in order)
+
+A saved stage is data, and loading it runs no code it names: its ``customObjects`` (modules that
+the model's use imports, running their top-level code) must each be allowed by this process,
+with :func:`allow_custom_objects` or the Spark conf ``spark.keras.customObjects``, or the load is
+refused. Malformed metadata and model bytes that are no ``.keras`` archive are refused too, with
+an error naming the file, rather than failing later from inside pyspark, zipfile or Keras.
 """
 
 from __future__ import annotations
 
 import json
 import posixpath
+import re
+import threading
 from typing import Any, Generic, TypeVar
 
 from pyspark.errors import AnalysisException
@@ -27,10 +35,69 @@ from pyspark.ml.util import (
 )
 from pyspark.sql import SparkSession
 
+from spark_keras_ml.serialization import archive_config
+
 FORMAT_VERSION = 1
 #: Rows of the model table hold at most this many bytes, so a large model never makes one
 #: oversized parquet value or Arrow buffer.
 CHUNK_BYTES = 16 << 20
+#: Comma-separated modules that saved stages may name in customObjects (for spark-submit
+#: --conf and the score command, where no code of the user's runs before the load).
+CUSTOM_OBJECTS_CONF = "spark.keras.customObjects"
+
+_MODULE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
+_allowed: set[str] = set()
+_allowed_lock = threading.Lock()
+
+
+def allow_custom_objects(*modules: str) -> None:
+    """Let stages loaded in this process name ``modules`` in their ``customObjects``.
+
+    Using a loaded model imports its custom-object modules on the driver and on every executor,
+    which runs their top-level code, so loading refuses any module not allowed here (or in the
+    Spark conf ``spark.keras.customObjects``): a saved folder alone cannot make this process
+    import anything. Names must match exactly; allowing a package does not allow its modules.
+    Stages built in code (``customObjects=[...]`` passed by you) need no allowing.
+    """
+    bad = [m for m in modules if not isinstance(m, str) or not _MODULE.fullmatch(m)]
+    if bad:
+        raise ValueError(
+            "Expected dotted module names such as 'my_project.layers'. Pass each module that "
+            f"registers your custom Keras objects. Received: {bad!r}"
+        )
+    with _allowed_lock:
+        _allowed.update(modules)
+
+
+def allowed_custom_objects(spark: SparkSession) -> set[str]:
+    """The modules allowed by :func:`allow_custom_objects` and by the session's conf."""
+    conf = spark.conf.get(CUSTOM_OBJECTS_CONF, "") or ""
+    with _allowed_lock:
+        return set(_allowed) | {m.strip() for m in conf.split(",") if m.strip()}
+
+
+def check_custom_objects(saved: Any, allowed: set[str], where: str) -> None:
+    """Refuse saved ``customObjects`` that are malformed or name a module not ``allowed``."""
+    if saved is None:
+        return
+    if not isinstance(saved, list) or not all(
+        isinstance(m, str) and _MODULE.fullmatch(m) for m in saved
+    ):
+        raise ValueError(
+            f"Expected customObjects in {where} to be a list of dotted module names. The file "
+            f"was damaged or edited: save the stage again. Received: customObjects={saved!r}"
+        )
+    refused = [m for m in saved if m not in allowed]
+    if refused:
+        listed = ", ".join(repr(m) for m in refused)
+        raise ValueError(
+            f"Expected the customObjects of the stage saved in {where} to be modules this "
+            "process allows: using the model imports them, which runs their code. If you trust "
+            f"them, call spark_keras_ml.allow_custom_objects({listed}) before loading, or set "
+            f"the Spark conf {CUSTOM_OBJECTS_CONF}={','.join(refused)} (the score command's "
+            f"--custom-objects). Received: customObjects={saved!r}, not allowed: {listed}"
+        )
+
 
 T = TypeVar("T", bound="KerasReadable")
 
@@ -86,9 +153,28 @@ class KerasStageReader(MLReader[T]):
                 f"Expected a stage saved by spark_keras_ml (format {FORMAT_VERSION}) at {path}. "
                 f"Save it again with this version. Received: formatVersion={version!r}"
             )
+        where = posixpath.join(path, "metadata")
         instance = self.cls()
-        instance._resetUid(metadata["uid"])  # type: ignore[attr-defined]
-        DefaultParamsReader.getAndSetParams(instance, metadata)
+        try:
+            if not isinstance(metadata.get("uid"), str):
+                raise TypeError(f"uid {metadata.get('uid')!r} is not a string")
+            instance._resetUid(metadata["uid"])  # type: ignore[attr-defined]
+            DefaultParamsReader.getAndSetParams(instance, metadata)
+            instance._restore_extra(metadata)
+        except (KeyError, TypeError, AttributeError, ValueError, AssertionError) as exc:
+            # What pyspark's reader and our extras raise on a damaged or edited file: a
+            # paramMap that is no object, an unknown Param, a value its converter refuses.
+            raise ValueError(
+                f"Expected the Spark ML metadata of a {self.cls.__name__} in {where}. The file "
+                f"was damaged or edited: save the stage again. Received: {type(exc).__name__} "
+                f"({(str(exc).splitlines() or [''])[0][:200]})"
+            ) from None
+        # Before the model is read, and long before anything could import these modules.
+        check_custom_objects(
+            instance.getOrDefault("customObjects"),  # type: ignore[attr-defined]
+            allowed_custom_objects(self.sparkSession),
+            where,
+        )
         if metadata.get("hasModel"):
             try:
                 model = read_model_bytes(self.sparkSession, _model_path(path))
@@ -100,8 +186,8 @@ class KerasStageReader(MLReader[T]):
                     f"{_model_path(path)!r}. The save was interrupted or the folder was removed: "
                     "save the stage again. Received: no such folder"
                 ) from None
+            archive_config(model, source=f"the parquet files of {_model_path(path)}")
             instance._model_bytes = model  # type: ignore[attr-defined]
-        instance._restore_extra(metadata)
         return instance
 
 

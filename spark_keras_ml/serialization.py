@@ -54,6 +54,7 @@ def model_from_bytes(
     """
     import keras
 
+    archive_config(data)  # bytes that are no archive fail here, not deep inside Keras
     import_custom_objects(custom_objects)
     with tempfile.TemporaryDirectory(prefix="skml-") as tmp:
         path = os.path.join(tmp, "model.keras")
@@ -79,10 +80,30 @@ def model_from_bytes(
     return model
 
 
+def archive_config(data: bytes, source: str = "the model's .keras bytes") -> dict[str, Any]:
+    """The ``config.json`` of a ``.keras`` archive; bytes that are not one (a corrupt or crafted
+    file) get an error naming ``source`` instead of zipfile's or json's own."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            config = json.loads(archive.read("config.json"))
+    except (zipfile.BadZipFile, KeyError, ValueError, OSError, EOFError, RuntimeError) as exc:
+        # RuntimeError: an encrypted member; NotImplementedError (a RuntimeError) a compression
+        # method zipfile lacks. Either way no archive model.save() wrote.
+        received = f"{type(exc).__name__} ({(str(exc).splitlines() or [''])[0][:200]})"
+    else:
+        if isinstance(config, dict):
+            return config
+        received = f"a config.json holding {type(config).__name__}, not an object"
+    raise ValueError(
+        f"Expected a Keras .keras archive (a zip holding config.json) in {source}. The file is "
+        "damaged or was not written by model.save(): save the model again. "
+        f"Received: {len(data)} bytes, {received}"
+    )
+
+
 def custom_names(data: bytes) -> list[str]:
     """Registered names ("package>Name") of the custom classes and functions in an archive."""
-    with zipfile.ZipFile(io.BytesIO(data)) as archive:
-        config = json.loads(archive.read("config.json"))
+    config = archive_config(data)
     found: list[str] = []
 
     def walk(node: Any) -> None:
@@ -105,9 +126,7 @@ def custom_names(data: bytes) -> list[str]:
 
 def compile_config_of(data: bytes) -> dict[str, Any] | None:
     """The compile config stored in a ``.keras`` archive, or None for an uncompiled model."""
-    with zipfile.ZipFile(io.BytesIO(data)) as archive:
-        config = json.loads(archive.read("config.json"))
-    return config.get("compile_config") or None
+    return archive_config(data).get("compile_config") or None
 
 
 def model_id(data: bytes) -> str:

@@ -11,10 +11,13 @@ import pytest
 
 from spark_keras_ml import KerasTransformer
 from tests.conftest import digits_model
+from tests.integration.saved import edit_metadata
 
 
-def run_score(*args: str) -> subprocess.CompletedProcess[str]:
+def run_score(*args: str, path: str = "") -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, PYSPARK_PYTHON=sys.executable, PYSPARK_DRIVER_PYTHON=sys.executable)
+    if path:  # a folder of modules the driver and its workers can import
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (path, env.get("PYTHONPATH")) if p)
     return subprocess.run(
         [sys.executable, "-m", "spark_keras_ml", "score", "--master", "local[2]", *args],
         capture_output=True,
@@ -107,3 +110,24 @@ def test_runs_under_spark_submit_with_its_exit_codes(spark, saved) -> None:  # t
     assert missing.returncode == 3, missing.stderr[-3000:]
     # spark-submit merges the Python driver's stderr into its own stdout.
     assert "Expected a saved PipelineModel or KerasTransformer" in missing.stdout
+
+
+def test_custom_objects_are_imported_only_when_named_on_the_command_line(saved, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    root, _ = saved
+    name, marker = "skml_cli_marker", tmp_path / "imported"
+    (tmp_path / f"{name}.py").write_text(f"open({str(marker)!r}, 'w').write('imported')\n")
+    model = tmp_path / "model"
+    KerasTransformer(model=digits_model()).save(str(model))
+    edit_metadata(model, lambda m: m["paramMap"].update(customObjects=[name]))
+    args = ["--model", str(model), "--input", str(root / "input.parquet")]
+
+    refused = run_score(*args, "--output", str(tmp_path / "refused"), path=str(tmp_path))
+    assert refused.returncode == 3, refused.stderr[-3000:]
+    assert f"--custom-objects). Received: customObjects=['{name}']" in refused.stderr
+    assert not marker.exists() and not (tmp_path / "refused").exists()
+
+    out = str(tmp_path / "scored.json")
+    done = run_score(*args, "--output", out, "--custom-objects", name, path=str(tmp_path))
+    # Loaded and imported; whether the table is then written is test_scores_a_table's concern.
+    assert "not allowed" not in done.stderr and done.returncode != 3, done.stderr[-3000:]
+    assert marker.exists()

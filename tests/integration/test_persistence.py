@@ -11,6 +11,7 @@ from pyspark.ml.feature import StandardScaler
 
 from spark_keras_ml import KerasEstimator, KerasTransformer
 from tests.conftest import digits_model
+from tests.integration.saved import edit_metadata
 
 pytestmark = pytest.mark.usefixtures("spark")
 
@@ -178,3 +179,40 @@ def test_a_model_larger_than_a_chunk_is_split_and_rejoined(spark, tmp_path, monk
     assert chunks == -(-len(stage._model_bytes) // 8192) > 1
     loaded = KerasTransformer.load(path)
     assert loaded._model_bytes == stage._model_bytes
+
+
+def test_model_bytes_that_are_no_archive_are_named(spark, keyed, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "scorer"
+    KerasTransformer(model=digits_model()).save(str(path))
+    model = str(path / "model")
+    spark.createDataFrame(
+        [(0, bytearray(b"PK\x03\x04 truncated"))], "chunk int, data binary"
+    ).write.mode("overwrite").parquet(model)
+    _, test = keyed
+    with pytest.raises(
+        ValueError, match=r"Expected a Keras .keras archive .* in the parquet files of"
+    ):
+        KerasTransformer.load(str(path)).transform(test)
+
+
+@pytest.mark.parametrize(
+    ("edit", "received"),
+    [
+        (lambda m: m.update(paramMap=["inferenceBatchSize"]), "TypeError"),
+        (lambda m: m["paramMap"].update(noSuchParam=1), "AttributeError"),
+        (lambda m: m["paramMap"].update(inferenceBatchSize="many"), "TypeError"),
+        (lambda m: m.update(history=5), "AttributeError"),
+        (lambda m: m.update(summary=5), "TypeError"),
+        (lambda m: m.pop("defaultParamMap"), "AssertionError"),
+        (lambda m: m.update(uid=["x"]), "TypeError"),
+    ],
+)
+def test_malformed_metadata_is_named(tmp_path, edit, received) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "scorer"
+    KerasTransformer(model=digits_model()).save(str(path))
+    edit_metadata(path, edit)
+    with pytest.raises(
+        ValueError,
+        match=rf"KerasTransformer in .*scorer/metadata.*again\. Received: ({received})",
+    ):
+        KerasTransformer.load(str(path))
