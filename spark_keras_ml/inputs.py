@@ -434,8 +434,9 @@ def without_columnar_udt_input(table: Table) -> tuple[DataFrame, str | None]:
 
     The setting is the session's, and changing it would change every later query of the
     user's. A nondeterministic projection between the scan and the UDF instead makes Spark
-    convert to rows there (the optimizer neither removes nor merges it), for this query only;
-    its cost is that a filter on the scored table is not pushed below it into the scan.
+    convert to rows there, for this query only, provided the UDF's input reads the column (else
+    the optimizer prunes it); its cost is that a filter on the scored table is not pushed below
+    it into the scan.
     """
     if not any(_has_udt(dtype) for dtype in table.types.values()):
         return table.df, None

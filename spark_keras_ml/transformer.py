@@ -198,7 +198,11 @@ class KerasTransformer(Model, HasInferenceParams, HasTrainingParams, KerasReadab
                 f"Received: {clash} already present"
             )
         rows, barrier = without_columnar_udt_input(table)
-        scored = rows.withColumn(_OUTPUT, udf(*(s.column for s in slots)))
+        inputs = [s.column for s in slots]
+        if barrier is not None:
+            # Read by the UDF's input, so that the optimizer cannot prune it away (always true).
+            inputs = [F.when(F.col(barrier) >= 0, column) for column in inputs]
+        scored = rows.withColumn(_OUTPUT, udf(*inputs))
         return scored.withColumns(outputs).drop(_OUTPUT, *([barrier] if barrier else []))
 
     def _output_columns(self, kind: str) -> dict[str, Column]:

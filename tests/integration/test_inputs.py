@@ -282,7 +282,10 @@ def test_parquet_with_vectors_scores_and_leaves_the_session_as_found(
     try:
         scored = KerasTransformer(model=dense_classifier()).transform(table)
         assert scored.columns == ["features", "label", "prediction", "probability", "rawPrediction"]
-        assert scored.count() == test.count()
+        assert len(scored.select("prediction").collect()) == test.count()  # the UDF runs
+        scored.write.parquet(str(tmp_path / "scored.parquet"))  # and a write plans it the same
+        written = spark.read.parquet(str(tmp_path / "scored.parquet"))
+        assert written.columns == scored.columns and written.count() == test.count()
         assert spark.conf.get(COLUMNAR_UDF_INPUT) == "true"
     finally:
         spark.conf.set(COLUMNAR_UDF_INPUT, before)
