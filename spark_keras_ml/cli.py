@@ -80,6 +80,9 @@ def load_model(spark: Any, path: str, custom_objects: str = "") -> Any:
         raise ScoringError(f"--custom-objects: {exc}", EXIT_BAD_ARGS) from exc
 
     try:
+        if not _exists(spark, f"{path.rstrip('/')}/metadata"):
+            # Spark's reader would log a Java stack trace at WARN before failing.
+            raise FileNotFoundError(f"{path}/metadata does not exist")
         metadata = DefaultParamsReader.loadMetadata(path, spark)
     except Exception as exc:
         raise ScoringError(
@@ -155,6 +158,14 @@ def _flatten_vectors(df: Any, as_json: bool) -> Any:
             column = F.to_json(column)
         columns.append(column.alias(field.name))
     return df.select(*columns)
+
+
+def _exists(spark: Any, path: str) -> bool:
+    """Whether ``path`` exists, through Hadoop's FileSystem (any Hadoop path)."""
+    jvm = spark.sparkContext._jvm
+    hadoop_path = jvm.org.apache.hadoop.fs.Path(path)
+    fs = hadoop_path.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration())
+    return bool(fs.exists(hadoop_path))
 
 
 def _first(exc: BaseException) -> str:

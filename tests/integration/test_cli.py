@@ -63,6 +63,7 @@ def test_missing_model_and_missing_columns_fail_clearly(saved) -> None:  # type:
     )
     assert missing.returncode == 3
     assert "Expected a saved PipelineModel or KerasTransformer" in missing.stderr
+    assert "\tat org.apache" not in missing.stderr  # no Java stack trace before the message
     columns = run_score(
         "--model",
         str(root / "model"),
