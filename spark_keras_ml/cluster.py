@@ -71,6 +71,39 @@ def check_transport_security(conf: Callable[[str, str], str | None]) -> None:
         )
 
 
+#: The least address space a Python worker that imports TensorFlow can live in: TensorFlow
+#: alone maps about 1.4 GB, and `spark.executor.pyspark.memory` is an address-space limit.
+MIN_PYSPARK_MEMORY_MB = 2048
+PYSPARK_MEMORY_CONF = "spark.executor.pyspark.memory"
+
+
+def check_python_memory(conf: Callable[[str, str | None], str | None]) -> None:
+    """Refuse a `spark.executor.pyspark.memory` below what a worker importing TensorFlow needs:
+    Spark applies it as RLIMIT_AS, and `import tensorflow` then fails with a bare MemoryError
+    inside every task, whatever the data."""
+    value = conf(PYSPARK_MEMORY_CONF, None)
+    if not value:
+        return
+    megabytes = _megabytes(value)
+    if megabytes is not None and megabytes < MIN_PYSPARK_MEMORY_MB:
+        raise ValueError(
+            f"Expected {PYSPARK_MEMORY_CONF} unset or at least {MIN_PYSPARK_MEMORY_MB}m: Spark "
+            "applies it as each Python worker's address-space limit, and TensorFlow alone maps "
+            "about 1.4 GB, so every task would fail importing it. Unset it and bound memory "
+            "with the executor's container (spark.executor.memoryOverhead), or raise it. "
+            f"Received: {PYSPARK_MEMORY_CONF}={value}"
+        )
+
+
+def _megabytes(value: str) -> int | None:
+    """A Spark memory string ("512m", "2g", "1024" = MiB) in MiB, or None if unreadable."""
+    match = re.fullmatch(r"\s*(\d+)\s*([kmgt]?)b?\s*", value.lower())
+    if match is None:
+        return None
+    number, unit = int(match.group(1)), match.group(2) or "m"
+    return {"k": number // 1024, "m": number, "g": number * 1024, "t": number * 1024**2}[unit]
+
+
 def task_slots(spark: SparkSession, wanted: int = 0) -> int:
     """The most tasks that can run at once (the limit for a barrier stage).
 
@@ -184,26 +217,49 @@ class JobFailure:
 
     cause: str
     #: "cancelled" (a user cancelled it: never rerun), "environment" (a worker could not import
-    #: a module), "input" (bad data or configuration), or "lost" (a task or executor was lost).
+    #: a module), "input" (bad data or configuration), "memory" (a worker ran out of memory:
+    #: a MemoryError, or a worker killed without a Python error, as the out-of-memory killer and
+    #: container limits do), "server" (the parameter server aborted the fit, saying why), or
+    #: "lost" (a task or executor was lost).
     kind: str
 
     @property
     def rerun_helps(self) -> bool:
         # An import or a bad row fails every attempt the same way; a cancel is the user's word.
-        return self.kind == "lost"
+        # A killed worker may have lost its executor rather than its memory: it is rerun.
+        return self.kind == "lost" or (self.kind == "memory" and "MemoryError" not in self.cause)
 
+
+#: Failure kinds that a task's own error explains: reported over what the server saw of it.
+TASK_CAUSES = ("environment", "input", "memory")
 
 #: Python errors a rerun meets again: the data or the configuration, not a lost task.
 _INPUT_ERRORS = ("ValueError", "TypeError", "KeyError")
+#: How Spark says a Python worker died without a Python error (the OOM killer's SIGKILL, a
+#: container's memory limit).
+_KILLED = re.compile(
+    r"Python worker exited unexpectedly \(crashed\)[^\n]*|exit(?:ed with)? code 137|"
+    r"killed by signal 9|Container killed[^\n]*memory[^\n]*"
+)
 _MISSING_MODULE = re.compile(r"(?:ModuleNotFoundError|ImportError): .*?No module named '([\w.]+)'")
 
 
-def job_failure(exc: BaseException) -> JobFailure:
+def job_failure(exc: BaseException, server_failure: str | None = None) -> JobFailure:
     """Classify a failed training job (the cause stays chained to whatever the caller raises).
 
     The cause is the executor's own Python error when there is one (its traceback is inside
-    Spark's exception text), else the first line that names an error.
+    Spark's exception text), else the first line that names an error. ``server_failure``, why
+    the parameter server aborted the fit (a worker's report, a lost connection, a timeout),
+    says more than Spark's cancel of the job that followed, unless a task's own error (memory,
+    imports, data) explains both.
     """
+    failure = _job_failure(exc)
+    if server_failure is None or failure.kind in TASK_CAUSES:
+        return failure
+    return JobFailure(server_failure, "memory" if "MemoryError" in server_failure else "server")
+
+
+def _job_failure(exc: BaseException) -> JobFailure:
     text = str(exc)
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     cause = next(
@@ -216,6 +272,11 @@ def job_failure(exc: BaseException) -> JobFailure:
     if _PYTHON_ERROR.match(cause) is None and "cancelled" in text.lower():
         return JobFailure(next(line for line in lines if "cancelled" in line.lower()), "cancelled")
     name = cause.split(":", 1)[0].rsplit(".", 1)[-1]
+    killed = _KILLED.search(text)
+    if name == "MemoryError":
+        return JobFailure(cause, "memory")
+    if killed is not None and _PYTHON_ERROR.match(cause) is None:
+        return JobFailure(killed.group(0), "memory")
     if name in ("ModuleNotFoundError", "ImportError"):
         return JobFailure(cause, "environment")
     if name in _INPUT_ERRORS:
@@ -226,6 +287,8 @@ def job_failure(exc: BaseException) -> JobFailure:
 def job_failure_message(failure: JobFailure, mode: str, retries: int) -> str:
     """A short message for a training job that Spark failed, saying what to do about it."""
     cause = failure.cause[:500]
+    if failure.kind == "server":
+        return f"Distributed training failed: {failure.cause}"
     if failure.kind == "cancelled":
         return (
             f"Distributed training was cancelled ({cause}). A cancelled fit is not rerun, "
@@ -241,6 +304,19 @@ def job_failure_message(failure: JobFailure, mode: str, retries: int) -> str:
             "and its dependencies (pyarrow, pandas, keras and its backend), install them in "
             "the cluster's environment, or ship pure-Python modules with --py-files "
             "(SparkContext.addPyFile). Rerunning would fail the same way, so it was not rerun."
+        )
+    if failure.kind == "memory":
+        if "MemoryError" in cause:
+            what = f"a worker ran out of memory ({cause})"
+        else:  # no Python error: the out-of-memory killer or a container limit, most often
+            what = f"a worker was killed without a Python error, most often for memory ({cause})"
+        return (
+            f"Distributed training failed: {what}. Each worker holds its partition in memory "
+            "(as float32, besides TensorFlow's own 0.7-1 GB): use more numWorkers (smaller "
+            "partitions), give the executors more memory (spark.executor.memory and "
+            "spark.executor.memoryOverhead, or the container's limit), or select fewer "
+            "columns. fitted.summary.workers reports each worker's data_bytes and peak memory "
+            "in a fit that succeeds."
         )
     if failure.kind == "input":
         return (

@@ -111,6 +111,7 @@ class FitPlan:
         here. With ``shared``, the converted data comes from (and stays in) its cache."""
         spark = dataset.sparkSession
         cluster.check_transport_security(spark.conf.get)
+        cluster.check_python_memory(spark.conf.get)
         mode = normalize_mode(estimator.getMode())
         custom_objects = tuple(estimator.getCustomObjects())
         model = model_from_bytes(model_bytes, compile=True, custom_objects=custom_objects)
@@ -428,11 +429,7 @@ class FitRun:
                     if not isinstance(exc, Exception):  # an interrupt of the driver: stop it all
                         cluster.cancel_jobs(plan.spark, self._tag)
                         raise
-                    if server.failure is not None:
-                        raise RuntimeError(
-                            f"Distributed training failed: {server.failure}"
-                        ) from exc
-                    failure = cluster.job_failure(exc)
+                    failure = cluster.job_failure(exc, server.failure)
                     if attempt >= plan.reruns or not failure.rerun_helps:
                         raise RuntimeError(
                             cluster.job_failure_message(failure, plan.mode, attempt)

@@ -165,6 +165,7 @@ class KerasTransformer(Model, HasInferenceParams, HasTrainingParams, KerasReadab
 
     def _transform(self, dataset: DataFrame) -> DataFrame:
         validate(self)
+        cluster.check_python_memory(dataset.sparkSession.conf.get)
         if self._model_bytes is None:
             raise ValueError(
                 "Expected a KerasTransformer holding a model: create it with "

@@ -147,8 +147,12 @@ class SyncRule(UpdateRule):
             # so a lost worker must not touch a generation the rerun may already be filling.
             if not self._allow_rejoin:
                 reason = (
-                    f"lost the worker for partition {partition}: {why} (in a sync fit this ends "
-                    "the fit; set syncRetries > 0 to rerun the job from the last committed round)"
+                    f"lost the worker for partition {partition} without an error from it ({why}): "
+                    "its Python process ended, most often killed for memory (the out-of-memory "
+                    "killer, a container limit, spark.executor.pyspark.memory) or with its "
+                    "executor. For memory, use more numWorkers (smaller partitions) or give the "
+                    "executors more; in a sync fit a lost worker ends the fit, and syncRetries > 0 "
+                    "reruns the job from the last committed round"
                 )
                 self._abort_reason = self._abort_reason or reason
             self._cond.notify_all()

@@ -93,3 +93,53 @@ def test_workers_without_the_package_name_the_cause_and_are_not_rerun(tmp_path) 
     assert "could not import `" in message and "PYSPARK_PYTHON" in message, message
     assert "not rerun" in message and "set syncRetries" not in message, message
     assert "rerunning it" not in done.stderr  # no rerun was attempted
+
+
+@pytest.mark.timeout(300)
+def test_a_worker_out_of_memory_is_reported_as_memory_with_what_to_do() -> None:
+    """Python workers held to 2048 MB of address space (Spark's own pyspark.memory limit: the
+    least the fit accepts, TensorFlow's imports alone take 1.4 GB) with a partition of 1.5M x 64
+    float32 (384 MB) each: the worker dies loading it, and the fit says memory and what to
+    do, not "crashed"."""
+    script = textwrap.dedent(
+        """
+        import os, sys
+        os.environ["PYSPARK_PYTHON"] = sys.executable
+        import keras
+        from pyspark.sql import SparkSession, functions as F
+        from spark_keras_ml import KerasEstimator
+        spark = (
+            SparkSession.builder.master("local[2]")
+            .config("spark.ui.enabled", "false")
+            .config("spark.executor.pyspark.memory", "2048m")
+            .getOrCreate()
+        )
+        rows = spark.range(3_000_000, numPartitions=2)
+        df = rows.select(
+            F.array(*[F.rand(i) for i in range(64)]).alias("features"),
+            (F.col("id") % 10).cast("double").alias("label"),
+        )
+        model = keras.Sequential([keras.Input((64,)), keras.layers.Dense(10, activation="softmax")])
+        model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+        try:
+            KerasEstimator(model=model, numWorkers=2, epochs=1, verbose=0).fit(df)
+        except RuntimeError as exc:
+            print("FIT FAILED:", exc)
+        spark.stop()
+        """
+    )
+    env = dict(os.environ, PYSPARK_DRIVER_PYTHON=sys.executable)
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=280,
+        check=False,
+    )
+    failed = [line for line in done.stdout.splitlines() if line.startswith("FIT FAILED:")]
+    assert failed, done.stdout[-2000:] + done.stderr[-3000:]
+    message = failed[0]
+    assert "memory" in message and "numWorkers" in message, message
+    assert "crashed" not in message.split("(")[0], message  # memory first, Spark's word aside
