@@ -19,6 +19,7 @@ import numpy as np
 from spark_keras_ml.executor.gradient_moments import MomentRecorder
 from spark_keras_ml.executor.rows import Rows, structure
 from spark_keras_ml.executor.step_function import StepFunction
+from spark_keras_ml.ps.aligned import ALIGNMENT
 
 if TYPE_CHECKING:
     from spark_keras_ml.executor.worker import PartitionWorker
@@ -56,15 +57,17 @@ def epoch_data(rows: Rows, batch_size: int, seed: int, partition: int, epochs: r
     On TensorFlow they come from a ``tf.data`` pipeline that gathers each batch from the rows
     inside the graph, which costs half the time per step of a Python generator (one
     ``from_generator`` call and one numpy copy per batch); other backends take the generator.
+    The rows' arrays become tensors without a copy where they can (:func:`shared_tensor`), and
+    the epochs' orders are made one at a time as the pipeline reaches them.
     """
     if keras.backend.backend() != "tensorflow":
         return epoch_batches(rows, batch_size, seed, partition, epochs)
     import tensorflow as tf
 
-    orders = np.stack([epoch_order(seed, partition, e, len(rows)) for e in epochs])
     arrays = [*rows.inputs, *rows.targets, *([] if rows.weights is None else [rows.weights])]
-    tensors = [tf.constant(a) for a in arrays]
-    inputs, targets = len(rows.inputs), len(rows.targets)
+    tensors = [shared_tensor(a) for a in arrays]
+    del arrays  # the tensors hold what they share, or their own copy
+    inputs, targets, count = len(rows.inputs), len(rows.targets), len(rows)
 
     def gather(index: Any) -> tuple[Any, ...]:
         # Sorted, as in epoch_batches: the same rows in the same order within a batch.
@@ -73,16 +76,75 @@ def epoch_data(rows: Rows, batch_size: int, seed: int, partition: int, epochs: r
         y = structure(picked[inputs : inputs + targets], rows.target_keys)
         return (x, y) if rows.weights is None else (x, y, picked[-1])
 
-    epochs_data = tf.data.Dataset.from_tensor_slices(orders)
+    def orders() -> Iterator[np.ndarray]:
+        # One epoch's order at a time (8 bytes a row): all of them at once would weigh as much
+        # as the rows over a few dozen epochs. Only numbers here: TensorFlow keeps a
+        # generator's function for the life of the process.
+        for epoch in epochs:
+            yield epoch_order(seed, partition, epoch, count)
+
+    epochs_data = tf.data.Dataset.from_generator(
+        orders, output_signature=tf.TensorSpec((count,), tf.int64)
+    )
     batches = epochs_data.flat_map(
         lambda order: tf.data.Dataset.from_tensor_slices(order).batch(batch_size)
     )
-    # Without tf.data's autotuning: its model thread, which a finished iterator waits for,
-    # kept a worker busy for seconds at the end of a fit (the more epochs, the longer), and
-    # this pipeline has nothing to tune.
+    return batches.map(gather).prefetch(2).with_options(pipeline_options())
+
+
+#: tf.data's graph rewrites, all off in :func:`pipeline_options`.
+_REWRITES = (
+    "filter_parallelization",
+    "inject_prefetch",
+    "map_and_batch_fusion",
+    "map_and_filter_fusion",
+    "map_fusion",
+    "map_parallelization",
+    "noop_elimination",
+    "parallel_batch",
+    "seq_interleave_prefetch",
+    "shuffle_and_repeat_fusion",
+)
+
+
+def pipeline_options() -> Any:
+    """The training pipeline's options: no autotuning and no graph rewrites.
+
+    Autotuning's model thread, which a finished iterator waits for, kept a worker busy for
+    seconds at the end of a fit (the more epochs, the longer), and this pipeline has nothing to
+    tune. A rewrite serializes the pipeline's graph, the tensors its functions capture included,
+    so the rows the gather reads were copied once more as the iterator started (100 MB more for
+    a partition of 100 MB).
+    """
+    import tensorflow as tf
+
     options = tf.data.Options()
     options.autotune.enabled = False
-    return batches.map(gather).prefetch(2).with_options(options)
+    optimization = options.experimental_optimization
+    optimization.apply_default_optimizations = False
+    for rewrite in _REWRITES:
+        if hasattr(optimization, rewrite):  # the set differs between TensorFlow versions
+            setattr(optimization, rewrite, False)
+    return options
+
+
+def shared_tensor(array: np.ndarray) -> Any:
+    """A TensorFlow tensor of ``array``: over its memory (DLPack), which the tensor keeps alive,
+    where the array is contiguous and 64-byte aligned (``rows.Growing`` makes a partition's
+    arrays so); else a copy (``tf.constant``), which holds the array twice."""
+    import tensorflow as tf
+
+    if (
+        array.dtype != object
+        and array.flags.c_contiguous
+        and array.flags.writeable
+        and array.ctypes.data % ALIGNMENT == 0
+    ):
+        try:
+            return tf.experimental.dlpack.from_dlpack(array.__dlpack__())
+        except (BufferError, TypeError, ValueError, tf.errors.InvalidArgumentError):
+            pass  # a dtype DLPack does not carry (bfloat16): a copy
+    return tf.constant(array)
 
 
 class Exchanges(keras.callbacks.Callback):

@@ -8,6 +8,9 @@ model that takes a dict gets a dict. No SparkSession, no Keras: tested with plai
 
 from __future__ import annotations
 
+import ctypes
+import math
+import mmap
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -24,6 +27,7 @@ from spark_keras_ml.config import (
     label_name,
 )
 from spark_keras_ml.executor.values import convert, numpy_dtype, refuse_nulls
+from spark_keras_ml.ps.aligned import ALIGNMENT, padding
 
 
 def column_to_numpy(series: pd.Series, what: str, dtype: str = "float32") -> np.ndarray:
@@ -103,9 +107,26 @@ class Rows:
 
     @property
     def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays())
+
+    def arrays(self) -> list[np.ndarray]:
+        """Every array: inputs, targets, then weights and held-out flags where there are."""
         arrays = [*self.inputs, *self.targets]
-        arrays += [a for a in (self.weights, self.held_out) if a is not None]
-        return sum(a.nbytes for a in arrays)
+        return arrays + [a for a in (self.weights, self.held_out) if a is not None]
+
+    @staticmethod
+    def from_arrays(arrays: list[np.ndarray], layout: Layout) -> Rows:
+        """:meth:`arrays`' inverse, for rows of ``layout``."""
+        inputs, targets = len(layout.inputs), len(layout.targets)
+        rest = iter(arrays[inputs + targets :])
+        return Rows(
+            arrays[:inputs],
+            arrays[inputs : inputs + targets],
+            next(rest) if layout.weights else None,
+            next(rest) if layout.held_out else None,
+            layout.input_keys,
+            layout.target_keys,
+        )
 
     def take(self, index: np.ndarray) -> Rows:
         return Rows(
@@ -138,34 +159,79 @@ def structure(arrays: Sequence[np.ndarray], keys: Sequence[str] | None) -> Struc
 
 
 def partition_rows(batches: Iterable[pd.DataFrame], layout: Layout) -> Rows:
-    """All rows of a training partition, shaped for the model, as float32.
+    """All rows of a training partition, shaped for the model, one array per input and output
+    in its declared dtype.
 
     The batches hold the columns the driver selected: ``x0..`` (inputs), ``y0..`` (outputs),
-    and optionally ``WEIGHT`` and ``HELD_OUT``. Each Arrow batch becomes float32 arrays as it
-    arrives and is dropped, so the partition is held about twice (the per-batch arrays and their
-    concatenation) at the peak, never as pandas objects.
+    and optionally ``WEIGHT`` and ``HELD_OUT``. Each Arrow batch is converted and checked as it
+    arrives, appended to one array per column (:class:`Growing`) and dropped: the partition is
+    held once, plus one batch, never as per-batch arrays and their concatenation at once.
     """
-    parts = [_batch_rows(batch, layout) for batch in batches if len(batch)]
-    if not parts:
+    growing: list[Growing] | None = None
+    for batch in batches:
+        if not len(batch):
+            continue
+        arrays = _batch_rows(batch, layout).arrays()
+        if growing is None:
+            growing = [Growing(a) for a in arrays]
+        else:
+            for column, array in zip(growing, arrays, strict=True):
+                column.append(array)
+    if growing is None:
         empty = pd.DataFrame({name: pd.Series([], dtype=np.float32) for name in layout.names})
         return _batch_rows(empty, layout)
-    if len(parts) == 1:
-        return parts[0]
+    return Rows.from_arrays([column.finish() for column in growing], layout)
 
-    def joined(arrays: list[np.ndarray | None]) -> np.ndarray | None:
-        first = arrays[0]
-        return None if first is None else np.concatenate([a for a in arrays if a is not None])
 
-    inputs = [np.concatenate([p.inputs[i] for p in parts]) for i in range(len(layout.inputs))]
-    targets = [np.concatenate([p.targets[i] for p in parts]) for i in range(len(layout.targets))]
-    return Rows(
-        inputs,
-        targets,
-        joined([p.weights for p in parts]),
-        joined([p.held_out for p in parts]),
-        layout.input_keys,
-        layout.target_keys,
-    )
+#: How much a :class:`Growing` array grows by when full: numpy zero-fills what it adds, so
+#: the spare room is resident memory, an eighth of the partition at most.
+GROWTH = 1.125
+
+
+class Growing:
+    """One column of a partition, appended to batch by batch without knowing the row count,
+    that ends on a 64-byte aligned address (which TensorFlow can take without a copy).
+
+    Its bytes grow in place with ``ndarray.resize``: glibc's ``realloc`` moves a large block
+    by remapping its pages (``mremap``), not by copying them, so growing never holds the
+    column twice, unlike collecting the batches and concatenating them. String columns
+    (Python objects, which cannot move that way) are collected and concatenated.
+    """
+
+    def __init__(self, first: np.ndarray) -> None:
+        self._dtype, self._shape = first.dtype, first.shape[1:]
+        self._row_bytes = first.dtype.itemsize * math.prod(self._shape)
+        self._parts: list[np.ndarray] | None = [first] if first.dtype == object else None
+        self._raw = np.empty(len(first) * self._row_bytes + ALIGNMENT, np.uint8)
+        self._rows = 0
+        if self._parts is None:
+            self.append(first)
+
+    def _view(self, rows: int, offset: int = 0) -> np.ndarray:
+        data = self._raw[offset : offset + rows * self._row_bytes]
+        return data.view(self._dtype).reshape(rows, *self._shape)
+
+    def append(self, batch: np.ndarray) -> None:
+        if self._parts is not None:
+            self._parts.append(batch)
+            return
+        end = self._rows + len(batch)
+        need = end * self._row_bytes + ALIGNMENT
+        if need > len(self._raw):
+            self._raw.resize(max(need, int(len(self._raw) * GROWTH)), refcheck=False)
+        self._view(end)[self._rows :] = batch
+        self._rows = end
+
+    def finish(self) -> np.ndarray:
+        """The column, the spare room given back, its data moved to an aligned address."""
+        if self._parts is not None:
+            return np.concatenate(self._parts)
+        nbytes = self._rows * self._row_bytes
+        self._raw.resize(nbytes + ALIGNMENT, refcheck=False)
+        start = padding(self._raw.ctypes.data)
+        if start:  # memmove: overlapping, and without numpy's temporary copy of the column
+            ctypes.memmove(self._raw.ctypes.data + start, self._raw.ctypes.data, nbytes)
+        return self._view(self._rows, start)
 
 
 def _batch_rows(data: pd.DataFrame, layout: Layout) -> Rows:
@@ -221,9 +287,14 @@ def _values(array: pa.Array, what: str) -> np.ndarray:
 
 
 def split_held_out(
-    rows: Rows, validation_split: float, seed: int, partition: int
+    rows: Rows, validation_split: float, seed: int, partition: int, in_place: bool = False
 ) -> tuple[Rows, Rows]:
-    """(train, validation) rows: by the validation column, else a seeded validationSplit."""
+    """(train, validation) rows: by the validation column, else a seeded validationSplit.
+
+    ``in_place``: the training rows are moved to the front of ``rows``' own arrays, which
+    then shrink, instead of copied out of them; only for rows nothing else holds (a training
+    task's, from :func:`partition_rows`): a copy would hold the partition twice.
+    """
     if rows.held_out is not None:
         mask = rows.held_out
     elif validation_split > 0:
@@ -231,4 +302,52 @@ def split_held_out(
         mask = rng.random(len(rows)) < validation_split
     else:
         return rows, rows.take(np.zeros(0, dtype=np.int64))
-    return rows.take(np.flatnonzero(~mask)), rows.take(np.flatnonzero(mask))
+    held_out = rows.take(np.flatnonzero(mask))
+    keep = np.flatnonzero(~mask)
+    if not in_place:
+        return rows.take(keep), held_out
+    arrays = [_compact(a, keep) for a in [*rows.inputs, *rows.targets]]
+    weights = None if rows.weights is None else _compact(rows.weights, keep)
+    count = len(rows.inputs)
+    train = Rows(arrays[:count], arrays[count:], weights, None, rows.input_keys, rows.target_keys)
+    return train, held_out
+
+
+#: Bytes moved per step of :func:`_compact`: the most it holds besides the array.
+COMPACT_BYTES = 8 << 20
+
+
+def _compact(array: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """``array[keep]`` (``keep`` increasing) made in ``array``'s own buffer, a slice at a time;
+    the pages past the rows kept are given back to the system.
+
+    Row ``keep[j] >= j`` moves to ``j``: every row a slice reads is at or after the rows the
+    slices before it wrote, so none is overwritten before it is read.
+    """
+    if array.dtype == object or not array.flags.c_contiguous or not array.flags.writeable:
+        return array[keep]
+    step = max(1, COMPACT_BYTES // max(1, array[:1].nbytes))
+    for start in range(0, len(keep), step):
+        part = keep[start : start + step]
+        array[start : start + len(part)] = array[part]
+    kept = array[: len(keep)]
+    _give_back(array.ctypes.data + kept.nbytes, array.ctypes.data + array.nbytes)
+    return kept
+
+
+#: madvise's advice to drop pages (Linux): read again, they are zeros.
+_MADV_DONTNEED = 4
+
+
+def _give_back(start: int, end: int) -> None:
+    """Let the system have the whole pages between addresses ``start`` and ``end``, which
+    nothing reads again: the held-out share of a partition's buffers stays allocated."""
+    page = mmap.PAGESIZE
+    first, last = -(-start // page) * page, end // page * page
+    if last <= first:
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED)
+    except (OSError, AttributeError):  # no madvise here: the pages stay resident
+        pass

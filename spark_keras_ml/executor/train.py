@@ -54,8 +54,8 @@ def train_partition(config: TrainConfig, batches: Iterable[pd.DataFrame]) -> Ite
     rss_before_data = current_rss()
     rows = partition_rows(batches, config.layout)
     phases["data_seconds"] = clock.lap()
-    peak_after_data = peak_rss()
-    data = split_held_out(rows, config.validation_split, config.seed, partition)
+    peak_after_data, data_bytes = peak_rss(), rows.nbytes
+    data = split_held_out(rows, config.validation_split, config.seed, partition, in_place=True)
     trainee = build_trainee(config)
     phases["build_seconds"] = clock.lap()
     with connect(config, trainee) as client:
@@ -72,7 +72,7 @@ def train_partition(config: TrainConfig, batches: Iterable[pd.DataFrame]) -> Ite
         "epochs": worker.epochs_done,
         "steps": worker.pushes,
         "seconds": clock.total(),
-        "data_bytes": rows.nbytes,
+        "data_bytes": data_bytes,
         "rss_before_data": rss_before_data,
         "peak_rss_data": peak_after_data,
         "started_at": started_at,

@@ -14,6 +14,7 @@ from spark_keras_ml.executor.rows import (
     column_to_numpy,
     partition_rows,
     shaped,
+    split_held_out,
 )
 
 LAYOUT = Layout(inputs=((2,),), targets=((1,),), input_names=("x",), target_names=("y",))
@@ -65,6 +66,63 @@ def test_partition_batches_are_concatenated_in_order_and_labels_shaped() -> None
     assert rows.y.shape == (3, 1)  # type: ignore[union-attr]
     np.testing.assert_array_equal(rows.targets[0][:, 0], [0, 1, 1])
     assert rows.weights is None and rows.held_out is None
+
+
+def test_many_batches_of_uneven_sizes_grow_one_array_per_column_in_order() -> None:
+    """The columns grow in place as batches arrive (several regrowths here), keeping every row
+    in order, with its weight and held-out flag, and no spare room at the end."""
+    rng = np.random.default_rng(0)
+    layout = Layout(inputs=((3,),), targets=((1,),), weights=True, held_out=True)
+    sizes = [1, 7, 2, 30, 5, 64, 3]
+    x = rng.normal(size=(sum(sizes), 3)).astype(np.float32)
+    y, w = rng.integers(0, 2, len(x)).astype(np.float32), rng.random(len(x)).astype(np.float32)
+    flags = rng.random(len(x)) < 0.3
+    frames, start = [], 0
+    for size in sizes:
+        end = start + size
+        frame = batch(x[start:end].tolist(), y[start:end].tolist())
+        frames.append(frame.assign(**{WEIGHT: w[start:end], HELD_OUT: flags[start:end]}))
+        start = end
+    rows = partition_rows(iter(frames), layout)
+    np.testing.assert_array_equal(rows.inputs[0], x)
+    np.testing.assert_array_equal(rows.targets[0][:, 0], y)
+    np.testing.assert_array_equal(rows.weights, w)  # type: ignore[arg-type]
+    np.testing.assert_array_equal(rows.held_out, flags)  # type: ignore[arg-type]
+    assert rows.inputs[0].shape == (len(x), 3) and rows.inputs[0].dtype == np.float32
+    # Aligned to 64 bytes: TensorFlow takes such arrays without a copy (local_sgd.epoch_data).
+    assert all(a.ctypes.data % 64 == 0 for a in rows.arrays())
+
+
+@pytest.mark.parametrize("by_column", [True, False])
+def test_held_out_rows_split_in_place_as_a_copy_would(by_column: bool) -> None:
+    """In place (a training task's own rows), the training rows end at the front of the same
+    arrays, exactly the rows and order of the copying split, in slices smaller than the array."""
+    import spark_keras_ml.executor.rows as rows_module
+
+    rng = np.random.default_rng(1)
+
+    def rows_of(n: int) -> object:
+        layout = Layout(inputs=((4,),), targets=((1,),), weights=True, held_out=by_column)
+        arrays = [rng.normal(size=(n, 4)).astype(np.float32)]
+        arrays += [rng.normal(size=(n, 1)).astype(np.float32), rng.random(n).astype(np.float32)]
+        arrays += [rng.random(n) < 0.4] if by_column else []
+        return rows_module.Rows.from_arrays(arrays, layout)
+
+    rows = rows_of(1000)
+    expected = split_held_out(rows, 0.4, seed=3, partition=2)  # type: ignore[arg-type]
+    buffer = rows.inputs[0]  # type: ignore[attr-defined]
+    old = rows_module.COMPACT_BYTES
+    rows_module.COMPACT_BYTES = 100  # a few rows per slice
+    try:
+        got = split_held_out(rows, 0.4, seed=3, partition=2, in_place=True)  # type: ignore[arg-type]
+    finally:
+        rows_module.COMPACT_BYTES = old
+    assert 0 < len(got[1]) < len(got[0]) < 1000
+    assert np.shares_memory(got[0].inputs[0], buffer)  # no copy of the partition
+    for a, b in zip(got[0].arrays(), expected[0].arrays(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(got[1].arrays(), expected[1].arrays(), strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_empty_partition_gives_empty_arrays_of_the_right_shape() -> None:

@@ -216,7 +216,8 @@ def test_the_tensorflow_pipeline_gives_the_generator_s_batches() -> None:
         weights=rng.random(21).astype("float32"),
     )
     expected = list(epoch_batches(rows, 8, seed=3, partition=1, epochs=range(2, 5)))
-    got = list(epoch_data(rows, 8, seed=3, partition=1, epochs=range(2, 5)))
+    data = epoch_data(rows, 8, seed=3, partition=1, epochs=range(2, 5))
+    got = list(data)
     assert len(got) == len(expected) == 9
     for (gx, gy, gw), (ex, ey, ew) in zip(got, expected, strict=True):
         for a, b in zip(gx, ex, strict=True):
@@ -225,10 +226,7 @@ def test_the_tensorflow_pipeline_gives_the_generator_s_batches() -> None:
         np.testing.assert_array_equal(np.asarray(gw), ew)
     # No tf.data autotuning: a finished iterator waited for its model thread, which kept a
     # worker busy for seconds at the end of every fit (in the fit's "train" phase).
-    assert (
-        epoch_data(rows, 8, seed=3, partition=1, epochs=range(2)).options().autotune.enabled
-        is False
-    )
+    assert data.options().autotune.enabled is False
 
 
 @pytest.mark.parametrize("frequency", ["steps", "batch"])
@@ -334,3 +332,38 @@ def test_a_released_exchange_lets_go_of_the_worker() -> None:
     del worker, model, function
     gc.collect()
     assert [ref() for ref in gone] == [None, None]
+
+
+def test_a_partition_s_aligned_arrays_become_tensors_without_a_copy() -> None:
+    """``epoch_data`` trains from tensors over the rows' own memory where they are aligned (as
+    ``partition_rows`` makes them), so a worker holds its partition once, not twice; other
+    arrays are copied."""
+    from spark_keras_ml.executor.local_sgd import shared_tensor
+    from spark_keras_ml.ps import aligned
+
+    array = aligned.zeros((1000, 8))
+    tensor = shared_tensor(array)
+    array[3, 2] = 7.0  # seen by the tensor: the same memory
+    assert float(tensor[3, 2]) == 7.0
+    unaligned = np.zeros(1000 * 8 + 1, np.float32)[1:].reshape(1000, 8)
+    copied = shared_tensor(unaligned)
+    unaligned[3, 2] = 7.0
+    assert float(copied[3, 2]) == 0.0
+
+
+def test_the_pipeline_does_not_copy_the_rows_it_gathers_from() -> None:
+    """tf.data's graph rewrites serialize the tensors a pipeline's functions capture: with them
+    on, iterating a pipeline over a 100 MB partition added a copy of it to the worker."""
+    from spark_keras_ml.executor.local_sgd import epoch_data
+    from spark_keras_ml.executor.resources import current_rss
+    from spark_keras_ml.executor.rows import Rows
+    from spark_keras_ml.ps import aligned
+
+    x = aligned.zeros((200_000, 64))  # 51 MB
+    x[:] = 1.0
+    y = aligned.zeros((200_000,))
+    data = epoch_data(Rows([x], [y]), 128, seed=0, partition=0, epochs=range(1))
+    before = current_rss()
+    iterator = iter(data)
+    next(iterator)
+    assert current_rss() - before < x.nbytes / 2
