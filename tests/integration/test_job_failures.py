@@ -98,9 +98,9 @@ def test_workers_without_the_package_name_the_cause_and_are_not_rerun(tmp_path) 
 @pytest.mark.timeout(300)
 def test_a_worker_out_of_memory_is_reported_as_memory_with_what_to_do() -> None:
     """Python workers held to 2048 MB of address space (Spark's own pyspark.memory limit: the
-    least the fit accepts, TensorFlow's imports alone take 1.4 GB) with a partition of 1.5M x 64
-    float32 (384 MB) each: the worker dies loading it, and the fit says memory and what to
-    do, not "crashed"."""
+    least the fit accepts, TensorFlow's imports alone take 1.4 GB) with a partition of 500k x
+    256 float32 (512 MB) each: the worker dies loading it, and the fit says memory and what
+    to do, not "crashed"."""
     script = textwrap.dedent(
         """
         import os, sys
@@ -114,13 +114,13 @@ def test_a_worker_out_of_memory_is_reported_as_memory_with_what_to_do() -> None:
             .config("spark.executor.pyspark.memory", "2048m")
             .getOrCreate()
         )
-        rows = spark.range(3_000_000, numPartitions=2)
+        rows = spark.range(1_000_000, numPartitions=2)
         df = rows.select(
-            F.array(*[F.rand(i) for i in range(64)]).alias("features"),
+            F.array_repeat(F.rand(0), 256).alias("features"),
             (F.col("id") % 10).cast("double").alias("label"),
         )
-        model = keras.Sequential([keras.Input((64,)), keras.layers.Dense(10, activation="softmax")])
-        model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+        model = keras.Sequential([keras.Input((256,)), keras.layers.Dense(10)])
+        model.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(True))
         try:
             KerasEstimator(model=model, numWorkers=2, epochs=1, verbose=0).fit(df)
         except RuntimeError as exc:
