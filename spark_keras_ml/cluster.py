@@ -305,29 +305,33 @@ def job_failure_message(failure: JobFailure, mode: str, retries: int) -> str:
             "the cluster's environment, or ship pure-Python modules with --py-files "
             "(SparkContext.addPyFile). Rerunning would fail the same way, so it was not rerun."
         )
+    if mode == "sync":
+        rerun = (
+            f"A sync fit stops when any worker fails (it was rerun {retries} times); set "
+            "syncRetries to rerun it from the last committed round."
+        )
+    else:
+        rerun = "Spark retried the failed task up to spark.task.maxFailures times."
     if failure.kind == "memory":
+        memory = (
+            "Each worker holds its partition in memory (as float32, besides TensorFlow's own "
+            "0.7-1 GB): use more numWorkers (smaller partitions), give the executors more "
+            "memory (spark.executor.memory and spark.executor.memoryOverhead, or the "
+            "container's limit), or select fewer columns; fitted.summary.workers reports each "
+            "worker's data_bytes and peak memory in a fit that succeeds."
+        )
         if "MemoryError" in cause:
-            what = f"a worker ran out of memory ({cause})"
-        else:  # no Python error: the out-of-memory killer or a container limit, most often
-            what = f"a worker was killed without a Python error, most often for memory ({cause})"
+            return f"Distributed training failed: a worker ran out of memory ({cause}). {memory}"
+        # No Python error: the out-of-memory killer or a container limit, most often; or the
+        # worker's executor was lost, which a rerun can get past.
         return (
-            f"Distributed training failed: {what}. Each worker holds its partition in memory "
-            "(as float32, besides TensorFlow's own 0.7-1 GB): use more numWorkers (smaller "
-            "partitions), give the executors more memory (spark.executor.memory and "
-            "spark.executor.memoryOverhead, or the container's limit), or select fewer "
-            "columns. fitted.summary.workers reports each worker's data_bytes and peak memory "
-            "in a fit that succeeds."
+            f"Distributed training failed: a worker was killed without a Python error "
+            f"({cause}), most often for memory. {memory} If its executor was lost instead: "
+            f"{rerun}"
         )
     if failure.kind == "input":
         return (
             f"Distributed training failed: the Spark job failed ({cause}). Fix the data or "
             "the configuration the error names: every rerun would fail the same way."
         )
-    if mode == "sync":
-        hint = (
-            f"A sync fit stops when any worker fails (it was rerun {retries} times); set "
-            "syncRetries to rerun it from the last committed round."
-        )
-    else:
-        hint = "Spark retried the failed task up to spark.task.maxFailures times."
-    return f"Distributed training failed: the Spark job failed ({cause}). {hint}"
+    return f"Distributed training failed: the Spark job failed ({cause}). {rerun}"
