@@ -94,7 +94,8 @@ def check_width(shape: Sequence[int], width: int, what: str) -> None:
 #: Schema of the one summary row each training task returns.
 TRAIN_RESULT_SCHEMA = (
     "partition int, rows long, held_out long, epochs long, steps long, seconds double, "
-    "data_bytes long, rss_before_data long, peak_rss_data long, peak_rss_bytes long, "
+    "data_bytes long, data_cache string, cache_reason string, spill_bytes long, "
+    "memory_limit_bytes long, rss_before_data long, peak_rss_data long, peak_rss_bytes long, "
     "started_at double, import_seconds double, data_seconds double, build_seconds double, "
     "register_seconds double, train_seconds double, finished_at double"
 )
@@ -138,6 +139,8 @@ class TrainConfig:
     layout: Layout
     #: Fraction of each worker's rows held out for val_* metrics (when no validation column).
     validation_split: float = 0.0
+    #: Where a worker keeps its rows: "memory", "disk" or "auto" (the dataCache Param).
+    data_cache: str = "auto"
     #: How deltas travel: "float32", "float16" or "bfloat16".
     delta_precision: str = "float32"
     #: Modules to import before the model is loaded (custom Keras objects).

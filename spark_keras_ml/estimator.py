@@ -54,7 +54,8 @@ class KerasEstimator(Estimator, HasTrainingParams, HasOutputParams, KerasReadabl
     ``epochs=1``,
     ``batchSize=32`` (the global batch of a step, split over the workers),
     ``numWorkers=None`` (every task slot), ``timeout=600`` seconds, ``maxStaleness=None``,
-    ``syncRetries=0``, ``maxBadUpdates=3``, ``deltaPrecision="float32"``.
+    ``syncRetries=0``, ``maxBadUpdates=3``, ``deltaPrecision="float32"``, ``dataCache="auto"``
+    (each worker keeps its rows in memory while they fit comfortably, else on local disk).
 
     Columns: ``featuresCol`` (a Vector, a number, or an array, nested arrays reshaped to the
     model's input shape) or ``featuresCols`` (several columns, concatenated for one input or one
@@ -118,6 +119,7 @@ class KerasEstimator(Estimator, HasTrainingParams, HasOutputParams, KerasReadabl
         syncRetries: int = 0,
         maxBadUpdates: int = 3,
         deltaPrecision: str = "float32",
+        dataCache: str = "auto",
         seed: int | None = None,
         predictionCol: str = "prediction",
         probabilityCol: str = "probability",
@@ -162,6 +164,7 @@ class KerasEstimator(Estimator, HasTrainingParams, HasOutputParams, KerasReadabl
         syncRetries: int = 0,
         maxBadUpdates: int = 3,
         deltaPrecision: str = "float32",
+        dataCache: str = "auto",
         seed: int | None = None,
         predictionCol: str = "prediction",
         probabilityCol: str = "probability",

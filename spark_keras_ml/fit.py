@@ -91,6 +91,7 @@ class FitPlan:
     delta_precision: str
     seed: int
     validation_split: float
+    data_cache: str
     task_cpus: int
     #: In the user's order, Keras' own against a driver-side model where there are any.
     callbacks: FitCallbacks
@@ -183,6 +184,7 @@ class FitPlan:
             delta_precision=estimator.getDeltaPrecision(),
             seed=estimator.getSeed(),
             validation_split=validation_split,
+            data_cache=estimator.getDataCache(),
             task_cpus=cluster.task_cpus(spark),
             callbacks=FitCallbacks.plan(estimator.getCallbacks() + progress, driver_model),
             resume=resume_point(spark, estimator.getCheckpointDir(), model),
@@ -312,6 +314,7 @@ class FitPlan:
             task_cpus=self.task_cpus,
             layout=self.layout,
             validation_split=self.validation_split,
+            data_cache=self.data_cache,
             delta_precision=self.delta_precision,
             custom_objects=self.custom_objects,
         )

@@ -213,6 +213,16 @@ class HasTrainingParams(HasFeaturesCol, HasLabelCol, HasSeed):
         typeConverter=TypeConverters.toString,
     )
 
+    dataCache: Param[str] = Param(
+        Params._dummy(),
+        "dataCache",
+        "Where each worker keeps its rows between epochs: 'memory', 'disk' (written once to "
+        "Spark's local directories, read back a block at a time: a worker's memory stays flat "
+        "however large its partition) or 'auto' (memory while the partition is at most a third "
+        "of what the worker may use, else disk).",
+        typeConverter=TypeConverters.toString,
+    )
+
     def __init__(self) -> None:
         super().__init__()
         self._setDefault(
@@ -220,6 +230,7 @@ class HasTrainingParams(HasFeaturesCol, HasLabelCol, HasSeed):
             syncRetries=0,
             maxBadUpdates=3,
             deltaPrecision="float32",
+            dataCache="auto",
             labelCols=None,
             sampleWeightCol=None,
             validationSplit=0.0,
@@ -288,6 +299,9 @@ class HasTrainingParams(HasFeaturesCol, HasLabelCol, HasSeed):
 
     def getDeltaPrecision(self) -> str:
         return self.getOrDefault(self.deltaPrecision)
+
+    def getDataCache(self) -> str:
+        return self.getOrDefault(self.dataCache)
 
     def getLabelCols(self) -> list[str] | None:
         return self.getOrDefault(self.labelCols)

@@ -129,6 +129,12 @@ RULES: dict[str, Rule] = {
         "one of 'float32', 'float16', 'bfloat16'",
         "Use 'float32' for exact deltas.",
     ),
+    "dataCache": Rule(
+        lambda v: v in ("auto", "memory", "disk"),
+        "one of 'auto', 'memory', 'disk'",
+        "Use 'disk' for partitions larger than a worker's memory, or 'auto' to let each worker "
+        "choose.",
+    ),
     "customObjects": Rule(
         lambda v: v is None or (isinstance(v, list) and all(isinstance(m, str) and m for m in v)),
         "a list of module paths such as ['my_project.layers'], or None",

@@ -16,8 +16,10 @@ from typing import TYPE_CHECKING, Any
 import keras
 import numpy as np
 
+from spark_keras_ml.executor.disk_batches import spilled_epoch_data
 from spark_keras_ml.executor.gradient_moments import MomentRecorder
 from spark_keras_ml.executor.rows import Rows, structure
+from spark_keras_ml.executor.spill import SpilledRows
 from spark_keras_ml.executor.step_function import StepFunction
 from spark_keras_ml.ps.aligned import ALIGNMENT
 
@@ -51,15 +53,20 @@ def epoch_batches(
             yield (x, y) if batch.weights is None else (x, y, batch.weights)
 
 
-def epoch_data(rows: Rows, batch_size: int, seed: int, partition: int, epochs: range) -> Any:
+def epoch_data(
+    rows: Rows | SpilledRows, batch_size: int, seed: int, partition: int, epochs: range
+) -> Any:
     """What ``fit`` trains on: :func:`epoch_batches`' batches, in the same order.
 
     On TensorFlow they come from a ``tf.data`` pipeline that gathers each batch from the rows
     inside the graph, which costs half the time per step of a Python generator (one
     ``from_generator`` call and one numpy copy per batch); other backends take the generator.
     The rows' arrays become tensors without a copy where they can (:func:`shared_tensor`), and
-    the epochs' orders are made one at a time as the pipeline reaches them.
+    the epochs' orders are made one at a time as the pipeline reaches them. Rows spilled to
+    disk are read back a chunk at a time instead (:mod:`~spark_keras_ml.executor.disk_batches`).
     """
+    if isinstance(rows, SpilledRows):
+        return spilled_epoch_data(rows, batch_size, seed, partition, epochs)
     if keras.backend.backend() != "tensorflow":
         return epoch_batches(rows, batch_size, seed, partition, epochs)
     import tensorflow as tf

@@ -83,7 +83,7 @@ def peak_rss() -> int:
     current figure count pages slightly differently; the larger of the two keeps "peak >= any
     earlier current reading" true.
     """
-    peak = _status_bytes("VmHWM")
+    peak = proc_bytes("VmHWM")
     if peak is None:  # no /proc (macOS): the rusage figure, in bytes there
         import resource
 
@@ -92,10 +92,11 @@ def peak_rss() -> int:
     return int(max(peak, current_rss()))
 
 
-def _status_bytes(field: str) -> int | None:
-    """A ``kB`` field of /proc/self/status in bytes, or None where there is none."""
+def proc_bytes(field: str, path: str = "/proc/self/status") -> int | None:
+    """A ``kB`` field of a /proc file (this process's status by default) in bytes, or None
+    where there is none."""
     try:
-        with open("/proc/self/status") as f:
+        with open(path) as f:
             for line in f:
                 if line.startswith(f"{field}:"):
                     return int(line.split()[1]) * 1024

@@ -160,27 +160,47 @@ def structure(arrays: Sequence[np.ndarray], keys: Sequence[str] | None) -> Struc
 
 def partition_rows(batches: Iterable[pd.DataFrame], layout: Layout) -> Rows:
     """All rows of a training partition, shaped for the model, one array per input and output
-    in its declared dtype.
+    in its declared dtype (see :class:`PartitionBuffer`)."""
+    buffer = PartitionBuffer(layout)
+    for batch in batches:
+        if len(batch):
+            buffer.add(batch_rows(batch, layout))
+    return buffer.finish()
+
+
+class PartitionBuffer:
+    """A partition's rows in memory as they arrive.
 
     The batches hold the columns the driver selected: ``x0..`` (inputs), ``y0..`` (outputs),
     and optionally ``WEIGHT`` and ``HELD_OUT``. Each Arrow batch is converted and checked as it
-    arrives, appended to one array per column (:class:`Growing`) and dropped: the partition is
-    held once, plus one batch, never as per-batch arrays and their concatenation at once.
+    arrives (:func:`batch_rows`), appended to one array per column (:class:`Growing`) and
+    dropped: the partition is held once, plus one batch, never as per-batch arrays and their
+    concatenation at once.
     """
-    growing: list[Growing] | None = None
-    for batch in batches:
-        if not len(batch):
-            continue
-        arrays = _batch_rows(batch, layout).arrays()
-        if growing is None:
-            growing = [Growing(a) for a in arrays]
+
+    def __init__(self, layout: Layout) -> None:
+        self._layout = layout
+        self._growing: list[Growing] | None = None
+        #: Bytes of the rows added so far, as the model takes them.
+        self.nbytes = 0
+
+    def add(self, rows: Rows) -> None:
+        arrays = rows.arrays()
+        if self._growing is None:
+            self._growing = [Growing(a) for a in arrays]
         else:
-            for column, array in zip(growing, arrays, strict=True):
+            for column, array in zip(self._growing, arrays, strict=True):
                 column.append(array)
-    if growing is None:
-        empty = pd.DataFrame({name: pd.Series([], dtype=np.float32) for name in layout.names})
-        return _batch_rows(empty, layout)
-    return Rows.from_arrays([column.finish() for column in growing], layout)
+        self.nbytes += rows.nbytes
+
+    def finish(self) -> Rows:
+        """The rows added, one array per column; the buffer is emptied."""
+        growing, self._growing = self._growing, None
+        if growing is None:
+            layout = self._layout
+            empty = pd.DataFrame({name: pd.Series([], dtype=np.float32) for name in layout.names})
+            return batch_rows(empty, layout)
+        return Rows.from_arrays([column.finish() for column in growing], self._layout)
 
 
 #: How much a :class:`Growing` array grows by when full: numpy zero-fills what it adds, so
@@ -234,7 +254,8 @@ class Growing:
         return self._view(self._rows, start)
 
 
-def _batch_rows(data: pd.DataFrame, layout: Layout) -> Rows:
+def batch_rows(data: pd.DataFrame, layout: Layout) -> Rows:
+    """One Arrow batch of a training partition as the model takes it, checked."""
     inputs = [
         shaped(data[feature_name(i)], shape, layout.input_name(i), layout.input_dtype(i))
         for i, shape in enumerate(layout.inputs)

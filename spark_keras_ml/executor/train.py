@@ -8,6 +8,7 @@ pools once, at import.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Iterable, Iterator
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from spark_keras_ml.config import TrainConfig
+from spark_keras_ml.executor.data_cache import cache_partition
 from spark_keras_ml.executor.resources import (
     Stopwatch,
     configure_threads,
@@ -24,7 +26,7 @@ from spark_keras_ml.executor.resources import (
     peak_rss,
     release_memory,
 )
-from spark_keras_ml.executor.rows import partition_rows, split_held_out
+from spark_keras_ml.executor.spill import spill_folder
 from spark_keras_ml.executor.worker import PartitionWorker, exchanges_in_step
 from spark_keras_ml.ps.client import ParameterClient
 from spark_keras_ml.serialization import model_from_bytes
@@ -52,27 +54,39 @@ def train_partition(config: TrainConfig, batches: Iterable[pd.DataFrame]) -> Ite
     configure_threads(config.task_cpus)  # imports TensorFlow in a fresh Python worker
     phases = {"import_seconds": clock.lap()}
     rss_before_data = current_rss()
-    rows = partition_rows(batches, config.layout)
-    phases["data_seconds"] = clock.lap()
-    peak_after_data, data_bytes = peak_rss(), rows.nbytes
-    data = split_held_out(rows, config.validation_split, config.seed, partition, in_place=True)
-    trainee = build_trainee(config)
-    phases["build_seconds"] = clock.lap()
-    with connect(config, trainee) as client:
-        worker = PartitionWorker(config, trainee, client, data, partition)
-        # Unique and increasing within the application: a retry always outranks its predecessor.
-        worker.register(attempt=context.taskAttemptId())
-        phases["register_seconds"] = clock.lap()  # in sync, the wait for every worker
-        worker.run()
-        phases["train_seconds"] = clock.lap()
+    attempt = context.taskAttemptId()
+    with contextlib.ExitStack() as spill:  # the spill folder, removed however the task ends
+        data = cache_partition(
+            batches,
+            config,
+            partition,
+            folder=lambda: spill.enter_context(spill_folder(partition, attempt)),
+        )
+        phases["data_seconds"] = clock.lap()
+        peak_after_data = peak_rss()
+        trainee = build_trainee(config)
+        phases["build_seconds"] = clock.lap()
+        with connect(config, trainee) as client:
+            rows = (data.train, data.held_out)
+            worker = PartitionWorker(config, trainee, client, rows, partition)
+            # Unique and increasing within the application: a retry always outranks its
+            # predecessor.
+            worker.register(attempt=attempt)
+            phases["register_seconds"] = clock.lap()  # in sync, the wait for every worker
+            worker.run()
+            phases["train_seconds"] = clock.lap()
     report = {
         "partition": partition,
-        "rows": len(data[0]),
-        "held_out": len(data[1]),
+        "rows": len(data.train),
+        "held_out": len(data.held_out),
         "epochs": worker.epochs_done,
         "steps": worker.pushes,
         "seconds": clock.total(),
-        "data_bytes": data_bytes,
+        "data_bytes": data.data_bytes,
+        "data_cache": data.cache,
+        "cache_reason": data.reason,
+        "spill_bytes": data.spill_bytes,
+        "memory_limit_bytes": data.limit.bytes,
         "rss_before_data": rss_before_data,
         "peak_rss_data": peak_after_data,
         "started_at": started_at,

@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from spark_keras_ml.config import TrainConfig
-from spark_keras_ml.executor.rows import Rows
+from spark_keras_ml.executor.data_cache import Cached
+from spark_keras_ml.executor.spill import SpilledRows
 from spark_keras_ml.executor.values import as_tensors
 from spark_keras_ml.ps.client import ParameterClient
 from spark_keras_ml.ps.messages import EpochEnd, GradientMoments, MetricState
@@ -68,7 +69,7 @@ class PartitionWorker:
         config: TrainConfig,
         trainee: Trainee,
         client: ParameterClient,
-        data: tuple[Rows, Rows],
+        data: tuple[Cached, Cached],
         partition: int,
     ) -> None:
         self._config = config
@@ -384,19 +385,29 @@ class PartitionWorker:
         if len(held_out):
             from spark_keras_ml.executor.metric_state import metric_states
 
-            scores = self._model.evaluate(
-                as_tensors(held_out.x),
-                held_out.y,
-                sample_weight=held_out.weights,
-                batch_size=self._config.batch_size,
-                verbose=0,
-                return_dict=True,
-            )
+            scores = self._evaluate(held_out)
             logs = {**logs, **{f"val_{k}": float(v) for k, v in scores.items()}}
             states = (*states, *metric_states(self._model, "val_"))
         # A non-finite metric (a diverged loss) travels as null: EpochEnd.encode sees to it.
         return EpochEnd(
             rows=len(self._train), held_out=len(held_out), logs=dict(logs), states=states
+        )
+
+    def _evaluate(self, held_out: Cached) -> dict[str, Any]:
+        batch_size = self._config.batch_size
+        if isinstance(held_out, SpilledRows):
+            from spark_keras_ml.executor.disk_batches import held_out_data
+
+            data = held_out_data(held_out, batch_size)
+            steps = math.ceil(len(held_out) / batch_size)  # a stream's length is unknown
+            return self._model.evaluate(data, steps=steps, verbose=0, return_dict=True)
+        return self._model.evaluate(
+            as_tensors(held_out.x),
+            held_out.y,
+            sample_weight=held_out.weights,
+            batch_size=batch_size,
+            verbose=0,
+            return_dict=True,
         )
 
     def _push(

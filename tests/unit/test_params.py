@@ -26,6 +26,7 @@ BAD_VALUES = {
     "syncRetries": -2,
     "maxBadUpdates": -1,
     "deltaPrecision": "int8",
+    "dataCache": "ssd",
     "customObjects": "my.layers",
     "featuresCols": [],
     "labelCols": ["y", ""],
