@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 from pyspark.sql import SparkSession
 from pyspark.sql.utils import is_remote
+
+from spark_keras_ml.config import format_bytes
+from spark_keras_ml.ps.messages import Hello
 
 logger = logging.getLogger(__name__)
 
@@ -222,6 +226,10 @@ class JobFailure:
     #: container limits do), "server" (the parameter server aborted the fit, saying why), or
     #: "lost" (a task or executor was lost).
     kind: str
+    #: The partition of the task that failed (a training task's index is its partition), and
+    #: where it ran ("host executor N"), where Spark's message says.
+    partition: int | None = None
+    where: str = ""
 
     @property
     def rerun_helps(self) -> bool:
@@ -241,6 +249,9 @@ _KILLED = re.compile(
     r"Python worker exited unexpectedly \(crashed\)[^\n]*|exit(?:ed with)? code 137|"
     r"killed by signal 9|Container killed[^\n]*memory[^\n]*"
 )
+#: How Spark names the task a job failed for: "Lost task 1.0 in stage 5.0 (TID 7) (host
+#: executor 1)".
+_LOST_TASK = re.compile(r"Lost task (\d+)\.\d+ in stage [\d.]+ \(TID \d+\) \(([^)]*)\)")
 _MISSING_MODULE = re.compile(r"(?:ModuleNotFoundError|ImportError): .*?No module named '([\w.]+)'")
 
 
@@ -254,9 +265,13 @@ def job_failure(exc: BaseException, server_failure: str | None = None) -> JobFai
     imports, data) explains both.
     """
     failure = _job_failure(exc)
-    if server_failure is None or failure.kind in TASK_CAUSES:
+    if server_failure is not None and failure.kind not in TASK_CAUSES:
+        kind = "memory" if "MemoryError" in server_failure else "server"
+        failure = JobFailure(server_failure, kind)
+    lost = _LOST_TASK.search(str(exc))
+    if lost is None:
         return failure
-    return JobFailure(server_failure, "memory" if "MemoryError" in server_failure else "server")
+    return dataclasses.replace(failure, partition=int(lost.group(1)), where=lost.group(2))
 
 
 def _job_failure(exc: BaseException) -> JobFailure:
@@ -284,8 +299,14 @@ def _job_failure(exc: BaseException) -> JobFailure:
     return JobFailure(cause, "lost")
 
 
-def job_failure_message(failure: JobFailure, mode: str, retries: int) -> str:
-    """A short message for a training job that Spark failed, saying what to do about it."""
+def job_failure_message(
+    failure: JobFailure, mode: str, retries: int, hellos: Mapping[int, Hello] | None = None
+) -> str:
+    """A short message for a training job that Spark failed, saying what to do about it.
+
+    ``hellos``: what each partition's worker said of its rows and its memory limit when it
+    registered (the parameter server keeps them), for a worker lost to memory.
+    """
     cause = failure.cause[:500]
     if failure.kind == "server":
         return f"Distributed training failed: {failure.cause}"
@@ -313,13 +334,7 @@ def job_failure_message(failure: JobFailure, mode: str, retries: int) -> str:
     else:
         rerun = "Spark retried the failed task up to spark.task.maxFailures times."
     if failure.kind == "memory":
-        memory = (
-            "Each worker holds its partition in memory (as float32, besides TensorFlow's own "
-            "0.7-1 GB): use more numWorkers (smaller partitions), give the executors more "
-            "memory (spark.executor.memory and spark.executor.memoryOverhead, or the "
-            "container's limit), or select fewer columns; fitted.summary.workers reports each "
-            "worker's data_bytes and peak memory in a fit that succeeds."
-        )
+        memory = f"{_lost_worker(failure, hellos or {})}{MEMORY_ADVICE}"
         if "MemoryError" in cause:
             return f"Distributed training failed: a worker ran out of memory ({cause}). {memory}"
         # No Python error: the out-of-memory killer or a container limit, most often; or the
@@ -335,3 +350,34 @@ def job_failure_message(failure: JobFailure, mode: str, retries: int) -> str:
             "the configuration the error names: every rerun would fail the same way."
         )
     return f"Distributed training failed: the Spark job failed ({cause}). {rerun}"
+
+
+#: What to do about a worker out of memory.
+MEMORY_ADVICE = (
+    "A worker needs TensorFlow's 0.7-1 GB, plus its partition where it keeps it in memory "
+    "(dataCache='memory'; 'auto', the default, moves it to local disk past a third of the "
+    "worker's room): use dataCache='disk' (the worker streams its rows from Spark's local "
+    "directories), more numWorkers (smaller partitions), or give the executors more memory "
+    "(spark.executor.memory and spark.executor.memoryOverhead, or the container's limit); "
+    "fitted.summary.workers reports each worker's data_bytes, cache and peak memory in a fit "
+    "that succeeds."
+)
+
+
+def _lost_worker(failure: JobFailure, hellos: Mapping[int, Hello]) -> str:
+    """Which worker was lost, how large its rows were and its limit, as far as known."""
+    if failure.partition is None:
+        return ""
+    worker = f"The worker of partition {failure.partition}"
+    if failure.where:
+        worker += f" ({failure.where})"
+    hello = hellos.get(failure.partition)
+    if hello is None:
+        return f"{worker} was lost before it reported its rows' size, while reading them. "
+    held = f"{format_bytes(hello.data_bytes)} of rows as float32"
+    kept = f" kept in {hello.cache}" if hello.cache else ""
+    limit = hello.memory_limit
+    room = (
+        f", and could use {format_bytes(limit)} ({hello.limit_source})" if limit is not None else ""
+    )
+    return f"{worker} had {held}{kept}{room}. "

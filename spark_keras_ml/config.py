@@ -73,6 +73,11 @@ class Layout:
         return names + ([WEIGHT] if self.weights else []) + ([HELD_OUT] if self.held_out else [])
 
 
+def format_bytes(size: int) -> str:
+    """A size as messages on both sides say it: GiB from one up, else MiB."""
+    return f"{size / (1 << 30):.2f} GiB" if size >= 1 << 30 else f"{size / (1 << 20):.0f} MiB"
+
+
 def check_width(shape: Sequence[int], width: int, what: str) -> None:
     """Raise when ``width`` values cannot fill one row of ``shape`` (-1: a free dimension).
 

@@ -435,7 +435,7 @@ class FitRun:
                     failure = cluster.job_failure(exc, server.failure)
                     if attempt >= plan.reruns or not failure.rerun_helps:
                         raise RuntimeError(
-                            cluster.job_failure_message(failure, plan.mode, attempt)
+                            cluster.job_failure_message(failure, plan.mode, attempt, server.hellos)
                         ) from exc
                     attempt += 1
                     run = server.prepare_rerun()

@@ -14,12 +14,14 @@ import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from spark_keras_ml.config import Layout, TrainConfig
-from spark_keras_ml.executor.memory_limit import MemoryLimit, gib, worker_limit
+from spark_keras_ml.config import format_bytes as gib
+from spark_keras_ml.executor.memory_limit import MemoryLimit, worker_limit
 from spark_keras_ml.executor.rows import PartitionBuffer, Rows, batch_rows, split_held_out
 from spark_keras_ml.executor.spill import SpilledRows, SpillWriter
 
@@ -49,6 +51,15 @@ class CachedPartition:
     data_bytes: int
     spill_bytes: int
     limit: MemoryLimit
+
+    def hello_fields(self) -> dict[str, Any]:
+        """What the worker's HELLO says of its rows and its limit."""
+        return {
+            "data_bytes": self.data_bytes,
+            "cache": self.cache,
+            "memory_limit": self.limit.bytes,
+            "limit_source": self.limit.source,
+        }
 
 
 def cache_partition(
@@ -89,9 +100,16 @@ def cache_partition(
                 )
                 disk = DiskPartition(folder(), layout)
                 disk.move(memory.finish(), held_out)
-    except BaseException:
+    except BaseException as exc:
         if disk is not None:
             disk.abandon()
+        if isinstance(exc, MemoryError):
+            where = "on disk" if disk is not None else "in memory"
+            raise MemoryError(
+                f"partition {partition} ran out of memory reading its rows ({where}, "
+                f"{gib(data_bytes)} as float32 read so far) with {gib(limit.bytes)} the worker "
+                f"may use ({limit.source})"
+            ) from exc
         raise
     if disk is not None:
         train, held = disk.close()

@@ -13,6 +13,7 @@ import resource
 from dataclasses import dataclass
 from pathlib import Path
 
+from spark_keras_ml.config import format_bytes as gib
 from spark_keras_ml.executor.resources import current_rss, proc_bytes
 
 #: cgroup v1 writes "no limit" as a huge number (a page-rounded 2^63 - 1).
@@ -111,8 +112,3 @@ def _read_limit(path: Path) -> int | None:
     except OSError:
         return None
     return None if text in ("", "max") else int(text)
-
-
-def gib(size: int) -> str:
-    """A size for messages: GiB above one, else MiB."""
-    return f"{size / (1 << 30):.2f} GiB" if size >= 1 << 30 else f"{size / (1 << 20):.0f} MiB"

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from spark_keras_ml.config import TrainConfig
+from spark_keras_ml.config import TrainConfig, format_bytes
 from spark_keras_ml.executor.data_cache import cache_partition
 from spark_keras_ml.executor.resources import (
     Stopwatch,
@@ -71,9 +71,16 @@ def train_partition(config: TrainConfig, batches: Iterable[pd.DataFrame]) -> Ite
             worker = PartitionWorker(config, trainee, client, rows, partition)
             # Unique and increasing within the application: a retry always outranks its
             # predecessor.
-            worker.register(attempt=attempt)
+            worker.register(attempt=attempt, **data.hello_fields())
             phases["register_seconds"] = clock.lap()  # in sync, the wait for every worker
-            worker.run()
+            try:
+                worker.run()
+            except MemoryError as exc:
+                raise MemoryError(
+                    f"partition {partition} ran out of memory training on its rows "
+                    f"({format_bytes(data.data_bytes)} as float32, kept in {data.cache}) with "
+                    f"{format_bytes(data.limit.bytes)} the worker may use ({data.limit.source})"
+                ) from exc
             phases["train_seconds"] = clock.lap()
     report = {
         "partition": partition,

@@ -111,10 +111,15 @@ class PartitionWorker:
         """Epochs of this fit completed (by this attempt or an earlier one)."""
         return self.completed - self._config.first_epoch
 
-    def register(self, attempt: int) -> None:
-        """Say HELLO: learn the steps per epoch, where to resume, and the starting weights."""
+    def register(self, attempt: int, **memory: Any) -> None:
+        """Say HELLO (with what ``memory`` says of the worker's rows and limit): learn the steps
+        per epoch, where to resume, and the starting weights."""
         reply, arrays = self._client.hello(
-            partition=self.partition, attempt=attempt, run=self._config.run, rows=len(self._train)
+            partition=self.partition,
+            attempt=attempt,
+            run=self._config.run,
+            rows=len(self._train),
+            **memory,
         )
         if reply.steps_per_epoch is None or reply.resume_step is None:
             raise ProtocolError("the server's reply to HELLO carries no schedule")

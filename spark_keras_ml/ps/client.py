@@ -71,14 +71,15 @@ class ParameterClient:
         self.close(None if exc is None else f"{type(exc).__name__}: {exc}")
 
     def hello(
-        self, *, partition: int, rows: int, attempt: int = 0, run: int = 0
+        self, *, partition: int, rows: int, attempt: int = 0, run: int = 0, **memory: Any
     ) -> tuple[Reply, list[np.ndarray]]:
-        """Register this worker (see :class:`~spark_keras_ml.ps.messages.Hello`).
+        """Register this worker (see :class:`~spark_keras_ml.ps.messages.Hello`, whose memory
+        fields ``memory`` may set).
 
         Returns the reply, with ``resume_step`` and ``steps_per_epoch``, and the weights to
         start from. In sync it returns once every worker has registered.
         """
-        identity = Hello(partition=partition, attempt=attempt, run=run, rows=rows)
+        identity = Hello(partition=partition, attempt=attempt, run=run, rows=rows, **memory)
         return self._call(Op.HELLO, identity.encode())
 
     def push(

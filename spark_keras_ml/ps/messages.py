@@ -42,14 +42,27 @@ class Hello:
     run: int
     #: Rows this worker trains on (held-out rows excluded).
     rows: int
+    #: What the worker's rows take as the model takes them, where it keeps them ("memory" or
+    #: "disk"), and the most memory it may use and what sets that: a driver that loses the
+    #: worker later can say how large its share was against its limit.
+    data_bytes: int = 0
+    cache: str = ""
+    memory_limit: int | None = None
+    limit_source: str = ""
 
     def encode(self) -> dict[str, Any]:
-        return {
+        meta: dict[str, Any] = {
             "partition": self.partition,
             "attempt": self.attempt,
             "run": self.run,
             "rows": self.rows,
+            "data_bytes": self.data_bytes,
         }
+        optional = {"cache": self.cache, "limit_source": self.limit_source}
+        meta.update({k: v for k, v in optional.items() if v})
+        if self.memory_limit is not None:
+            meta["memory_limit"] = self.memory_limit
+        return meta
 
     @classmethod
     def decode(cls, meta: dict[str, Any]) -> Self:
@@ -60,6 +73,10 @@ class Hello:
             attempt=_int_field(meta, "attempt", what),
             run=_int_field(meta, "run", what),
             rows=_int_field(meta, "rows", what),
+            data_bytes=_optional_int_field(meta, "data_bytes", what) or 0,
+            cache=_optional_text_field(meta, "cache", what),
+            memory_limit=_optional_int_field(meta, "memory_limit", what),
+            limit_source=_optional_text_field(meta, "limit_source", what),
         )
 
 
@@ -339,6 +356,23 @@ def _int_field(meta: dict[str, Any], name: str, what: str) -> int:
 def _optional_int_field(meta: dict[str, Any], name: str, what: str) -> int | None:
     """An optional non-negative integer: absent or null is None."""
     return None if meta.get(name) is None else _int_field(meta, name, what)
+
+
+#: The longest text field a peer may send: it is only ever quoted in messages.
+MAX_TEXT = 300
+
+
+def _optional_text_field(meta: dict[str, Any], name: str, what: str) -> str:
+    """An optional short text: absent or null is empty."""
+    value = meta.get(name)
+    if value is None:
+        return ""
+    if not isinstance(value, str) or len(value) > MAX_TEXT:
+        raise ProtocolError(
+            f"{what} field {name!r} must be text of at most {MAX_TEXT} characters, "
+            f"received {_short(value)}"
+        )
+    return value
 
 
 def _optional_rate_field(meta: dict[str, Any], name: str, what: str) -> float | None:

@@ -43,7 +43,7 @@ from spark_keras_ml.ps import aligned
 
 MAGIC = b"SKML"
 #: Bumped whenever a frame or a meta changes: both sides must run the same spark_keras_ml.
-PROTOCOL_VERSION = 5
+PROTOCOL_VERSION = 6
 HEADER = struct.Struct("!4sBBHQ")
 META_LENGTH = struct.Struct("!I")
 

@@ -165,6 +165,7 @@ class ParameterServer:
         self._connections = Connections()
         self._pool = ReceivePool(timeout, self._rule.abort)
         self._lock = threading.Lock()
+        self.hellos: dict[int, Hello] = {}  # per partition, its last HELLO (its memory)
         self._stopping = threading.Event()
 
     # --- lifecycle ----------------------------------------------------------------------------
@@ -413,6 +414,7 @@ class ParameterServer:
                     f"partition {hello.partition} of run {hello.run} arrived during run {self._run}"
                 )
             self._connections.start_clock()  # a training task has started
+            self.hellos[hello.partition] = hello
             registration = self._rule.register(
                 hello.partition, hello.attempt, hello.rows, self._timeout
             )
