@@ -598,6 +598,7 @@ def chart(rows: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
 
     if not rows:
         return
@@ -656,6 +657,12 @@ def chart(rows: list[dict[str, Any]], path: Path) -> None:
     speed.set_title("throughput", fontsize=10)
     memory.set_ylabel("MB")
     memory.set_yscale("log")
+    low, high = memory.get_ylim()
+    memory.set_yticks(
+        [t for t in (25, 50, 100, 150, 200, 300, 500, 1000, 2000) if low <= t <= high]
+    )
+    memory.yaxis.set_major_formatter(ScalarFormatter())
+    memory.yaxis.set_minor_formatter(NullFormatter())
     memory.set_title("the larger worker's peak above its baseline (TensorFlow loaded)", fontsize=10)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
