@@ -250,8 +250,11 @@ _KILLED = re.compile(
     r"killed by signal 9|Container killed[^\n]*memory[^\n]*"
 )
 #: How Spark names the task a job failed for: "Lost task 1.0 in stage 5.0 (TID 7) (host
-#: executor 1)".
-_LOST_TASK = re.compile(r"Lost task (\d+)\.\d+ in stage [\d.]+ \(TID \d+\) \(([^)]*)\)")
+#: executor 1)", or in a barrier stage "barrier task ResultTask(5, 1) finished unsuccessfully".
+_LOST_TASK = re.compile(
+    r"Lost task (\d+)\.\d+ in stage [\d.]+ \(TID \d+\) \(([^)]*)\)"
+    r"|barrier task ResultTask\(\d+, (\d+)\)()"
+)
 _MISSING_MODULE = re.compile(r"(?:ModuleNotFoundError|ImportError): .*?No module named '([\w.]+)'")
 
 
@@ -271,7 +274,8 @@ def job_failure(exc: BaseException, server_failure: str | None = None) -> JobFai
     lost = _LOST_TASK.search(str(exc))
     if lost is None:
         return failure
-    return dataclasses.replace(failure, partition=int(lost.group(1)), where=lost.group(2))
+    partition, where = (lost.group(1), lost.group(2)) if lost.group(1) else lost.group(3, 4)
+    return dataclasses.replace(failure, partition=int(partition), where=where)
 
 
 def _job_failure(exc: BaseException) -> JobFailure:

@@ -2,12 +2,18 @@
 back a block at a time every epoch, so a worker holds a few dozen MiB of them however many there
 are.
 
-The file is Arrow IPC: one record batch per block of :data:`BLOCK_BYTES`, a column per array of
-:class:`~spark_keras_ml.executor.rows.Rows` (inputs, targets, weights) already in the dtype its
-input declares. A number column is stored as fixed-size binary rows, the array's own bytes, so
-any numpy dtype (bfloat16 too, which Arrow has no type for) comes back exactly with a view;
-a string column as Arrow strings. Blocks have a fixed number of rows that depends only on the
-layout, so the file, and the order read from it, are the same whichever way the rows arrived.
+The file is a sequence of Arrow IPC record-batch messages, one per block of :data:`BLOCK_BYTES`,
+indexed by their offsets (kept by the task, which alone reads the file). A column per array of
+:class:`~spark_keras_ml.executor.rows.Rows` (inputs, targets, weights), already in the dtype its
+input declares: a number column as fixed-size binary rows, the array's own bytes, so any numpy
+dtype (bfloat16 too, which Arrow has no type for) comes back exactly with a view; a string
+column as Arrow strings. Blocks have a fixed number of rows that depends only on the layout, so
+the file, and the order read from it, are the same whichever way the rows arrived.
+
+Not Arrow's file writer and reader: they allocate from Arrow's default memory pool (mimalloc),
+whose first large allocation reserves 1 GiB of address space, which a worker under an
+address-space limit (``spark.executor.pyspark.memory``) does not have. Messages serialized with
+the system allocator and read into one reused buffer cost no more than a block.
 
 An epoch's order (:meth:`SpilledRows.chunks`) shuffles the blocks, then the rows of a bounded
 buffer of blocks (:data:`SHUFFLE_BYTES`), both seeded by (seed, partition, epoch): a retried
@@ -42,6 +48,8 @@ CHUNK_BYTES = 4 << 20
 #: Bytes written between pushing the file out of the page cache: in a memory cgroup, dirty
 #: pages count against the worker's limit until they are written back.
 FLUSH_BYTES = 64 << 20
+#: Where the spill code's Arrow buffers come from (see the module's docstring).
+_POOL = pa.system_memory_pool()
 #: The folder under each Spark local directory that holds every worker's spill folders.
 SPILL_FOLDER = "spark_keras_ml"
 
@@ -61,7 +69,7 @@ class Column:
     def to_arrow(self, array: np.ndarray) -> pa.Array:
         rows = len(array)
         if self.dtype == object:
-            values = pa.array(array.reshape(-1), pa.large_string())
+            values = pa.array(array.reshape(-1), pa.large_string(), memory_pool=_POOL)
             return pa.FixedSizeListArray.from_arrays(values, max(1, math.prod(self.shape)))
         data = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
         return pa.Array.from_buffers(pa.binary(self.row_bytes), rows, [None, pa.py_buffer(data)])
@@ -77,17 +85,18 @@ class Column:
 
 
 class SpillWriter:
-    """Writes rows (one array per column) to an Arrow IPC file in blocks of a fixed size."""
+    """Writes rows (one array per column) to a spill file in blocks of a fixed size."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._file = path.open("wb")
-        self._writer: pa.ipc.RecordBatchFileWriter | None = None
+        self._schema: pa.Schema | None = None
         self._columns: list[Column] = []
         self._pending: list[list[np.ndarray]] = []
         self._pending_rows = 0
         self._block_rows = 0
-        self._blocks = 0
+        #: Each block's (offset, length) in the file.
+        self._blocks: list[tuple[int, int]] = []
         self._rows = 0
         self._unflushed = 0
 
@@ -96,7 +105,7 @@ class SpillWriter:
         rows = len(arrays[0])
         if not rows:
             return
-        if self._writer is None:
+        if self._schema is None:
             self._start(arrays)
         at = 0
         while at < rows:
@@ -115,21 +124,21 @@ class SpillWriter:
             pa.field(f"c{i}", column.to_arrow(array[:0]).type)
             for i, (column, array) in enumerate(zip(self._columns, arrays, strict=True))
         ]
-        self._writer = pa.ipc.new_file(self._file, pa.schema(fields))
+        self._schema = pa.schema(fields)
 
     def _write_block(self) -> None:
-        if not self._pending_rows or self._writer is None:
+        if not self._pending_rows or self._schema is None:
             return
         parts = list(zip(*self._pending, strict=True))
         columns = [
             column.to_arrow(np.concatenate(part) if len(part) > 1 else part[0])
             for column, part in zip(self._columns, parts, strict=True)
         ]
-        batch = pa.record_batch(columns, names=[f"c{i}" for i in range(len(columns))])
-        self._writer.write_batch(batch)
-        self._blocks += 1
+        message = pa.record_batch(columns, schema=self._schema).serialize(memory_pool=_POOL)
+        self._blocks.append((self._file.tell(), message.size))
+        self._file.write(message)
         self._rows += self._pending_rows
-        self._unflushed += batch.nbytes
+        self._unflushed += message.size
         self._pending, self._pending_rows = [], 0
         if self._unflushed >= FLUSH_BYTES:
             self._flush()
@@ -146,11 +155,11 @@ class SpillWriter:
     def close(self) -> SpilledRows:
         """The rows written, readable; the writer is done."""
         self._write_block()
-        if self._writer is not None:
-            self._writer.close()
-            self._flush()
+        self._flush()
         self._file.close()
-        return SpilledRows(self.path, self._columns, self._block_rows, self._blocks, self._rows)
+        return SpilledRows(
+            self.path, self._schema, self._columns, self._block_rows, self._blocks, self._rows
+        )
 
     def abandon(self) -> None:
         """Close without finishing (a failed load): the folder's clean-up removes the file."""
@@ -162,14 +171,22 @@ class SpilledRows:
     """A partition's rows in a spill file: :meth:`chunks` of them per epoch, in its order."""
 
     def __init__(
-        self, path: Path, columns: list[Column], block_rows: int, blocks: int, rows: int
+        self,
+        path: Path,
+        schema: pa.Schema | None,
+        columns: list[Column],
+        block_rows: int,
+        blocks: list[tuple[int, int]],
+        rows: int,
     ) -> None:
         self.path = path
         self.columns = columns
+        self._schema = schema
         self._block_rows = block_rows
         self._blocks = blocks
         self._rows = rows
-        self._reader: pa.ipc.RecordBatchFileReader | None = None
+        #: One block's message at a time, reused: what reading holds besides the buffer.
+        self._read_buffer = bytearray(max((length for _, length in blocks), default=0))
         #: What the columns are to the model (inputs, targets, weights), set by the loader.
         self.layout: Layout | None = None
 
@@ -178,12 +195,17 @@ class SpilledRows:
 
     @property
     def file_bytes(self) -> int:
-        return self.path.stat().st_size if self._blocks else 0
+        return sum(length for _, length in self._blocks)
 
     def read_block(self, index: int) -> list[np.ndarray]:
-        if self._reader is None:
-            self._reader = pa.ipc.open_file(pa.OSFile(str(self.path)))
-        batch = self._reader.get_batch(index)
+        """Block ``index``'s columns: views of the read buffer, valid until the next read."""
+        offset, length = self._blocks[index]
+        view = memoryview(self._read_buffer)[:length]
+        with self.path.open("rb", buffering=0) as f:
+            f.seek(offset)
+            if f.readinto(view) != length:
+                raise OSError(f"the spill file {self.path} ended inside block {index}")
+        batch = pa.ipc.read_record_batch(pa.py_buffer(view), self._schema)
         return [c.from_arrow(batch.column(i)) for i, c in enumerate(self.columns)]
 
     def chunks(
@@ -198,15 +220,16 @@ class SpilledRows:
         """
         if not self._rows:
             return
+        count_blocks = len(self._blocks)
         row_bytes = max(1, sum(c.row_bytes for c in self.columns))
-        blocks = np.arange(self._blocks) if order is None else order.permutation(self._blocks)
+        blocks = np.arange(count_blocks) if order is None else order.permutation(count_blocks)
         per_buffer = max(1, SHUFFLE_BYTES // (self._block_rows * row_bytes))
         chunk = max(1, CHUNK_BYTES // row_bytes // batch_size) * batch_size
         carry: list[np.ndarray] = []
-        for start in range(0, self._blocks, per_buffer):
+        for start in range(0, count_blocks, per_buffer):
             buffer = self._fill(blocks[start : start + per_buffer], carry)
             count = len(buffer[0])
-            last = start + per_buffer >= self._blocks
+            last = start + per_buffer >= count_blocks
             usable = count if last else count // batch_size * batch_size
             rows = np.arange(count) if order is None else order.permutation(count)
             for at in range(0, usable, chunk):
@@ -234,11 +257,8 @@ class SpilledRows:
         return buffer
 
     def _block_size(self, index: int) -> int:
-        last = self._blocks - 1
+        last = len(self._blocks) - 1
         return self._block_rows if index < last else self._rows - last * self._block_rows
-
-    def close(self) -> None:
-        self._reader = None
 
 
 def local_dirs() -> list[Path]:

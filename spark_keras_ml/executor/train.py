@@ -25,6 +25,7 @@ from spark_keras_ml.executor.resources import (
     current_rss,
     peak_rss,
     release_memory,
+    reset_peak_rss,
 )
 from spark_keras_ml.executor.spill import spill_folder
 from spark_keras_ml.executor.worker import PartitionWorker, exchanges_in_step
@@ -53,6 +54,7 @@ def train_partition(config: TrainConfig, batches: Iterable[pd.DataFrame]) -> Ite
     partition = context.partitionId()
     configure_threads(config.task_cpus)  # imports TensorFlow in a fresh Python worker
     phases = {"import_seconds": clock.lap()}
+    reset_peak_rss()  # this task's peak, not an earlier one's in this reused worker
     rss_before_data = current_rss()
     attempt = context.taskAttemptId()
     with contextlib.ExitStack() as spill:  # the spill folder, removed however the task ends
