@@ -338,9 +338,12 @@ def job_failure_message(
     else:
         rerun = "Spark retried the failed task up to spark.task.maxFailures times."
     if failure.kind == "memory":
+        if "MemoryError" in cause:  # the worker's own error says which it was, and its size
+            return (
+                f"Distributed training failed: a worker ran out of memory ({cause}). "
+                f"{MEMORY_ADVICE}"
+            )
         memory = f"{_lost_worker(failure, hellos or {})}{MEMORY_ADVICE}"
-        if "MemoryError" in cause:
-            return f"Distributed training failed: a worker ran out of memory ({cause}). {memory}"
         # No Python error: the out-of-memory killer or a container limit, most often; or the
         # worker's executor was lost, which a rerun can get past.
         return (
@@ -377,9 +380,12 @@ def _lost_worker(failure: JobFailure, hellos: Mapping[int, Hello]) -> str:
         worker += f" ({failure.where})"
     hello = hellos.get(failure.partition)
     if hello is None:
-        return f"{worker} was lost before it reported its rows' size, while reading them. "
+        return (
+            f"{worker} was lost before it registered with the parameter server (while it read "
+            "its rows or built its model), so its rows' size is not known. "
+        )
     held = f"{format_bytes(hello.data_bytes)} of rows as float32"
-    kept = f" kept in {hello.cache}" if hello.cache else ""
+    kept = {"memory": " kept in memory", "disk": " kept on disk"}.get(hello.cache, "")
     limit = hello.memory_limit
     room = (
         f", and could use {format_bytes(limit)} ({hello.limit_source})" if limit is not None else ""

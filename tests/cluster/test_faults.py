@@ -85,14 +85,18 @@ def test_sync_killed_worker_fails_clearly_by_default(
         customObjects=["skml_faults"],
         timeout=120,
     )
-    with pytest.raises(RuntimeError, match=r"Distributed training failed.*syncRetries"):
+    with pytest.raises(
+        RuntimeError, match=r"Distributed training failed.*The worker of partition 1.*syncRetries"
+    ):
         est.fit(train)
     assert marker.exists()
 
 
+@pytest.mark.parametrize("cache", ["auto", "disk"])
 def test_sync_killed_worker_recovers_with_opt_in_retry(
-    spark, digits, faults_module, tmp_path
+    spark, digits, faults_module, tmp_path, cache
 ) -> None:  # type: ignore[no-untyped-def]
+    """On disk too: the rerun's worker writes its rows again and replays the same batches."""
     train, _ = digits
     marker = tmp_path / "killed-once"
     est = KerasEstimator(
@@ -102,10 +106,15 @@ def test_sync_killed_worker_recovers_with_opt_in_retry(
         customObjects=["skml_faults"],
         syncRetries=1,
         timeout=120,
+        dataCache=cache,
     )
     fitted = est.fit(train)
     assert marker.exists()
     assert len(fitted.history["loss"]) == 3
+    assert fitted.history["accuracy"][-1] > 0.5
+    assert {w["data_cache"] for w in fitted.summary.workers} == {
+        "memory" if cache == "auto" else cache
+    }
 
 
 def test_stopped_worker_is_named_within_the_timeout(spark, digits, faults_module, tmp_path) -> None:  # type: ignore[no-untyped-def]
