@@ -168,7 +168,8 @@ def scaling_part(report: Report, quick: bool) -> list[str]:
     )
     return [
         "Scaling with the table's size (`benchmarks/scaling.py`): every fit, each worker's cache, "
-        "its peak above its baseline (Python and TensorFlow loaded, before a row is read) "
+        "its peak above its baseline (Python, TensorFlow, Keras and the model loaded, before a "
+        "row is read) "
         "and that over its partition's float32 size; samples/s over the slowest worker's "
         "training time, and over the whole fit (rows generated and shuffled included):",
         "",

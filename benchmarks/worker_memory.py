@@ -5,9 +5,9 @@
 Fits the MLP 64-256-256-10 on generated rows with 2 workers on local[2] (fresh Python workers:
 worker reuse is off, so no earlier task inflates the peak) and reads what every worker reports
 in ``fitted.summary.workers``: its partition as float32 (``data_bytes``), its resident memory
-just before reading the partition (``rss_before_data``: Python, pyarrow and TensorFlow loaded),
-its peak once the partition is read (``peak_rss_data``) and over the whole task, model and
-training included (``peak_rss_bytes``). Ratios are the growth over ``rss_before_data`` divided
+just before reading the partition (``rss_before_data``: Python, TensorFlow, Keras and the
+model loaded), its peak once the partition is read (``peak_rss_data``) and over the whole
+task, training included (``peak_rss_bytes``). Ratios are the growth over ``rss_before_data`` divided
 by the float32 size.
 """
 

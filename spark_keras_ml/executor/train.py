@@ -54,6 +54,10 @@ def train_partition(config: TrainConfig, batches: Iterable[pd.DataFrame]) -> Ite
     partition = context.partitionId()
     configure_threads(config.task_cpus)  # imports TensorFlow in a fresh Python worker
     phases = {"import_seconds": clock.lap()}
+    # The model first: what the worker holds before its rows (its baseline) is then Python,
+    # TensorFlow, Keras and the model, whichever task of a reused worker this is.
+    trainee = build_trainee(config)
+    phases["build_seconds"] = clock.lap()
     reset_peak_rss()  # this task's peak, not an earlier one's in this reused worker
     rss_before_data = current_rss()
     attempt = context.taskAttemptId()
@@ -66,8 +70,6 @@ def train_partition(config: TrainConfig, batches: Iterable[pd.DataFrame]) -> Ite
         )
         phases["data_seconds"] = clock.lap()
         peak_after_data = peak_rss()
-        trainee = build_trainee(config)
-        phases["build_seconds"] = clock.lap()
         with connect(config, trainee) as client:
             rows = (data.train, data.held_out)
             worker = PartitionWorker(config, trainee, client, rows, partition)
