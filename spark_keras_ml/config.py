@@ -101,7 +101,7 @@ TRAIN_RESULT_SCHEMA = (
     "partition int, rows long, held_out long, epochs long, steps long, seconds double, "
     "data_bytes long, data_cache string, cache_reason string, spill_bytes long, "
     "memory_limit_bytes long, rss_before_data long, peak_rss_data long, peak_rss_bytes long, "
-    "started_at double, import_seconds double, data_seconds double, build_seconds double, "
+    "started_at double, import_seconds double, build_seconds double, data_seconds double, "
     "register_seconds double, train_seconds double, finished_at double"
 )
 

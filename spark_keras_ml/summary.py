@@ -80,7 +80,7 @@ class TrainingSummary:
         return header, rows
 
     def _footer(self) -> list[str]:
-        lines = []
+        lines = [] if self._memory_line() is None else [str(self._memory_line())]
         if self.updates:
             lines.append("updates: " + ", ".join(f"{k} {v}" for k, v in self.updates.items()))
         if self.phases:
@@ -88,6 +88,21 @@ class TrainingSummary:
                 "seconds by phase: " + ", ".join(f"{k} {v:.1f}" for k, v in self.phases.items())
             )
         return lines
+
+    def _memory_line(self) -> str | None:
+        """Where the workers kept their rows, the bytes spilled, and the largest peak."""
+        kept = [w["data_cache"] for w in self.workers if w.get("data_cache")]
+        if not kept:  # a summary saved before dataCache existed
+            return None
+        caches = ", ".join(f"{kept.count(c)} {c}" for c in sorted(set(kept)))
+        spilled = sum(w.get("spill_bytes", 0) for w in self.workers) / 2**20
+        peak = max(self.workers, key=lambda w: w.get("peak_rss_bytes", 0))
+        above = (peak.get("peak_rss_bytes", 0) - peak.get("rss_before_data", 0)) / 2**20
+        return (
+            f"rows kept in: {caches}; spilled {spilled:.0f} MiB; largest worker peak "
+            f"{peak.get('peak_rss_bytes', 0) / 2**20:.0f} MiB ({above:.0f} MiB above its "
+            "baseline)"
+        )
 
     def __repr__(self) -> str:
         header, rows = self._epoch_table()
@@ -116,7 +131,7 @@ def _number(value: float) -> str:
 
 
 #: Per-task phases, in the order a training task goes through them.
-TASK_PHASES = ("import", "data", "build", "register", "train")
+TASK_PHASES = ("import", "build", "data", "register", "train")
 
 
 def fit_phases(
@@ -126,7 +141,7 @@ def fit_phases(
 
     ``prepare``: the driver before the job (checks, conversion plan, server start); ``launch``:
     job submission to the first task starting; then the slowest task's ``import`` (TensorFlow in
-    a fresh Python worker), ``data`` (reading and converting its partition), ``build`` (model),
+    a fresh Python worker), ``build`` (model), ``data`` (reading and converting its partition),
     ``register`` (in sync, waiting for every worker) and ``train``; ``teardown``: the last task
     ending to the fit returning. Task phases overlap across tasks, so they need not add up.
     """

@@ -173,3 +173,30 @@ def test_a_worker_held_below_its_partition_streams_it_from_disk_or_fails_clearly
         # It never held its partition: its peak grew by less than the rows' size.
         assert worker["peak_rss_bytes"] - worker["rss_before_data"] < worker["data_bytes"], worker
     assert result["accuracy"] > 0.9, result
+
+
+def test_a_dict_model_of_strings_and_ids_trains_from_disk_with_weights_and_held_out_rows(
+    spark,  # type: ignore[no-untyped-def]
+) -> None:
+    """Every kind of column a spill file stores (strings, int64 ids beyond float precision,
+    floats, sample weights) reaches the model exactly: the model needs the exact ids."""
+    from tests.integration.test_column_types import structured_model, structured_rows
+
+    rows = [(*r, 2.0 if r[3] else 1.0) for r in structured_rows()]
+    df = spark.createDataFrame(rows, ["city", "user", "age", "churned", "weight"])
+    fitted = KerasEstimator(
+        model=structured_model(),
+        featuresCols=["city", "user", "age"],
+        labelCol="churned",
+        sampleWeightCol="weight",
+        validationSplit=0.1,
+        epochs=10,
+        batchSize=32,
+        numWorkers=2,
+        seed=2,
+        dataCache="disk",
+        verbose=0,
+    ).fit(df.repartition(2))
+    assert {w["data_cache"] for w in fitted.summary.workers} == {"disk"}
+    assert fitted.history["accuracy"][-1] >= 0.97
+    assert fitted.history["val_accuracy"][-1] >= 0.9

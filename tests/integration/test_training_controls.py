@@ -52,8 +52,8 @@ def test_summary_counts_every_row_each_epoch_and_is_saved(digits, tmp_path) -> N
         "prepare",
         "launch",
         "import",
-        "data",
         "build",
+        "data",
         "register",
         "train",
         "teardown",
@@ -67,13 +67,17 @@ def test_summary_counts_every_row_each_epoch_and_is_saved(digits, tmp_path) -> N
         "steps",
         "seconds",
         "data_bytes",
+        "data_cache",
+        "cache_reason",
+        "spill_bytes",
+        "memory_limit_bytes",
         "rss_before_data",
         "peak_rss_data",
         "peak_rss_bytes",
         "started_at",
         "import_seconds",
-        "data_seconds",
         "build_seconds",
+        "data_seconds",
         "register_seconds",
         "train_seconds",
         "finished_at",
@@ -81,7 +85,7 @@ def test_summary_counts_every_row_each_epoch_and_is_saved(digits, tmp_path) -> N
     for worker in summary.workers:  # float32: 64 features + 1 label per row, and held-out flags
         assert worker["data_bytes"] >= (worker["rows"] + worker["held_out"]) * 65 * 4
         assert worker["peak_rss_bytes"] >= worker["peak_rss_data"] >= worker["rss_before_data"] > 0
-        phases = ("import", "data", "build", "register", "train")
+        phases = ("import", "build", "data", "register", "train")
         assert sum(worker[f"{p}_seconds"] for p in phases) <= worker["seconds"]
         assert worker["finished_at"] - worker["started_at"] >= worker["seconds"] * 0.99
 

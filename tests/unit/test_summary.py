@@ -44,3 +44,31 @@ def test_a_summary_shows_as_an_html_table_in_notebooks() -> None:
     assert page.startswith("<p><b>Training summary: 2 epochs")
     assert "<th>val_accuracy</th>" in page and "<td>0.875</td>" in page
     assert page.count("<tr>") == 3
+
+
+def test_a_summary_says_where_the_workers_kept_their_rows_and_their_peak() -> None:
+    from dataclasses import replace
+
+    mib = 1 << 20
+    workers = [
+        {
+            "partition": 0,
+            "data_cache": "disk",
+            "spill_bytes": 300 * mib,
+            "peak_rss_bytes": 900 * mib,
+            "rss_before_data": 700 * mib,
+        },
+        {
+            "partition": 1,
+            "data_cache": "memory",
+            "spill_bytes": 0,
+            "peak_rss_bytes": 950 * mib,
+            "rss_before_data": 720 * mib,
+        },
+    ]
+    lines = repr(replace(summary(), workers=workers)).splitlines()
+    assert lines[4] == (
+        "rows kept in: 1 disk, 1 memory; spilled 300 MiB; largest worker peak 950 MiB "
+        "(230 MiB above its baseline)"
+    )
+    assert "rows kept in" in replace(summary(), workers=workers)._repr_html_()
