@@ -57,8 +57,12 @@ def worker_limit(task_cpus: int = 1) -> MemoryLimit:
     return min(limits, key=lambda limit: limit.bytes)
 
 
-def _machine_share(task_cpus: int) -> MemoryLimit:
-    total = proc_bytes("MemTotal", "/proc/meminfo") or 0
+def _machine_share(task_cpus: int, meminfo: str = "/proc/meminfo") -> MemoryLimit:
+    # Without /proc (macOS) the machine's size comes from sysconf: a share of 0 would send
+    # every "auto" partition to disk.
+    total = proc_bytes("MemTotal", meminfo) or os.sysconf("SC_PHYS_PAGES") * os.sysconf(
+        "SC_PAGE_SIZE"
+    )
     cores = os.cpu_count() or 1
     tasks = max(1, cores // max(1, task_cpus))
     share = total // tasks

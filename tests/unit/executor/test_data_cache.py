@@ -181,3 +181,12 @@ def test_auto_keeps_a_small_partition_in_memory_saying_why(tmp_path) -> None:  #
     got = cache_partition(batches(2, 10), config("auto"), 0, folder=no_folder)
     assert got.cache == "memory" and "within a third" in got.reason
     assert got.limit.source in got.reason
+
+
+def test_without_proc_meminfo_the_machines_size_comes_from_sysconf(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A share of 0 (no /proc, as on macOS) would send every "auto" partition to disk."""
+    from spark_keras_ml.executor.memory_limit import _machine_share
+
+    share = _machine_share(1, meminfo=str(tmp_path / "no-meminfo"))
+    physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    assert share.bytes == physical // max(1, os.cpu_count() or 1) > 0
