@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST := $(PY) -m pytest -p no:cacheprovider
 
-.PHONY: venv demo test test-unit test-integration test-cluster lint format typecheck clean bench bench-quick
+.PHONY: venv demo test test-unit test-integration test-cluster test-connect lint format typecheck clean bench bench-quick
 
 $(STAMP): pyproject.toml setup.cfg
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,8 +20,8 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m spark_keras_ml.demo
 
-## Everything: lint, types, unit, integration (local[2]) and cluster (local-cluster) tests.
-test: lint typecheck test-unit test-integration test-cluster
+## Everything: lint, types, unit, integration (local[2]), cluster (local-cluster) and Connect tests.
+test: lint typecheck test-unit test-integration test-cluster test-connect
 
 test-unit: $(STAMP)
 	$(PYTEST) tests/unit
@@ -32,6 +32,10 @@ test-integration: $(STAMP)
 # Separate executor JVMs need their own SparkSession, hence their own pytest process.
 test-cluster: $(STAMP)
 	SKML_TEST_MASTER="local-cluster[2,1,1024]" $(PYTEST) -m cluster tests/cluster
+
+# A Spark Connect client process: the suite starts (and stops) its own Connect servers.
+test-connect: $(STAMP)
+	$(PYTEST) -m connect tests/connect
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check spark_keras_ml tests benchmarks
