@@ -151,8 +151,6 @@ def standalone_cluster(folder: Path, workers: int = 2, cores: int = 1) -> Iterat
                 process.wait(30)
         for log in logs:
             log.close()
-        for log in logs:
-            log.close()
 
 
 @contextmanager
