@@ -9,6 +9,12 @@ Layout::
     path/metadata/   Spark ML metadata JSON (one text file)
     path/model/      parquet: chunk int, data binary  (the .keras bytes, in order)
 
+The same code saves and loads under classic Spark and under Spark Connect, where this process
+is a client without a JVM: every read and write goes through the DataFrame API, and the two
+filesystem steps Spark ML does through the JVM (removing a path for ``overwrite()``, asking
+whether a path exists) go through pyspark's Connect ML helper or a read on the server. A stage
+saved by either loads in either.
+
 A saved stage is data, and loading it runs no code it names: its ``customObjects`` (modules that
 the model's use imports, running their top-level code) must each be allowed by this process,
 with :func:`allow_custom_objects` or the Spark conf ``spark.keras.customObjects``, or the load is
@@ -34,6 +40,7 @@ from pyspark.ml.util import (
     MLWriter,
 )
 from pyspark.sql import SparkSession
+from pyspark.sql.utils import is_remote
 
 from spark_keras_ml.serialization import archive_config
 
@@ -128,6 +135,16 @@ class KerasStageWriter(MLWriter):
         super().__init__()
         self.instance = instance
 
+    def _handleOverwrite(self, path: str) -> None:
+        if is_remote():
+            # MLWriter's own removal reaches for the session's JVM; a Connect server removes the
+            # path itself through the helper pyspark's Connect writers use for overwrite().
+            from pyspark.ml.connect.readwrite import RemoteMLWriter
+
+            RemoteMLWriter.handleOverwrite(path, True)
+        else:
+            super()._handleOverwrite(path)
+
     def saveImpl(self, path: str) -> None:
         has_model = self.instance._model_bytes is not None
         extra = {
@@ -202,7 +219,7 @@ def read_metadata(spark: SparkSession, path: str, cls: type) -> dict[str, Any]:
             raise
         received = (
             "a folder with no metadata/ in it: not a saved Spark ML stage"
-            if _exists(spark, path)
+            if path_exists(spark, path)
             else "no such path"
         )
         raise FileNotFoundError(
@@ -228,8 +245,22 @@ def read_metadata(spark: SparkSession, path: str, cls: type) -> dict[str, Any]:
     return metadata  # type: ignore[return-value]
 
 
-def _exists(spark: SparkSession, path: str) -> bool:
-    """Whether ``path`` exists on its Hadoop filesystem (any scheme Spark can read)."""
+def path_exists(spark: SparkSession, path: str) -> bool:
+    """Whether ``path`` exists on its Hadoop filesystem (any scheme Spark can read).
+
+    Classic Spark asks Hadoop's FileSystem directly: a read of a missing path would log a Java
+    stack trace at WARN on this process's console first. A Connect client has no JVM, so the
+    server resolves a read of the path (its log, not ours, gets that warning); resolving lists
+    the path without reading a byte of it.
+    """
+    if is_remote():
+        try:
+            spark.read.text(path).schema  # noqa: B018  (resolving the plan is the check)
+        except AnalysisException as exc:
+            if exc.getCondition() != "PATH_NOT_FOUND":
+                raise
+            return False
+        return True
     jvm = spark.sparkContext._jvm
     hadoop_path = jvm.org.apache.hadoop.fs.Path(path)  # type: ignore[union-attr]
     fs = hadoop_path.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration())
