@@ -4,6 +4,8 @@ Loads a saved ``PipelineModel`` or ``KerasTransformer``, scores a table and writ
 
     python -m spark_keras_ml score --model models/digits --input in.parquet --output out.parquet
 
+With ``--remote sc://HOST:PORT`` (or ``SPARK_REMOTE`` set) it scores through a Spark Connect
+server: this process is then only a client, and the paths are the server's to read and write.
 It also runs under ``spark-submit`` (``spark-submit -m`` is not a thing, so submit the module's
 file: ``spark-submit $(python -c 'import spark_keras_ml.cli as c; print(c.__file__)') score ...``).
 Exit codes: 0 scored, 2 bad arguments, 3 no model at the path (or one that cannot be loaded:
@@ -43,7 +45,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     score.add_argument("--input-format", choices=FORMATS, default=None)
     score.add_argument("--output-format", choices=FORMATS, default=None)
     score.add_argument("--mode", choices=("overwrite", "error"), default="error")
-    score.add_argument("--master", default=None, help="Spark master (default: spark-submit's)")
+    where = score.add_mutually_exclusive_group()
+    where.add_argument("--master", default=None, help="Spark master (default: spark-submit's)")
+    where.add_argument(
+        "--remote",
+        default=None,
+        metavar="sc://HOST:PORT",
+        help="score through this Spark Connect server (default: SPARK_REMOTE, if set)",
+    )
     score.add_argument(
         "--custom-objects",
         default="",
@@ -70,7 +79,7 @@ def load_model(spark: Any, path: str, custom_objects: str = "") -> Any:
     from pyspark.ml import PipelineModel
     from pyspark.ml.util import DefaultParamsReader
 
-    from spark_keras_ml.persistence import allow_custom_objects
+    from spark_keras_ml.persistence import allow_custom_objects, path_exists
     from spark_keras_ml.transformer import KerasTransformer
 
     modules = [m.strip() for m in custom_objects.split(",") if m.strip()]
@@ -80,7 +89,7 @@ def load_model(spark: Any, path: str, custom_objects: str = "") -> Any:
         raise ScoringError(f"--custom-objects: {exc}", EXIT_BAD_ARGS) from exc
 
     try:
-        if not _exists(spark, f"{path.rstrip('/')}/metadata"):
+        if not path_exists(spark, f"{path.rstrip('/')}/metadata"):
             # Spark's reader would log a Java stack trace at WARN before failing.
             raise FileNotFoundError(f"{path}/metadata does not exist")
         metadata = DefaultParamsReader.loadMetadata(path, spark)
@@ -160,14 +169,6 @@ def _flatten_vectors(df: Any, as_json: bool) -> Any:
     return df.select(*columns)
 
 
-def _exists(spark: Any, path: str) -> bool:
-    """Whether ``path`` exists, through Hadoop's FileSystem (any Hadoop path)."""
-    jvm = spark.sparkContext._jvm
-    hadoop_path = jvm.org.apache.hadoop.fs.Path(path)
-    fs = hadoop_path.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration())
-    return bool(fs.exists(hadoop_path))
-
-
 def _first(exc: BaseException) -> str:
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     return lines[0][:300] if lines else type(exc).__name__
@@ -184,10 +185,12 @@ def main(argv: list[str] | None = None) -> int:
     from pyspark.sql import SparkSession
 
     builder = SparkSession.builder.appName("spark_keras_ml score")
-    if args.master:
+    if args.remote:
+        builder = builder.remote(args.remote)
+    elif args.master:
         builder = builder.master(args.master)
-    elif not SparkConf().contains("spark.master"):  # not under spark-submit: run embedded
-        builder = builder.master("local[*]")
+    elif not SparkConf().contains("spark.master") and not os.environ.get("SPARK_REMOTE"):
+        builder = builder.master("local[*]")  # neither spark-submit nor Connect: run embedded
     spark = builder.getOrCreate()
     try:
         return score(args, spark)

@@ -132,3 +132,14 @@ def test_custom_objects_are_imported_only_when_named_on_the_command_line(saved, 
     # Loaded and imported; whether the table is then written is test_scores_a_table's concern.
     assert "not allowed" not in done.stderr and done.returncode != 3, done.stderr[-3000:]
     assert marker.exists()
+
+
+def test_master_and_remote_exclude_each_other(capsys) -> None:  # type: ignore[no-untyped-def]
+    from spark_keras_ml.cli import parse_args
+
+    common = ["score", "--model", "m", "--input", "i", "--output", "o"]
+    assert parse_args([*common, "--remote", "sc://h:15002"]).remote == "sc://h:15002"
+    with pytest.raises(SystemExit) as exited:
+        parse_args([*common, "--master", "local[2]", "--remote", "sc://h:15002"])
+    assert exited.value.code == 2
+    assert "not allowed with argument" in capsys.readouterr().err
