@@ -5,16 +5,23 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 import re
+import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from pyspark.sql import SparkSession
 from pyspark.sql.utils import is_remote
 
 from spark_keras_ml.config import format_bytes
 from spark_keras_ml.ps.messages import Hello
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 logger = logging.getLogger(__name__)
 
@@ -112,10 +119,14 @@ def task_slots(spark: SparkSession, wanted: int = 0) -> int:
     """The most tasks that can run at once (the limit for a barrier stage).
 
     Waits up to a short while for executors to register when fewer than ``wanted`` are there yet.
+    A Spark Connect client cannot see the executors: beyond local masters it counts the slots
+    the confs plan (:func:`planned_slots`), which :func:`check_workers` proves on the cluster.
     """
-    local = _local_slots(master(spark), task_cpus(spark))
+    local = _local(spark)
     if local is not None:
         return local
+    if is_remote():
+        return _planned(spark)
     deadline = time.monotonic() + _SLOT_WAIT_SECONDS
     slots = _jvm_slots(spark)
     if slots < wanted:
@@ -137,13 +148,16 @@ def check_workers(spark: SparkSession, mode: str, wanted: int | None) -> int:
     """numWorkers, or every task slot; a sync fit must fit in the slots all at once."""
     if wanted is not None and mode != "sync":
         return wanted  # ordinary stage: extra tasks queue for a free slot
-    slots = task_slots(spark, wanted or 0)
+    local = _local(spark)
+    if local is None and is_remote():
+        return _proven_workers(spark, mode, wanted)
+    slots = local if local is not None else task_slots(spark, wanted or 0)
     if wanted is None:
         return slots
     if wanted > slots:
         waited = (
             ""
-            if _local_slots(master(spark), task_cpus(spark)) is not None
+            if local is not None
             else f" (after waiting {_SLOT_WAIT_SECONDS:.0f} s for executors to register)"
         )
         raise ValueError(
@@ -154,25 +168,118 @@ def check_workers(spark: SparkSession, mode: str, wanted: int | None) -> int:
     return wanted
 
 
-def _local_slots(master_url: str, cpus: int) -> int | None:
+def _proven_workers(spark: SparkSession, mode: str, wanted: int | None) -> int:
+    """Under Spark Connect beyond local masters: numWorkers, or the planned slots, once Spark
+    has started a barrier stage that wide (the slot check the fit's own stage faces next)."""
+    count = wanted if wanted is not None else _planned(spark)
+    if mode != "sync" or barrier_starts(spark, count, _SLOT_WAIT_SECONDS):
+        return count
+    planned = planned_slots(master(spark), task_cpus(spark), spark.conf.get)
+    slots = "" if planned is None else f"{planned} "
+    raise ValueError(
+        f"Expected `numWorkers` to be at most the cluster's {slots}task slots (a barrier stage "
+        f"of {count} tasks did not start after waiting {_SLOT_WAIT_SECONDS:.0f} s for executors "
+        "to register): a sync fit runs every worker at once in a barrier stage. Lower "
+        f"numWorkers or add executors/cores. Received: numWorkers={wanted}"
+    )
+
+
+def _planned(spark: SparkSession) -> int:
+    planned = planned_slots(master(spark), task_cpus(spark), spark.conf.get)
+    if planned is None:
+        raise ValueError(
+            "Expected `numWorkers` to be set for a fit through Spark Connect on master "
+            f"{master(spark)!r}: a Connect client cannot see the executors, and no conf gives "
+            "their task slots (spark.executor.instances with spark.executor.cores, or "
+            "spark.cores.max). Set numWorkers to at most its task slots. Received: numWorkers=None"
+        )
+    return planned
+
+
+def _local(spark: SparkSession) -> int | None:
+    """The task slots of a local master; None for any other."""
+    url = master(spark)
+    # local[*] is the cores of the machine Spark runs on: a Connect client may be on another.
+    cores = _server_cores(spark) if is_remote() and url.startswith("local[*") else None
+    return _local_slots(url, task_cpus(spark), cores)
+
+
+def _local_slots(master_url: str, cpus: int, cores: int | None = None) -> int | None:
     if master_url == "local":
         return 1
     match = re.fullmatch(r"local\[(\d+|\*)(?:,\s*\d+)?\]", master_url)
     if match is None:
         return None
-    if match.group(1) == "*":
-        import os
+    count = (cores or os.cpu_count() or 1) if match.group(1) == "*" else int(match.group(1))
+    return max(1, count // cpus)
 
-        return max(1, (os.cpu_count() or 1) // cpus)
-    return max(1, int(match.group(1)) // cpus)
+
+def planned_slots(
+    master_url: str, cpus: int, conf: Callable[[str, None], str | None]
+) -> int | None:
+    """The task slots a cluster's confs plan, where they say; None where only its executors
+    could tell. ``conf`` reads a Spark setting (``spark.conf.get``)."""
+    match = re.fullmatch(r"local-cluster\[\s*(\d+)\s*,\s*(\d+)\s*,\s*\d+\s*\]", master_url)
+    if match is not None:
+        return int(match.group(1)) * (int(match.group(2)) // cpus)
+
+    def number(key: str) -> int:
+        value = (conf(key, None) or "").strip()
+        return int(value) if value.isdigit() else 0
+
+    instances, cores = number("spark.executor.instances"), number("spark.executor.cores")
+    if instances and cores and (conf("spark.dynamicAllocation.enabled", None) or "") != "true":
+        return instances * (cores // cpus)
+    cores_max = number("spark.cores.max")  # standalone: every core the application may take
+    return cores_max // cpus if cores_max and master_url.startswith("spark://") else None
+
+
+def _server_cores(spark: SparkSession) -> int:
+    """The cores of the machine a local-mode Connect server runs on, asked of a task there."""
+
+    def cores(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        import pyarrow
+
+        yield pyarrow.RecordBatch.from_pydict({"cores": [os.cpu_count() or 1]})
+
+    row = spark.range(0, 1, 1, 1).mapInArrow(cores, "cores long").first()
+    return int(row["cores"]) if row is not None else 1
+
+
+def barrier_starts(spark: SparkSession, tasks: int, seconds: float) -> bool:
+    """Whether Spark starts a barrier stage of ``tasks`` no-op tasks within ``seconds``.
+
+    Spark refuses a barrier stage wider than the slots of the executors registered so far and
+    retries every 15 s for minutes, so the probe runs in its own thread and is interrupted by
+    its tag after ``seconds``. A probe failing otherwise says nothing of slots (the fit's own
+    stage will report that failure)."""
+
+    def drain(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        yield from (batch.slice(0, 0) for batch in batches)
+
+    tag = f"spark_keras_ml-slots-{uuid.uuid4().hex}"
+
+    def probe() -> None:
+        with tagged_jobs(spark, tag), contextlib.suppress(Exception):
+            spark.range(0, tasks, 1, tasks).mapInArrow(drain, "id long", barrier=True).collect()
+
+    thread = threading.Thread(target=probe, name="spark_keras_ml-slot-probe", daemon=True)
+    thread.start()
+    thread.join(min(seconds, 5.0))
+    if thread.is_alive():  # as on classic Spark: without a word this wait looks like a hang
+        logger.warning("Waiting up to %.0f s for %d task slots to be free at once", seconds, tasks)
+        thread.join(max(0.0, seconds - 5.0))
+    if not thread.is_alive():
+        return True
+    cancel_jobs(spark, tag)
+    thread.join(10.0)
+    return False
 
 
 def _jvm_slots(spark: SparkSession) -> int:
     """Slots of the registered executors, from the scheduler (classic Spark only)."""
-    sc = spark.sparkContext
-    jsc = sc._jsc.sc()
-    profile = jsc.resourceProfileManager().defaultResourceProfile()
-    return int(jsc.maxNumConcurrentTasks(profile))
+    jsc = spark.sparkContext._jsc.sc()
+    return int(jsc.maxNumConcurrentTasks(jsc.resourceProfileManager().defaultResourceProfile()))
 
 
 @contextlib.contextmanager
