@@ -22,38 +22,29 @@ import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 from pyspark.sql import DataFrame, Row, SparkSession
 
 from spark_keras_ml import cluster
-from spark_keras_ml.callbacks import CallbackError, FitCallbacks, Training, progress_callbacks
-from spark_keras_ml.checkpoint import (
-    Checkpoint,
-    CheckpointWriter,
-    Resume,
-    joined_history,
-    resume_point,
-)
+from spark_keras_ml.callbacks import Callback, progress_callbacks
+from spark_keras_ml.checkpoint import Resume, resume_point
 from spark_keras_ml.config import TRAIN_RESULT_SCHEMA, Layout, TrainConfig
 from spark_keras_ml.executor.train import train_partition
+from spark_keras_ml.fit_server import FitOutcome, RunningServer, ServerSpec
 from spark_keras_ml.inputs import check_first_row, training_columns
-from spark_keras_ml.metric_results import results_from_states
 from spark_keras_ml.model_info import output_kind, resolve_compile_config
 from spark_keras_ml.ps.bookkeeping import Schedule
-from spark_keras_ml.ps.optimizer import normalizes_steps, server_optimizer
+from spark_keras_ml.ps.optimizer import normalizes_steps
 from spark_keras_ml.ps.protocol import new_secret
-from spark_keras_ml.ps.scaling import boost_caps, delta_scale
-from spark_keras_ml.ps.server import ParameterServer
+from spark_keras_ml.ps.scaling import boost_caps
 from spark_keras_ml.serialization import model_from_bytes
-from spark_keras_ml.server_location import OnDriver
-from spark_keras_ml.summary import TrainingSummary, fit_phases, format_epoch
+from spark_keras_ml.server_location import Location, location_of
+from spark_keras_ml.summary import TrainingSummary, fit_phases
 from spark_keras_ml.validation import check_local_steps, normalize_mode, outer_optimizer
 
 if TYPE_CHECKING:
     import keras
 
     from spark_keras_ml.estimator import KerasEstimator
-    from spark_keras_ml.keras_callbacks import DriverModel
     from spark_keras_ml.tuning import SharedTrainingData
 
 logger = logging.getLogger(__name__)
@@ -93,10 +84,12 @@ class FitPlan:
     validation_split: float
     data_cache: str
     task_cpus: int
-    #: In the user's order, Keras' own against a driver-side model where there are any.
-    callbacks: FitCallbacks
+    #: The user's, in their order: this package's and Keras' own.
+    callbacks: list[Any]
+    #: What ``verbose`` shows (a bar or a line per epoch).
+    progress: list[Callback]
     resume: Resume
-    location: OnDriver
+    location: Location
     #: How often a failed training job is rerun (sync only: a lost task fails a barrier stage).
     reruns: int
 
@@ -153,14 +146,6 @@ class FitPlan:
         def convert() -> DataFrame:
             return dataset.select(*columns.columns).repartition(num_workers)
 
-        progress = progress_callbacks(estimator.getVerbose())
-
-        def driver_model() -> DriverModel:  # built only for a Keras callback
-            from spark_keras_ml.keras_callbacks import DriverModel
-
-            epochs = estimator.getEpochs()
-            return DriverModel.build(model_bytes, compile_config, custom_objects, epochs)
-
         plan = cls(
             uid=estimator.uid,
             spark=spark,
@@ -186,9 +171,10 @@ class FitPlan:
             validation_split=validation_split,
             data_cache=estimator.getDataCache(),
             task_cpus=cluster.task_cpus(spark),
-            callbacks=FitCallbacks.plan(estimator.getCallbacks() + progress, driver_model),
+            callbacks=estimator.getCallbacks(),
+            progress=progress_callbacks(estimator.getVerbose()),
             resume=resume_point(spark, estimator.getCheckpointDir(), model),
-            location=OnDriver.of(spark),
+            location=location_of(spark),
             reruns=estimator.getSyncRetries() if mode == "sync" else 0,
         )
         if frequency == "steps" and estimator.isSet(estimator.localSteps):
@@ -224,7 +210,8 @@ class FitPlan:
         run inside the train step), and with Keras callbacks (they see the weights the epoch
         ended on, and every sync worker gets their learning rate in the same round)."""
         held_out = self.validation_split > 0 or self.layout.held_out
-        return held_out or self.gradients or self.callbacks.driver is not None
+        keras_callbacks = any(not isinstance(c, Callback) for c in self.callbacks)
+        return held_out or self.gradients or keras_callbacks
 
     @property
     def worker_batch_size(self) -> int:
@@ -263,34 +250,29 @@ class FitPlan:
 
     # --- what the plan builds -----------------------------------------------------------------
 
-    def server(self, secret: bytes, fit: FitRun) -> ParameterServer:
-        """The parameter server of this fit, reporting epochs and aborts to ``fit``."""
-        return ParameterServer(
-            self.model.get_weights(),
-            num_workers=self.num_workers,
-            secret=secret,
+    def server_spec(self) -> ServerSpec:
+        """What the server side of this fit is built from, wherever it runs."""
+        return ServerSpec(
+            model_bytes=self.model_bytes,
+            compile_config=self.compile_config,
+            custom_objects=self.custom_objects,
             mode=self.mode,
             schedule=Schedule(
                 self.frequency, self.worker_batch_size, self.local_steps, self.report_step
             ),
-            host=self.location.bind_host,
+            num_workers=self.num_workers,
             timeout=self.timeout,
             max_staleness=self.max_staleness,
             allow_rejoin=self.reruns > 0,
             max_bad_updates=self.max_bad_updates,
-            on_epoch=fit.on_epoch,
-            on_epoch_applied=fit.on_epoch_applied,
-            finish_states=results_from_states,
-            on_abort=fit.on_abort,
-            optimizer=server_optimizer(self.model, self.compile_config, batched=True)
-            if self.gradients
-            else None,
-            outer=None
-            if self.outer_optimizer is None
-            else server_optimizer(self.model, {"optimizer": self.outer_optimizer}),
-            delta_scale=delta_scale(self.mode, self.frequency, self.num_workers),
+            gradients=self.gradients,
+            outer_optimizer=self.outer_optimizer,
             boost_caps=self.boost_caps,
-            trainable=[v.trainable for v in self.model.weights],
+            epochs=self.epochs,
+            first_epoch=self.resume.first_epoch,
+            resume_history=self.resume.history,
+            callbacks=self.location.server_callbacks(self.callbacks, self.progress),
+            bind_host=self.location.bind_host,
         )
 
     def task_config(self, address: tuple[str, int], secret: bytes) -> TrainConfig:
@@ -354,60 +336,39 @@ def run(plan: FitPlan) -> FitResult:
         return FitResult(plan.resume.history, None)
     started = time.time()
     fit = FitRun(plan)
-    # Keras callbacks let go of the fit on leaving, failed or not: they stay copyable.
-    with plan.location.serve(fit.server) as address, plan.callbacks:
-        plan.callbacks.train_begin(fit.server, fit.training, plan.resume.first_epoch)
+    spec = plan.server_spec()
+    with plan.location.serve(
+        spec,
+        fit.secret,
+        model=plan.model,
+        store=plan.resume.store,
+        on_abort=fit.on_abort,
+    ) as server:
         logger.info(
             "Training on %d workers (%s, epochs=%d, batchSize=%d); parameter server at %s:%d",
             plan.num_workers,
             plan.schedule,
             plan.epochs,
             plan.batch_size,
-            *address,
+            *server.address,
         )
         submitted = time.time()
-        try:
-            results = fit.collect(plan.task_config(address, fit.secret))
-        finally:
-            fit.close_writer()
-        history = fit.history()
-        weights = plan.callbacks.train_end(fit.server.final_weights(), history, fit.training)
-    plan.model.set_weights(weights)
+        results = fit.collect(server, plan.task_config(server.address, fit.secret))
+        outcome = server.finish()
+    plan.location.report(plan.progress, spec, outcome)
+    plan.model.set_weights(outcome.weights)
     workers = [r.asDict() for r in sorted(results, key=lambda r: r["partition"])]
     phases = fit_phases(started, submitted, time.time(), workers)
-    return FitResult(history, fit.summary(history, workers, phases, time.time() - started))
+    return FitResult(outcome.history, fit.summary(outcome, workers, phases, time.time() - started))
 
 
 class FitRun:
-    """One run of a plan: the server, the callbacks' handle, the checkpoint writer and the job."""
+    """The job side of one run of a plan: the Spark job, its reruns and the summary."""
 
     def __init__(self, plan: FitPlan) -> None:
         self.plan = plan
         self.secret = new_secret()
         self._tag = f"spark_keras_ml-fit-{uuid.uuid4().hex}"
-        self.server = plan.server(self.secret, self)
-        self.training = Training(self.server, plan.epochs, plan.resume.first_epoch)
-        # Last: building the server (its optimizer) may fail, and the writer starts a thread.
-        store = plan.resume.store
-        self._writer = None if store is None else CheckpointWriter(store)
-
-    def history(self) -> dict[str, list[float]]:
-        """The whole history: the checkpoint's epochs, then this fit's."""
-        return joined_history(self.plan.resume.history, self.server.history)
-
-    # --- called by the server's threads -------------------------------------------------------
-
-    def on_epoch(self, epoch: int, logs: dict[str, float]) -> None:
-        logger.info(format_epoch(epoch, self.plan.epochs, logs))
-        try:
-            self.plan.callbacks.epoch_end(epoch, {k: v for k, v in logs.items() if k != "rows"})
-        except CallbackError as exc:
-            self.server.abort(str(exc))
-
-    def on_epoch_applied(self, epoch: int, weights: list[np.ndarray]) -> None:
-        self.training.epoch_applied(epoch, weights)
-        if self._writer is not None:
-            self._writer.put(Checkpoint(epoch, weights, self.history()))
 
     def on_abort(self, reason: str) -> None:
         """Training aborted: stop the job now, not after every task has noticed."""
@@ -416,13 +377,13 @@ class FitRun:
 
     # --- the job ------------------------------------------------------------------------------
 
-    def collect(self, config: TrainConfig) -> list[Row]:
+    def collect(self, server: RunningServer, config: TrainConfig) -> list[Row]:
         """Collect the training job; rerun a failed sync job when syncRetries allows it.
 
         The job carries a tag so that a server abort or an interrupt of the driver (Ctrl-C)
         cancels it instead of leaving tasks running.
         """
-        plan, server = self.plan, self.server
+        plan = self.plan
         attempt, run = 0, 0
         with cluster.tagged_jobs(plan.spark, self._tag, plan.describe()):
             while True:
@@ -432,17 +393,18 @@ class FitRun:
                     if not isinstance(exc, Exception):  # an interrupt of the driver: stop it all
                         cluster.cancel_jobs(plan.spark, self._tag)
                         raise
-                    failure = cluster.job_failure(exc, server.failure)
+                    failure = cluster.job_failure(exc, server.failure())
                     if attempt >= plan.reruns or not failure.rerun_helps:
-                        raise RuntimeError(
-                            cluster.job_failure_message(failure, plan.mode, attempt, server.hellos)
-                        ) from exc
+                        message = cluster.job_failure_message(
+                            failure, plan.mode, attempt, server.hellos()
+                        )
+                        raise RuntimeError(message) from exc
                     attempt += 1
-                    run = server.prepare_rerun()
+                    run, version = server.prepare_rerun()
                     logger.warning(
                         "Training job failed (%s); rerunning it from round %d (retry %d of %d)",
                         str(exc).splitlines()[0][:300],
-                        server.version,
+                        version,
                         attempt,
                         plan.reruns,
                     )
@@ -455,20 +417,16 @@ class FitRun:
             barrier=self.plan.barrier,
         )
 
-    def close_writer(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-
     # --- the summary --------------------------------------------------------------------------
 
     def summary(
         self,
-        history: dict[str, list[float]],
+        outcome: FitOutcome,
         workers: list[dict[str, Any]],
         phases: dict[str, float],
         wall_seconds: float,
     ) -> TrainingSummary:
-        counts = self.server.counts
+        counts = outcome.counts
         logger.info(
             "Trained %d rows per epoch in %.1f s (slowest worker); pushes applied %d, "
             "duplicates skipped %d, non-finite rejected %d",
@@ -478,23 +436,13 @@ class FitRun:
             counts["duplicates"],
             counts["rejected"],
         )
-        writer = self._writer
-        if writer is not None and writer.error is not None:
-            logger.error(
-                "The fit finished, but its last checkpoint could not be written to %s: %r",
-                writer.directory,
-                writer.error,
-            )
         return TrainingSummary(
-            history=history,
-            rows_per_epoch=self.server.epoch_rows,
+            history=outcome.history,
+            rows_per_epoch=outcome.epoch_rows,
             workers=workers,
             updates=counts,
             wall_seconds=wall_seconds,
-            stopped_early=self.training.stopped_at is not None,
+            stopped_early=outcome.stopped_early,
             first_epoch=self.plan.resume.first_epoch,
             phases=phases,
         )
-
-
-#: The line of a Python traceback that says what went wrong, e.g. "ValueError: Expected ...".

@@ -1,20 +1,63 @@
 """Where a fit's parameter server lives: one seam of the fit's plan.
 
-Today that is threads of the driver process (:class:`OnDriver`); nothing else in a fit depends
-on it, so a later location can host the server inside the cluster (Spark Connect, where the
-client may not be reachable from the executors).
+Classic Spark: threads of the driver process (:class:`OnDriver`). Spark Connect: the client may
+not be reachable from the executors, so the server runs in a process of its own inside the
+cluster (:class:`~spark_keras_ml.in_cluster.InCluster`). Both yield a
+:class:`~spark_keras_ml.fit_server.RunningServer`; nothing else in a fit depends on the choice.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pyspark.sql import SparkSession
 
 from spark_keras_ml import cluster
-from spark_keras_ml.ps.server import ParameterServer
+from spark_keras_ml.fit_server import FitOutcome, FitServer, ServerSpec
+
+if TYPE_CHECKING:
+    import keras
+
+    from spark_keras_ml.checkpoint import CheckpointStore
+    from spark_keras_ml.fit_server import RunningServer
+
+
+class Location(Protocol):
+    """Where the server side of a fit runs, and how the job side reaches it."""
+
+    @property
+    def bind_host(self) -> str: ...
+
+    def server_callbacks(self, callbacks: list[Any], progress: list[Any]) -> list[Any]: ...
+
+    def report(self, progress: list[Any], spec: ServerSpec, outcome: FitOutcome) -> None: ...
+
+    def serve(
+        self,
+        spec: ServerSpec,
+        secret: bytes,
+        *,
+        model: keras.Model,
+        store: CheckpointStore | None,
+        on_abort: Callable[[str], None],
+    ) -> contextlib.AbstractContextManager[RunningServer]: ...
+
+
+def is_connect(spark: SparkSession) -> bool:
+    """Whether ``spark`` is a Spark Connect session (a client: no SparkContext, no JVM)."""
+    return type(spark).__module__.startswith("pyspark.sql.connect")
+
+
+def location_of(spark: SparkSession) -> Location:
+    """In the driver process under classic Spark; inside the cluster under Spark Connect."""
+    if is_connect(spark):
+        from spark_keras_ml.in_cluster import InCluster
+
+        return InCluster.of(spark)
+    return OnDriver.of(spark)
 
 
 @dataclass(frozen=True)
@@ -32,9 +75,45 @@ class OnDriver:
     def of(cls, spark: SparkSession) -> OnDriver:
         return cls(cluster.bind_address(spark), cluster.driver_host(spark))
 
+    def server_callbacks(self, callbacks: list[Any], progress: list[Any]) -> list[Any]:
+        """Every callback runs beside the server, the progress last (it shows what the user's
+        callbacks added to the logs)."""
+        return [*callbacks, *progress]
+
+    def report(self, progress: list[Any], spec: ServerSpec, outcome: FitOutcome) -> None:
+        """Nothing to show: the epochs were logged and shown as they ended."""
+
     @contextlib.contextmanager
-    def serve(self, server: ParameterServer) -> Iterator[tuple[str, int]]:
-        """Run ``server`` for the block (no thread, socket or port outlives it); yield the
-        address tasks connect to."""
-        with server:
-            yield self.task_host, server.port
+    def serve(
+        self,
+        spec: ServerSpec,
+        secret: bytes,
+        *,
+        model: keras.Model,
+        store: CheckpointStore | None,
+        on_abort: Callable[[str], None],
+    ) -> Iterator[ServerInProcess]:
+        """Run the server side of a fit for the block (no thread, socket or port outlives
+        it)."""
+        with FitServer(spec, secret, model=model, store=store, on_abort=on_abort) as fit:
+            yield ServerInProcess(fit, self.task_host)
+
+
+class ServerInProcess:
+    """A :class:`~spark_keras_ml.fit_server.RunningServer` in this process."""
+
+    def __init__(self, fit: FitServer, task_host: str) -> None:
+        self._fit = fit
+        self.address = (task_host, fit.server.port)
+
+    def failure(self) -> str | None:
+        return self._fit.server.failure
+
+    def prepare_rerun(self) -> tuple[int, int]:
+        return self._fit.prepare_rerun()
+
+    def hellos(self) -> dict[int, Any]:
+        return self._fit.server.hellos
+
+    def finish(self) -> FitOutcome:
+        return self._fit.finish()

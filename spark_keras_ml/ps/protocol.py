@@ -43,7 +43,7 @@ from spark_keras_ml.ps import aligned
 
 MAGIC = b"SKML"
 #: Bumped whenever a frame or a meta changes: both sides must run the same spark_keras_ml.
-PROTOCOL_VERSION = 6
+PROTOCOL_VERSION = 7
 HEADER = struct.Struct("!4sBBHQ")
 META_LENGTH = struct.Struct("!I")
 
@@ -71,6 +71,7 @@ class Op(enum.IntEnum):
     PULL = 13  # C -> S: ask for the current weights
     BYE = 14  # C -> S: the worker finished cleanly
     ERROR = 15  # either side: a fatal error message; the connection ends
+    CONTROL = 16  # C <-> S: a request of the fit's job side and its reply (see ps/control.py)
 
 
 class ProtocolError(Exception):

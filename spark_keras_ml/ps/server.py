@@ -1,9 +1,9 @@
-"""The parameter server. Runs on the driver, inside ``KerasEstimator.fit``.
+"""The parameter server: in the driver, or in a process inside the cluster under Spark Connect.
 
-One listening socket bound to the driver host on port 0, one accept thread, and one handler
-thread per worker connection. Every connection must pass the mutual HMAC challenge before any
-payload is read; a peer that breaks the protocol is dropped and the others keep being served.
-Use it as a context manager so that no thread, socket or port outlives the fit::
+One listening socket on port 0, one accept thread, one handler thread per worker connection.
+Every connection must pass the mutual HMAC challenge before any payload is read; a peer that
+breaks the protocol is dropped and the others keep being served. Use it as a context manager
+so that no thread, socket or port outlives the fit::
 
     with ParameterServer(weights, num_workers=2, secret=new_secret()) as server:
         ...  # run the Spark job; workers connect to server.address
@@ -217,15 +217,17 @@ class ParameterServer:
         host, port = self._listener.getsockname()[:2]
         return host, port
 
-    @property
-    def port(self) -> int:
-        return self.address[1]
+    port = property(lambda self: self.address[1])
 
     def threads(self) -> list[threading.Thread]:
         """Every thread this server started that is still alive (for leak checks)."""
         threads = self._connections.threads()
         threads += [t for t in (self._accept_thread, self._compile_thread) if t is not None]
         return [t for t in threads if t.is_alive()]
+
+    def connected(self) -> int:
+        """Connections open now (workers, and peers in their handshake)."""
+        return len(self._connections.items())
 
     def abort(self, reason: str) -> None:
         """Fail the fit: every waiting and later request gets ``reason``."""
@@ -299,9 +301,7 @@ class ParameterServer:
         """Why training was aborted, if it was (a worker error, a timeout, a lost worker)."""
         return self._rule.abort_reason
 
-    # --- connections --------------------------------------------------------------------------
-
-    # A loop of its own rather than socketserver.ThreadingTCPServer: see ps/connections.py.
+    # --- connections (a loop of its own, not socketserver's: see ps/connections.py) -----------
 
     def _accept_loop(self) -> None:
         listener = self._listener

@@ -22,6 +22,14 @@ EXECUTOR_MAY_IMPORT = (
 SHIPPED = {
     "spark_keras_ml.fit": {"spark_keras_ml.executor.train": {"train_partition"}},
     "spark_keras_ml.transformer": {"spark_keras_ml.executor.predict": {"predict_batches"}},
+    "spark_keras_ml.in_cluster": {
+        "spark_keras_ml.executor.server_host": {
+            "REPLY_SCHEMA",
+            "START_SCHEMA",
+            "ask_server",
+            "start_server",
+        }
+    },
 }
 
 

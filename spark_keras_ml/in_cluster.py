@@ -1,0 +1,209 @@
+"""The parameter server inside the cluster: where a fit's server lives under Spark Connect.
+
+The client of a Connect session has no route from the executors back to it (and must not
+listen), so the server side of a fit (:class:`~spark_keras_ml.fit_server.FitServer`: the
+parameter server, the callbacks, the checkpoints) runs in a process of its own on an executor
+host (:mod:`spark_keras_ml.server_process`). The client reaches it only through Spark: a
+one-task job starts it and returns its address; every later question (why the job failed,
+prepare a rerun, the final weights and history) is a one-task job that sends one CONTROL
+request from inside the cluster. The user's callbacks run beside the server; the progress
+(``verbose``) is shown on the client from the epochs the server logged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import logging
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from pyspark import cloudpickle
+from pyspark.sql import SparkSession
+
+from spark_keras_ml import cluster
+from spark_keras_ml.callbacks import Training
+from spark_keras_ml.executor.server_host import (
+    REPLY_SCHEMA,
+    START_SCHEMA,
+    ask_server,
+    start_server,
+)
+from spark_keras_ml.fit_server import FitOutcome, ServerSpec
+from spark_keras_ml.ps.messages import Hello
+from spark_keras_ml.summary import format_epoch
+
+if TYPE_CHECKING:
+    import keras
+
+    from spark_keras_ml.checkpoint import CheckpointStore
+
+logger = logging.getLogger(__name__)
+
+#: Seconds the start job waits for the server process to import Keras and build the model.
+START_SECONDS = 300.0
+
+
+@dataclass(frozen=True)
+class InCluster:
+    """The parameter server in a process on an executor (Spark Connect).
+
+    ``bind_host``: ``spark.keras.ps.bindAddress`` if set, else empty (the executor's own
+    address); ``driver_host``: what the executor asks its route to, to find its address.
+    """
+
+    spark: SparkSession
+    bind_host: str
+    driver_host: str
+
+    @classmethod
+    def of(cls, spark: SparkSession) -> InCluster:
+        bind = spark.conf.get(cluster.BIND_ADDRESS_CONF, None) or ""
+        return cls(spark, bind, spark.conf.get("spark.driver.host", "127.0.0.1") or "127.0.0.1")
+
+    def server_callbacks(self, callbacks: list[Any], progress: list[Any]) -> list[Any]:
+        """The user's callbacks run beside the server; the progress stays here."""
+        return list(callbacks)
+
+    def report(self, progress: list[Any], spec: ServerSpec, outcome: FitOutcome) -> None:
+        """Log each epoch and show the progress on the client, from the epochs the server
+        logged; the user's callbacks take the state their copies beside the server ended in."""
+        for callback, state in zip(spec.callbacks, outcome.callback_states):
+            if state is not None:
+                vars(callback).update(state)
+        for epoch, logs in outcome.epochs_logged:
+            logger.info(format_epoch(epoch, spec.epochs, logs))
+        if not progress:
+            return
+        training = Training(_NoServer(), spec.epochs, spec.first_epoch)
+        for callback in progress:
+            callback.on_train_begin(training)
+        for epoch, logs in outcome.epochs_logged:
+            for callback in progress:
+                callback.on_epoch_end(epoch, {k: v for k, v in logs.items() if k != "rows"})
+        for callback in progress:
+            callback.on_train_end(outcome.history)
+
+    @contextlib.contextmanager
+    def serve(
+        self,
+        spec: ServerSpec,
+        secret: bytes,
+        *,
+        model: keras.Model,
+        store: CheckpointStore | None,
+        on_abort: Callable[[str], None],
+    ) -> Iterator[ServerInCluster]:
+        """Start the server side of a fit inside the cluster for the block; on leaving, a
+        server the block did not finish is stopped."""
+        weights_bytes = sum(w.nbytes for w in model.get_weights())
+        payload = {
+            "spec": spec,
+            "secret": secret,
+            "driver_host": self.driver_host,
+            "idle_seconds": max(spec.timeout, 60.0),
+        }
+        start = functools.partial(start_server, payload, START_SECONDS)
+        row = self.spark.range(1, numPartitions=1).mapInPandas(start, START_SCHEMA).collect()[0]
+        server = ServerInCluster(
+            self.spark,
+            (row["host"], row["port"]),
+            (row["host"], row["control_port"]),
+            secret,
+            max_reply=2 * weights_bytes + (64 << 20),
+        )
+        logger.info(
+            "Parameter server started inside the cluster at %s:%d (process %d)",
+            row["host"],
+            row["port"],
+            row["pid"],
+        )
+        try:
+            yield server
+        finally:
+            if not server.finished:
+                server.stop("the fit ended without finishing")
+
+
+class ServerInCluster:
+    """A :class:`~spark_keras_ml.fit_server.RunningServer` in a process inside the cluster,
+    asked through one-task Spark jobs."""
+
+    def __init__(
+        self,
+        spark: SparkSession,
+        address: tuple[str, int],
+        control_address: tuple[str, int],
+        secret: bytes,
+        max_reply: int,
+    ) -> None:
+        self.spark = spark
+        self.address = address
+        self._control = control_address
+        self._secret = secret
+        self._max_reply = max_reply
+        self.finished = False
+
+    def _ask(self, request: dict[str, Any]) -> tuple[dict[str, Any], list[np.ndarray]]:
+        ask = functools.partial(ask_server, self._control, self._secret, request, self._max_reply)
+        rows = self.spark.range(1, numPartitions=1).mapInPandas(ask, REPLY_SCHEMA).collect()
+        meta: dict[str, Any] = {}
+        specs: dict[int, dict[str, Any]] = {}
+        chunks: dict[int, list[bytes]] = {}
+        for row in rows:  # rows come back in the order the task yielded them
+            if row["kind"] == "meta":
+                meta = json.loads(row["meta"])
+            elif row["kind"] == "array":
+                specs[row["item"]] = json.loads(row["meta"])
+            else:
+                chunks.setdefault(row["item"], []).append(bytes(row["data"]))
+        arrays = []
+        for i in range(len(specs)):
+            dtype, shape = np.dtype(specs[i]["dtype"]), tuple(specs[i]["shape"])
+            data = b"".join(chunks.get(i, []))
+            if len(data) != math.prod(shape) * dtype.itemsize:
+                raise RuntimeError(
+                    f"The parameter server's reply lost part of array {i}: expected "
+                    f"{math.prod(shape) * dtype.itemsize} bytes, received {len(data)}"
+                )
+            arrays.append(np.frombuffer(data, dtype=dtype).reshape(shape).copy())
+        return meta, arrays
+
+    def failure(self) -> str | None:
+        failure = self._ask({"request": "status"})[0]["failure"]
+        return None if failure is None else str(failure)
+
+    def hellos(self) -> dict[int, Any]:
+        hellos = self._ask({"request": "status"})[0]["hellos"]
+        return {int(k): Hello(**v) for k, v in hellos.items()}
+
+    def prepare_rerun(self) -> tuple[int, int]:
+        meta = self._ask({"request": "prepare_rerun"})[0]
+        return int(meta["run"]), int(meta["version"])
+
+    def finish(self) -> FitOutcome:
+        reply, arrays = self._ask({"request": "finish"})
+        self.finished = True
+        meta = json.loads(reply["outcome"])
+        meta["epochs_logged"] = [(int(e), dict(logs)) for e, logs in meta["epochs_logged"]]
+        *weights, states = arrays
+        meta["callback_states"] = cloudpickle.loads(states.tobytes())
+        return FitOutcome(weights=weights, **meta)
+
+    def stop(self, reason: str) -> None:
+        """Stop the server without its results (the fit failed); it also stops on its own
+        once nothing talks to it, should this job not run."""
+        try:
+            self._ask({"request": "stop", "reason": reason})
+        except Exception as exc:  # the fit's own error says more
+            logger.warning("Could not stop the parameter server inside the cluster: %s", exc)
+        self.finished = True
+
+
+class _NoServer:
+    def request_stop(self, epoch: int) -> None:
+        raise RuntimeError("the progress shown on the client cannot stop the fit")

@@ -1,0 +1,159 @@
+"""The process that hosts a fit's server side inside the cluster (Spark Connect).
+
+A one-task Spark job (:func:`spark_keras_ml.executor.server_host.start_server`) starts it on an
+executor host with ``python -m spark_keras_ml.server_process``, writes the fit's
+:class:`~spark_keras_ml.fit_server.ServerSpec` to its stdin and reads back one JSON line: where
+the workers and the control requests reach it. From there on the job side of the fit talks to
+it only through CONTROL requests (:mod:`spark_keras_ml.ps.control`), sent by tiny Spark tasks.
+
+It is a process of its own, not a task, so that it holds no task slot (a sync fit may use them
+all) and outlives a failed training job (``syncRetries`` reruns against the same server). It
+ends when the job side says ``finish`` or ``stop``, and on its own when the executor that
+started it is gone or when nothing has talked to it for ``timeout`` seconds: an abandoned fit
+leaves no process behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import sys
+import threading
+import time
+from typing import Any
+
+import numpy as np
+
+#: How often the watchdog looks at the executor and the clock.
+WATCH_SECONDS = 2.0
+
+
+def main() -> None:
+    # Detach from the task that started us: it returns as soon as it has our address, and a
+    # process whose parent is gone is reaped by init, not left a zombie of a reused worker.
+    if os.fork() > 0:
+        os._exit(0)
+    os.setsid()
+    from pyspark import cloudpickle
+
+    payload = cloudpickle.loads(sys.stdin.buffer.read())
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    Host(**payload).run()
+
+
+class Host:
+    """One fit's server side, its control channel and its watchdog."""
+
+    def __init__(
+        self, spec: Any, secret: bytes, advertise: str, watch_pid: int, idle_seconds: float
+    ) -> None:
+        self.spec = spec
+        self.secret = secret
+        self.advertise = advertise
+        self.watch_pid = watch_pid
+        self.idle_seconds = idle_seconds
+        self.done = threading.Event()
+        self.outcome: Any = None
+
+    def run(self) -> None:
+        from spark_keras_ml.fit_server import FitServer
+        from spark_keras_ml.ps.control import ControlServer
+
+        log = logging.getLogger("spark_keras_ml.server_process")
+        try:
+            fit = FitServer(self.spec, self.secret)
+        except BaseException as exc:
+            self._say({"error": f"{type(exc).__name__}: {exc}"})
+            raise
+        self.fit = fit
+        with fit, ControlServer(self.spec.bind_host, self.secret, self.handle, 60.0) as control:
+            self.control = control
+            self._say(
+                {
+                    "host": self.advertise,
+                    "port": fit.server.port,
+                    "control_port": control.address[1],
+                    "pid": os.getpid(),
+                }
+            )
+            reason = self._watch()
+            if reason:
+                log.warning("Stopping the parameter server: %s", reason)
+                fit.server.abort(reason)
+
+    def _say(self, message: dict[str, Any]) -> None:
+        sys.stdout.write(json.dumps(message) + "\n")
+        sys.stdout.flush()
+        sys.stdout.close()
+
+    def _watch(self) -> str | None:
+        """Wait for the end of the fit; say why when it ends without the job side."""
+        busy = time.monotonic()
+        while not self.done.wait(WATCH_SECONDS):
+            if not _alive(self.watch_pid):
+                return "the executor that started it is gone"
+            now = time.monotonic()
+            if self.fit.server.connected():
+                busy = now
+            quiet = now - max(busy, self.control.last_request)
+            if quiet > self.idle_seconds:
+                return f"nothing talked to it for {quiet:.0f} s (timeout)"
+        return None
+
+    # --- control requests ---------------------------------------------------------------------
+
+    def handle(self, meta: dict[str, Any]) -> tuple[dict[str, Any], list[np.ndarray]]:
+        request = meta.get("request")
+        server = self.fit.server
+        if request == "status":
+            hellos = {str(k): dataclasses.asdict(v) for k, v in server.hellos.items()}
+            return {"failure": server.failure, "version": server.version, "hellos": hellos}, []
+        if request == "events":
+            since = int(meta.get("since", 0))
+            return {"epochs": self.fit.epochs_logged[since:]}, []
+        if request == "prepare_rerun":
+            run, version = self.fit.prepare_rerun()
+            return {"run": run, "version": version}, []
+        if request == "finish":
+            if self.outcome is None:
+                self.outcome = self.fit.finish()
+            self.done.set()
+            outcome = dataclasses.asdict(self.outcome)
+            weights = outcome.pop("weights")
+            # As a string: a diverged fit's history holds NaN, which the protocol's JSON refuses.
+            return {"outcome": json.dumps(outcome)}, [*weights, self._callback_states()]
+        if request == "stop":
+            server.abort(str(meta.get("reason", "the fit was stopped")))
+            self.done.set()
+            return {}, []
+        raise ValueError(f"unknown control request {request!r}")
+
+    def _callback_states(self) -> np.ndarray:
+        """What the user's callbacks hold now (their attributes), for the client to put back
+        into its own objects, as if they had run there. Pickled: they are arbitrary objects;
+        only a peer that proved it knows the per-fit secret receives them."""
+        from pyspark import cloudpickle
+
+        self.fit.callbacks.__exit__()  # Keras callbacks let go of the driver model first
+        states = [getattr(c, "__dict__", None) for c in self.spec.callbacks]
+        return np.frombuffer(cloudpickle.dumps(states), dtype=np.uint8)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+if __name__ == "__main__":
+    main()
