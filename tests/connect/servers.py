@@ -22,6 +22,7 @@ import pyspark
 
 SPARK_HOME = Path(pyspark.__file__).parent
 HOST = "127.0.0.1"
+REPO = Path(__file__).resolve().parents[2]
 
 
 def free_port() -> int:
@@ -39,6 +40,9 @@ def _env(folder: Path) -> dict[str, str]:
         SPARK_LOCAL_IP=HOST,
         PYSPARK_PYTHON=sys.executable,
         PYSPARK_DRIVER_PYTHON=sys.executable,
+        # The tests' own callback classes travel by reference, as a user's modules installed
+        # on a cluster do: the executors import them from the checkout.
+        PYTHONPATH=os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]),
     )
     env.pop("SPARK_REMOTE", None)
     env.pop("SPARK_CONNECT_MODE_ENABLED", None)
