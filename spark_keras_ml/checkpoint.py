@@ -1,5 +1,7 @@
-"""Per-epoch checkpoints in ``checkpointDir``, written and read on the driver through Hadoop's
-FileSystem API, so that any Hadoop path works (``file:``, ``hdfs:``, ``s3a:``).
+"""Per-epoch checkpoints in ``checkpointDir``, written and read by the process that holds the
+parameter server: on the driver through Hadoop's FileSystem API, so that any Hadoop path works
+(``file:``, ``hdfs:``, ``s3a:``); inside the cluster (Spark Connect) through Arrow's file
+systems (:mod:`spark_keras_ml.filesystems`).
 
 Not through Spark jobs: a sync fit holds every task slot in its barrier stage, so a write job
 would only run once training is over. One folder per checkpoint, no pickle::
@@ -39,6 +41,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from spark_keras_ml.filesystems import ArrowFiles, Files, HadoopFiles
+
 if TYPE_CHECKING:
     import keras
 
@@ -61,20 +65,28 @@ def _first_line(exc: BaseException) -> str:
 
 
 class CheckpointStore:
-    def __init__(self, spark: Any, directory: str) -> None:
-        context = spark.sparkContext
-        self._jvm = context._jvm
-        self.directory = directory
-        self._dir = self._jvm.org.apache.hadoop.fs.Path(directory)
-        self._fs = self._dir.getFileSystem(context._jsc.hadoopConfiguration())
+    """The checkpoints of one directory, through ``files``."""
+
+    def __init__(self, files: Files) -> None:
+        self._files = files
+        self.directory = files.directory
+
+    @classmethod
+    def on_driver(cls, spark: Any, directory: str) -> CheckpointStore:
+        return cls(HadoopFiles(spark, directory))
+
+    @classmethod
+    def in_cluster(cls, directory: str) -> CheckpointStore:
+        return cls(ArrowFiles(directory))
 
     def prepare(self) -> None:
         """Create the directory now, so that an unusable path fails the fit before training."""
         try:
-            self._fs.mkdirs(self._dir)
+            self._files.mkdirs("")
         except Exception as exc:
             raise ValueError(
-                f"Expected `checkpointDir` to be a directory the driver can create and write. "
+                f"Expected `checkpointDir` to be a directory {self._files.who} can create and "
+                "write. "
                 f"Check the path and its permissions. Received: checkpointDir="
                 f"{self.directory!r} ({str(exc).splitlines()[0][:200]})"
             ) from None
@@ -82,7 +94,7 @@ class CheckpointStore:
     def read(self, shapes: list[tuple[int, ...]]) -> Checkpoint | None:
         """The newest complete checkpoint in the directory, or None when there is none yet."""
         for epoch, folder in self._folders():
-            if not self._fs.exists(self._path(folder, STATE)):
+            if not self._files.exists(_join(folder, STATE)):
                 logger.warning(
                     "Skipping %s/%s: its state.json was never written (a checkpoint write that "
                     "did not finish)",
@@ -91,7 +103,7 @@ class CheckpointStore:
                 )
                 continue
             return self._read_pair(folder, shapes, epoch)
-        if self._fs.exists(self._path(None, STATE)):
+        if self._files.exists(STATE):
             logger.warning(
                 "Resuming from a checkpoint in the previous layout (%s/state.json beside "
                 "weights.npz), which cannot show that its two files belong together",
@@ -116,7 +128,7 @@ class CheckpointStore:
         ).encode("utf-8")
         # A fresh name every time, so no write ever touches a complete checkpoint's files.
         folder = f"epoch-{checkpoint.epoch:08d}-{uuid.uuid4().hex[:8]}"
-        self._fs.mkdirs(self._path(folder, None))
+        self._files.mkdirs(folder)
         self._write(folder, WEIGHTS, weights)
         self._write(folder, STATE, state)  # the commit: the folder is complete from here on
         self._prune(keep=folder)
@@ -124,10 +136,9 @@ class CheckpointStore:
     def _folders(self) -> list[tuple[int, str]]:
         """(epoch, name) of every checkpoint folder, newest epoch first."""
         found = []
-        for status in self._fs.listStatus(self._dir):
-            name = str(status.getPath().getName())
+        for name in self._files.folders():
             match = _FOLDER.fullmatch(name)
-            if match and status.isDirectory():
+            if match:
                 found.append((int(match.group(1)), name))
         return sorted(found, reverse=True)
 
@@ -135,9 +146,9 @@ class CheckpointStore:
         """Delete every other checkpoint folder and the previous layout's files."""
         for _, folder in self._folders():
             if folder != keep:
-                self._fs.delete(self._path(folder, None), True)
+                self._files.delete(folder, True)
         for name in _LEGACY:
-            self._fs.delete(self._path(None, name), False)
+            self._files.delete(name, False)
 
     def _read_pair(
         self, folder: str | None, shapes: list[tuple[int, ...]], epoch: int | None
@@ -179,7 +190,7 @@ class CheckpointStore:
                 "this model. Use another checkpointDir for another model, or delete the old "
                 f"checkpoint. Received: weight shapes {found[:4]}... for a model of {shapes[:4]}..."
             )
-        if not self._fs.exists(self._path(folder, WEIGHTS)):
+        if not self._files.exists(_join(folder, WEIGHTS)):
             raise ValueError(
                 f"Expected {where}/{WEIGHTS} beside its state.json. The file was removed: delete "
                 "the folder to resume from the checkpoint before, or delete checkpointDir to "
@@ -216,29 +227,18 @@ class CheckpointStore:
             )
         return weights
 
-    def _path(self, folder: str | None, name: str | None) -> Any:
-        path = (
-            self._dir if folder is None else self._jvm.org.apache.hadoop.fs.Path(self._dir, folder)
-        )
-        return path if name is None else self._jvm.org.apache.hadoop.fs.Path(path, name)
-
     def _read(self, folder: str | None, name: str) -> bytes:
-        stream = self._fs.open(self._path(folder, name))
-        try:
-            return bytes(self._jvm.org.apache.commons.io.IOUtils.toByteArray(stream))
-        finally:
-            stream.close()
+        return self._files.read(_join(folder, name))
 
     def _write(self, folder: str, name: str, data: bytes) -> None:
-        temporary = self._path(folder, f".{name}.tmp")
-        stream = self._fs.create(temporary, True)
-        try:
-            stream.write(bytearray(data))
-        finally:
-            stream.close()
-        target = self._path(folder, name)
-        if not self._fs.rename(temporary, target):
-            raise OSError(f"could not rename {temporary} to {target}")
+        temporary, target = _join(folder, f".{name}.tmp"), _join(folder, name)
+        self._files.create(temporary, data)
+        if not self._files.rename(temporary, target):
+            raise OSError(f"could not rename {temporary} to {target} in {self.directory}")
+
+
+def _join(folder: str | None, name: str) -> str:
+    return name if folder is None else f"{folder}/{name}"
 
 
 class CheckpointWriter:
@@ -294,8 +294,10 @@ class CheckpointWriter:
 class Resume:
     """Where a fit starts: from scratch, or after the last epoch in ``checkpointDir``."""
 
-    store: CheckpointStore | None = None
+    directory: str | None = None
     checkpoint: Checkpoint | None = None
+    #: The driver's store (classic); None where the checkpoints live inside the cluster.
+    store: CheckpointStore | None = None
 
     @property
     def first_epoch(self) -> int:
@@ -306,19 +308,26 @@ class Resume:
         return {} if self.checkpoint is None else self.checkpoint.history
 
 
-def resume_point(spark: Any, directory: str | None, model: keras.Model) -> Resume:
-    """Where a fit of ``model`` starts; a checkpoint found in ``directory`` is loaded into it."""
-    if directory is None:
-        return Resume()
-    store = CheckpointStore(spark, directory)
+def resume_point(store: CheckpointStore, model: keras.Model) -> Resume:
+    """Where a fit of ``model`` starts, read through ``store`` in this process."""
     store.prepare()
     checkpoint = store.read([tuple(w.shape) for w in model.get_weights()])
+    return resume_with(store.directory, checkpoint, model, store)
+
+
+def resume_with(
+    directory: str,
+    checkpoint: Checkpoint | None,
+    model: keras.Model,
+    store: CheckpointStore | None = None,
+) -> Resume:
+    """A fit of ``model`` resumed from ``checkpoint`` (None: none yet), loaded into it."""
     if checkpoint is not None:
         model.set_weights(checkpoint.weights)
         logger.info(
             "Resuming from the checkpoint of epoch %d in %s", checkpoint.epoch + 1, directory
         )
-    return Resume(store, checkpoint)
+    return Resume(directory, checkpoint, store)
 
 
 def joined_history(

@@ -26,7 +26,7 @@ from pyspark.sql import DataFrame, Row, SparkSession
 
 from spark_keras_ml import cluster
 from spark_keras_ml.callbacks import Callback, progress_callbacks
-from spark_keras_ml.checkpoint import Resume, resume_point
+from spark_keras_ml.checkpoint import Resume
 from spark_keras_ml.config import TRAIN_RESULT_SCHEMA, Layout, TrainConfig
 from spark_keras_ml.executor.train import train_partition
 from spark_keras_ml.fit_server import FitOutcome, RunningServer, ServerSpec
@@ -143,6 +143,8 @@ class FitPlan:
             model=model,
         )
 
+        location, directory = location_of(spark), estimator.getCheckpointDir()
+
         def convert() -> DataFrame:
             return dataset.select(*columns.columns).repartition(num_workers)
 
@@ -173,8 +175,8 @@ class FitPlan:
             task_cpus=cluster.task_cpus(spark),
             callbacks=estimator.getCallbacks(),
             progress=progress_callbacks(estimator.getVerbose()),
-            resume=resume_point(spark, estimator.getCheckpointDir(), model),
-            location=location_of(spark),
+            resume=Resume() if directory is None else location.resume(directory, model),
+            location=location,
             reruns=estimator.getSyncRetries() if mode == "sync" else 0,
         )
         if frequency == "steps" and estimator.isSet(estimator.localSteps):
@@ -271,6 +273,7 @@ class FitPlan:
             epochs=self.epochs,
             first_epoch=self.resume.first_epoch,
             resume_history=self.resume.history,
+            checkpoint_dir=self.resume.directory,
             callbacks=self.location.server_callbacks(self.callbacks, self.progress),
             bind_host=self.location.bind_host,
         )

@@ -62,6 +62,8 @@ class ServerSpec:
     bind_host: str
     #: The weights to start from (a checkpoint's); None: the model's own.
     weights: list[np.ndarray] | None = None
+    #: checkpointDir, for a server that opens it itself (inside the cluster); the driver's
+    #: server is handed the store it read the checkpoint through.
     checkpoint_dir: str | None = None
 
 
@@ -77,8 +79,6 @@ class FitOutcome:
     checkpoint_error: str | None = None
     #: Under Spark Connect: the lines the server logged per epoch, for the client to show.
     epochs_logged: list[tuple[int, dict[str, float]]] = field(default_factory=list)
-    #: Under Spark Connect: the attributes of each of the user's callbacks as the fit left them.
-    callback_states: list[dict[str, Any] | None] = field(default_factory=list)
 
 
 class RunningServer(Protocol):

@@ -13,6 +13,7 @@ request from inside the cluster. The user's callbacks run beside the server; the
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -22,17 +23,21 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pandas as pd
 from pyspark import cloudpickle
 from pyspark.sql import SparkSession
 
 from spark_keras_ml import cluster
 from spark_keras_ml.callbacks import Training
+from spark_keras_ml.checkpoint import Checkpoint, CheckpointStore, Resume, resume_with
 from spark_keras_ml.executor.server_host import (
     REPLY_SCHEMA,
     START_SCHEMA,
     ask_server,
+    read_checkpoint,
     start_server,
 )
+from spark_keras_ml.filesystems import ArrowFiles
 from spark_keras_ml.fit_server import FitOutcome, ServerSpec
 from spark_keras_ml.ps.messages import Hello
 from spark_keras_ml.summary import format_epoch
@@ -40,7 +45,6 @@ from spark_keras_ml.summary import format_epoch
 if TYPE_CHECKING:
     import keras
 
-    from spark_keras_ml.checkpoint import CheckpointStore
 
 logger = logging.getLogger(__name__)
 
@@ -69,12 +73,22 @@ class InCluster:
         """The user's callbacks run beside the server; the progress stays here."""
         return list(callbacks)
 
+    def resume(self, directory: str, model: keras.Model) -> Resume:
+        """Read by a one-task job through the file systems the server process will write with
+        (the client may not reach the path, nor have a JVM to reach it with)."""
+        ArrowFiles.check(directory)  # a relative path fails here, before any job
+        shapes = [tuple(w.shape) for w in model.get_weights()]
+        meta, weights = one_task(self.spark, functools.partial(read_checkpoint, directory, shapes))
+        if "error" in meta:
+            raise ValueError(meta["error"])
+        found = None
+        if meta["epoch"] is not None:
+            found = Checkpoint(int(meta["epoch"]), weights, meta["history"])
+        return resume_with(directory, found, model)
+
     def report(self, progress: list[Any], spec: ServerSpec, outcome: FitOutcome) -> None:
         """Log each epoch and show the progress on the client, from the epochs the server
-        logged; the user's callbacks take the state their copies beside the server ended in."""
-        for callback, state in zip(spec.callbacks, outcome.callback_states):
-            if state is not None:
-                vars(callback).update(state)
+        logged."""
         for epoch, logs in outcome.epochs_logged:
             logger.info(format_epoch(epoch, spec.epochs, logs))
         if not progress:
@@ -101,6 +115,8 @@ class InCluster:
         """Start the server side of a fit inside the cluster for the block; on leaving, a
         server the block did not finish is stopped."""
         weights_bytes = sum(w.nbytes for w in model.get_weights())
+        if spec.first_epoch > 0:  # the checkpoint's weights, not those the model was saved with
+            spec = dataclasses.replace(spec, weights=model.get_weights())
         payload = {
             "spec": spec,
             "secret": secret,
@@ -115,6 +131,7 @@ class InCluster:
             (row["host"], row["control_port"]),
             secret,
             max_reply=2 * weights_bytes + (64 << 20),
+            callbacks=spec.callbacks,
         )
         logger.info(
             "Parameter server started inside the cluster at %s:%d (process %d)",
@@ -140,8 +157,10 @@ class ServerInCluster:
         control_address: tuple[str, int],
         secret: bytes,
         max_reply: int,
+        callbacks: list[Any],
     ) -> None:
         self.spark = spark
+        self._callbacks = callbacks
         self.address = address
         self._control = control_address
         self._secret = secret
@@ -149,29 +168,10 @@ class ServerInCluster:
         self.finished = False
 
     def _ask(self, request: dict[str, Any]) -> tuple[dict[str, Any], list[np.ndarray]]:
-        ask = functools.partial(ask_server, self._control, self._secret, request, self._max_reply)
-        rows = self.spark.range(1, numPartitions=1).mapInPandas(ask, REPLY_SCHEMA).collect()
-        meta: dict[str, Any] = {}
-        specs: dict[int, dict[str, Any]] = {}
-        chunks: dict[int, list[bytes]] = {}
-        for row in rows:  # rows come back in the order the task yielded them
-            if row["kind"] == "meta":
-                meta = json.loads(row["meta"])
-            elif row["kind"] == "array":
-                specs[row["item"]] = json.loads(row["meta"])
-            else:
-                chunks.setdefault(row["item"], []).append(bytes(row["data"]))
-        arrays = []
-        for i in range(len(specs)):
-            dtype, shape = np.dtype(specs[i]["dtype"]), tuple(specs[i]["shape"])
-            data = b"".join(chunks.get(i, []))
-            if len(data) != math.prod(shape) * dtype.itemsize:
-                raise RuntimeError(
-                    f"The parameter server's reply lost part of array {i}: expected "
-                    f"{math.prod(shape) * dtype.itemsize} bytes, received {len(data)}"
-                )
-            arrays.append(np.frombuffer(data, dtype=dtype).reshape(shape).copy())
-        return meta, arrays
+        return one_task(
+            self.spark,
+            functools.partial(ask_server, self._control, self._secret, request, self._max_reply),
+        )
 
     def failure(self) -> str | None:
         failure = self._ask({"request": "status"})[0]["failure"]
@@ -191,17 +191,53 @@ class ServerInCluster:
         meta = json.loads(reply["outcome"])
         meta["epochs_logged"] = [(int(e), dict(logs)) for e, logs in meta["epochs_logged"]]
         *weights, states = arrays
-        meta["callback_states"] = cloudpickle.loads(states.tobytes())
+        self._restore(states)
         return FitOutcome(weights=weights, **meta)
 
     def stop(self, reason: str) -> None:
         """Stop the server without its results (the fit failed); it also stops on its own
         once nothing talks to it, should this job not run."""
         try:
-            self._ask({"request": "stop", "reason": reason})
+            self._restore(*self._ask({"request": "stop", "reason": reason})[1])
         except Exception as exc:  # the fit's own error says more
             logger.warning("Could not stop the parameter server inside the cluster: %s", exc)
         self.finished = True
+
+    def _restore(self, states: np.ndarray) -> None:
+        """The user's callbacks take the state their copies beside the server ended in, as if
+        they had run here (a fit that failed too: what they recorded up to then)."""
+        for callback, state in zip(self._callbacks, cloudpickle.loads(states.tobytes())):
+            if state is not None:
+                vars(callback).update(state)
+
+
+def one_task(
+    spark: SparkSession, task: Callable[[Iterator[pd.DataFrame]], Iterator[pd.DataFrame]]
+) -> tuple[dict[str, Any], list[np.ndarray]]:
+    """Run ``task`` (yielding the rows of :func:`~spark_keras_ml.executor.server_host.
+    reply_frame`) as a one-task job; its meta and arrays, put back together."""
+    rows = spark.range(1, numPartitions=1).mapInPandas(task, REPLY_SCHEMA).collect()
+    meta: dict[str, Any] = {}
+    specs: dict[int, dict[str, Any]] = {}
+    chunks: dict[int, list[bytes]] = {}
+    for row in rows:  # rows come back in the order the task yielded them
+        if row["kind"] == "meta":
+            meta = json.loads(row["meta"])
+        elif row["kind"] == "array":
+            specs[row["item"]] = json.loads(row["meta"])
+        else:
+            chunks.setdefault(row["item"], []).append(bytes(row["data"]))
+    arrays = []
+    for i in range(len(specs)):
+        dtype, shape = np.dtype(specs[i]["dtype"]), tuple(specs[i]["shape"])
+        data = b"".join(chunks.get(i, []))
+        if len(data) != math.prod(shape) * dtype.itemsize:
+            raise RuntimeError(
+                f"A reply from inside the cluster lost part of array {i}: expected "
+                f"{math.prod(shape) * dtype.itemsize} bytes, received {len(data)}"
+            )
+        arrays.append(np.frombuffer(data, dtype=dtype).reshape(shape).copy())
+    return meta, arrays
 
 
 class _NoServer:

@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING, Any, Protocol
 from pyspark.sql import SparkSession
 
 from spark_keras_ml import cluster
+from spark_keras_ml.checkpoint import CheckpointStore, Resume, resume_point
 from spark_keras_ml.fit_server import FitOutcome, FitServer, ServerSpec
 
 if TYPE_CHECKING:
     import keras
 
-    from spark_keras_ml.checkpoint import CheckpointStore
     from spark_keras_ml.fit_server import RunningServer
 
 
@@ -32,6 +32,11 @@ class Location(Protocol):
     def bind_host(self) -> str: ...
 
     def server_callbacks(self, callbacks: list[Any], progress: list[Any]) -> list[Any]: ...
+
+    def resume(self, directory: str, model: keras.Model) -> Resume:
+        """Where a fit with ``checkpointDir=directory`` starts, read where the server will write
+        its checkpoints; a checkpoint found is loaded into ``model``."""
+        ...
 
     def report(self, progress: list[Any], spec: ServerSpec, outcome: FitOutcome) -> None: ...
 
@@ -68,12 +73,16 @@ class OnDriver:
     tasks connect to ``task_host``.
     """
 
+    spark: SparkSession
     bind_host: str
     task_host: str
 
     @classmethod
     def of(cls, spark: SparkSession) -> OnDriver:
-        return cls(cluster.bind_address(spark), cluster.driver_host(spark))
+        return cls(spark, cluster.bind_address(spark), cluster.driver_host(spark))
+
+    def resume(self, directory: str, model: keras.Model) -> Resume:
+        return resume_point(CheckpointStore.on_driver(self.spark, directory), model)
 
     def server_callbacks(self, callbacks: list[Any], progress: list[Any]) -> list[Any]:
         """Every callback runs beside the server, the progress last (it shows what the user's

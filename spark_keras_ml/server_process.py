@@ -62,12 +62,15 @@ class Host:
         self.outcome: Any = None
 
     def run(self) -> None:
+        from spark_keras_ml.checkpoint import CheckpointStore
         from spark_keras_ml.fit_server import FitServer
         from spark_keras_ml.ps.control import ControlServer
 
         log = logging.getLogger("spark_keras_ml.server_process")
         try:
-            fit = FitServer(self.spec, self.secret)
+            directory = self.spec.checkpoint_dir
+            store = None if directory is None else CheckpointStore.in_cluster(directory)
+            fit = FitServer(self.spec, self.secret, store=store)
         except BaseException as exc:
             self._say({"error": f"{type(exc).__name__}: {exc}"})
             raise
@@ -131,7 +134,7 @@ class Host:
         if request == "stop":
             server.abort(str(meta.get("reason", "the fit was stopped")))
             self.done.set()
-            return {}, []
+            return {}, [self._callback_states()]
         raise ValueError(f"unknown control request {request!r}")
 
     def _callback_states(self) -> np.ndarray:
@@ -140,7 +143,10 @@ class Host:
         only a peer that proved it knows the per-fit secret receives them."""
         from pyspark import cloudpickle
 
-        self.fit.callbacks.__exit__()  # Keras callbacks let go of the driver model first
+        # They let go of the fit first (a fit that failed did not reach on_train_end, where
+        # the Training handle drops the server), as they do on the driver.
+        self.fit.training.close()
+        self.fit.callbacks.__exit__()  # Keras callbacks: the driver model
         states = [getattr(c, "__dict__", None) for c in self.spec.callbacks]
         return np.frombuffer(cloudpickle.dumps(states), dtype=np.uint8)
 

@@ -1,9 +1,11 @@
-"""Tasks that start and ask a fit's server inside the cluster (Spark Connect).
+"""Tasks that start and ask a fit's server inside the cluster (Spark Connect), and read its
+checkpoint there.
 
 :func:`start_server` starts ``python -m spark_keras_ml.server_process`` on the executor that
 runs it and returns the address it listens on; :func:`ask_server` sends it one CONTROL request
 and returns the reply as rows (arrays cut into chunks, so that no row grows with the model).
-Both run as one-task ``mapInPandas`` jobs the client submits.
+:func:`read_checkpoint` reads ``checkpointDir`` where the server will write it. All run as
+one-task ``mapInPandas`` jobs the client submits.
 """
 
 from __future__ import annotations
@@ -60,6 +62,10 @@ def start_server(
     if not spec.bind_host:
         payload["spec"] = dataclasses.replace(spec, bind_host=host)
     payload.update(advertise=host, watch_pid=os.getppid())
+    # This task's own import path: a Spark Connect session's artifacts (addArtifacts with
+    # pyfile=True, where a user ships the modules of custom objects) are on it, not in the env.
+    path = [entry for entry in sys.path if entry]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))
     process = subprocess.Popen(
         [sys.executable, "-m", "spark_keras_ml.server_process"],
         stdin=subprocess.PIPE,
@@ -67,6 +73,7 @@ def start_server(
         # Its log goes where this executor's Python log goes.
         stderr=None,
         close_fds=True,
+        env=env,
     )
     if process.stdin is None or process.stdout is None:  # both are pipes: never
         raise RuntimeError("the parameter server process has no pipes")
@@ -115,15 +122,43 @@ def ask_server(
     max_reply: int,
     batches: Iterator[pd.DataFrame],
 ) -> Iterator[pd.DataFrame]:
-    """One CONTROL request; the reply as rows: ("meta", 0, json, b"") then, per array,
-    ("array", i, json of dtype and shape, b"") and its chunks ("chunk", i, "", bytes)."""
+    """One CONTROL request; the reply as the rows of :func:`reply_frame`."""
     for _ in batches:
         pass
     reply = control.ask(address, secret, request, max_reply)
+    yield reply_frame(reply.meta, reply.arrays)
+
+
+def read_checkpoint(
+    directory: str, shapes: list[tuple[int, ...]], batches: Iterator[pd.DataFrame]
+) -> Iterator[pd.DataFrame]:
+    """The newest complete checkpoint in ``directory`` read inside the cluster, as the rows of
+    :func:`reply_frame`: meta {"epoch", "history"} (epoch None: none yet) and the weights; or
+    meta {"error"} with the store's message, for the client to raise as it is."""
+    from spark_keras_ml.checkpoint import CheckpointStore
+
+    for _ in batches:
+        pass
+    try:
+        store = CheckpointStore.in_cluster(directory)
+        store.prepare()
+        found = store.read(shapes)
+    except ValueError as exc:
+        yield reply_frame({"error": str(exc)}, [])
+        return
+    if found is None:
+        yield reply_frame({"epoch": None, "history": {}}, [])
+    else:
+        yield reply_frame({"epoch": found.epoch, "history": found.history}, found.weights)
+
+
+def reply_frame(meta: dict[str, Any], arrays: list[np.ndarray]) -> pd.DataFrame:
+    """``meta`` and ``arrays`` as rows of REPLY_SCHEMA: ("meta", 0, json, b"") then, per array,
+    ("array", i, json of dtype and shape, b"") and its chunks ("chunk", i, "", bytes)."""
     rows: list[dict[str, Any]] = [
-        {"kind": "meta", "item": 0, "meta": json.dumps(reply.meta), "data": b""}
+        {"kind": "meta", "item": 0, "meta": json.dumps(meta), "data": b""}
     ]
-    for i, array in enumerate(reply.arrays):
+    for i, array in enumerate(arrays):
         wire = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
         spec = {"dtype": wire.dtype.str, "shape": list(wire.shape)}
         rows.append({"kind": "array", "item": i, "meta": json.dumps(spec), "data": b""})
@@ -131,4 +166,4 @@ def ask_server(
         for start in range(0, raw.size, CHUNK_BYTES):
             chunk = raw[start : start + CHUNK_BYTES].tobytes()
             rows.append({"kind": "chunk", "item": i, "meta": "", "data": chunk})
-    yield pd.DataFrame(rows, columns=["kind", "item", "meta", "data"])
+    return pd.DataFrame(rows, columns=["kind", "item", "meta", "data"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,15 @@ from tests.conftest import digits_model
 pytestmark = pytest.mark.usefixtures("spark")
 
 SHAPES = [(3, 2), (2,)]
+
+
+@pytest.fixture(params=["on the driver", "in the cluster"])
+def open_store(request, spark) -> Callable[[str], CheckpointStore]:  # type: ignore[no-untyped-def]
+    """A store through the driver's Hadoop file system, and through Arrow's (what the server
+    inside the cluster writes with under Spark Connect): one layout, both must keep it."""
+    if request.param == "on the driver":
+        return lambda directory: CheckpointStore.on_driver(spark, directory)
+    return CheckpointStore.in_cluster
 
 
 def weights_of(value: float) -> list[np.ndarray]:
@@ -101,12 +111,14 @@ def test_an_unwritable_checkpoint_dir_fails_before_training(digits, tmp_path) ->
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     est = KerasEstimator(model=digits_model(), numWorkers=2, checkpointDir=str(blocker / "sub"))
-    with pytest.raises(ValueError, match=r"`checkpointDir` to be a directory the driver can"):
+    with pytest.raises(
+        ValueError, match=r"`checkpointDir` to be a directory the (driver|executors) can"
+    ):
         est.fit(train)
 
 
-def test_a_write_that_fails_half_way_leaves_the_last_complete_epoch(spark, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    store = CheckpointStore(spark, str(tmp_path / "ckpt"))
+def test_a_write_that_fails_half_way_leaves_the_last_complete_epoch(open_store, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    store = open_store(str(tmp_path / "ckpt"))
     store.prepare()
     store.write(Checkpoint(0, weights_of(1.0), {"loss": [1.0]}))
     # JSON cannot hold a numpy float32: the state fails after the weights were encoded.
@@ -118,9 +130,9 @@ def test_a_write_that_fails_half_way_leaves_the_last_complete_epoch(spark, tmp_p
         np.testing.assert_array_equal(got, want)
 
 
-def test_a_folder_a_crash_left_without_state_is_skipped(spark, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_a_folder_a_crash_left_without_state_is_skipped(open_store, tmp_path) -> None:  # type: ignore[no-untyped-def]
     directory = tmp_path / "ckpt"
-    store = CheckpointStore(spark, str(directory))
+    store = open_store(str(directory))
     store.prepare()
     store.write(Checkpoint(0, weights_of(1.0), {"loss": [1.0]}))
     # What a driver that died between the two files leaves: the next epoch's weights alone.
@@ -138,10 +150,10 @@ def test_a_folder_a_crash_left_without_state_is_skipped(spark, tmp_path) -> None
     assert store.read(SHAPES).epoch == 1  # type: ignore[union-attr]
 
 
-def test_a_mixed_pair_is_refused(spark, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_a_mixed_pair_is_refused(open_store, tmp_path) -> None:  # type: ignore[no-untyped-def]
     first, second = tmp_path / "a", tmp_path / "b"
     for directory, value in ((first, 1.0), (second, 2.0)):
-        store = CheckpointStore(spark, str(directory))
+        store = open_store(str(directory))
         store.prepare()
         store.write(Checkpoint(0, weights_of(value), {"loss": [value]}))
     (target,) = folders(first)
@@ -149,10 +161,10 @@ def test_a_mixed_pair_is_refused(spark, tmp_path) -> None:  # type: ignore[no-un
     (target / "weights.npz").write_bytes((source / "weights.npz").read_bytes())
     (target / ".weights.npz.crc").unlink(missing_ok=True)
     with pytest.raises(ValueError, match=r"weights.npz to be the weights its state.json.*mixed"):
-        CheckpointStore(spark, str(first)).read(SHAPES)
+        open_store(str(first)).read(SHAPES)
 
 
-def test_a_checkpoint_in_the_previous_layout_is_read(spark, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_a_checkpoint_in_the_previous_layout_is_read(open_store, tmp_path) -> None:  # type: ignore[no-untyped-def]
     directory = tmp_path / "ckpt"
     directory.mkdir()
     buffer = io.BytesIO()
@@ -160,7 +172,7 @@ def test_a_checkpoint_in_the_previous_layout_is_read(spark, tmp_path) -> None:  
     (directory / "weights.npz").write_bytes(buffer.getvalue())
     state = {"epoch": 4, "history": {"loss": [1.0] * 5}, "shapes": [list(s) for s in SHAPES]}
     (directory / "state.json").write_text(json.dumps(state))
-    store = CheckpointStore(spark, str(directory))
+    store = open_store(str(directory))
     found = store.read(SHAPES)
     assert found is not None and found.epoch == 4
     np.testing.assert_array_equal(found.weights[1], weights_of(3.0)[1])
@@ -178,9 +190,9 @@ def test_a_checkpoint_in_the_previous_layout_is_read(spark, tmp_path) -> None:  
         ("weights.npz", b"PK\x03\x04 not a zip", r"weights.npz to be the weights its state"),
     ],
 )
-def test_crafted_checkpoint_files_are_named(spark, tmp_path, file, content, message) -> None:  # type: ignore[no-untyped-def]
+def test_crafted_checkpoint_files_are_named(open_store, tmp_path, file, content, message) -> None:  # type: ignore[no-untyped-def]
     directory = tmp_path / "ckpt"
-    store = CheckpointStore(spark, str(directory))
+    store = open_store(str(directory))
     store.prepare()
     store.write(Checkpoint(0, weights_of(1.0), {"loss": [1.0]}))
     (folder,) = folders(directory)
@@ -191,11 +203,13 @@ def test_crafted_checkpoint_files_are_named(spark, tmp_path, file, content, mess
     assert str(folder) in str(info.value) and "Received:" in str(info.value)
 
 
-def test_crafted_weights_with_a_matching_digest_are_refused_by_content(spark, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_crafted_weights_with_a_matching_digest_are_refused_by_content(
+    open_store, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
     import hashlib
 
     directory = tmp_path / "ckpt"
-    store = CheckpointStore(spark, str(directory))
+    store = open_store(str(directory))
     store.prepare()
     store.write(Checkpoint(0, weights_of(1.0), {"loss": [1.0]}))
     (folder,) = folders(directory)
@@ -236,9 +250,9 @@ def test_a_fit_resumes_past_a_partial_folder(digits, tmp_path) -> None:  # type:
     assert committed_state(directory)["epoch"] == 2
 
 
-def test_a_crafted_state_in_the_previous_layout_is_named(spark, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_a_crafted_state_in_the_previous_layout_is_named(open_store, tmp_path) -> None:  # type: ignore[no-untyped-def]
     directory = tmp_path / "ckpt"
     directory.mkdir()
     (directory / "state.json").write_text('{"epoch": 0, "shapes": [[3, 2], [2]]')
     with pytest.raises(ValueError, match=r"ckpt/state.json to be the JSON a fit wrote.*Received"):
-        CheckpointStore(spark, str(directory)).read(SHAPES)
+        open_store(str(directory)).read(SHAPES)

@@ -11,8 +11,11 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[2] / "spark_keras_ml"
 #: What executor code may import besides itself: the contract, model bytes, the ps client side,
-#: TensorFlow's logging environment.
+#: TensorFlow's logging environment, and the checkpoint layout (read inside the cluster under
+#: Spark Connect, where the server writes it).
 EXECUTOR_MAY_IMPORT = (
+    "spark_keras_ml.checkpoint",
+    "spark_keras_ml.filesystems",
     "spark_keras_ml.config",
     "spark_keras_ml.serialization",
     "spark_keras_ml.ps",
@@ -27,6 +30,7 @@ SHIPPED = {
             "REPLY_SCHEMA",
             "START_SCHEMA",
             "ask_server",
+            "read_checkpoint",
             "start_server",
         }
     },
