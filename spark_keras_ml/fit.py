@@ -345,6 +345,7 @@ def run(plan: FitPlan) -> FitResult:
         fit.secret,
         model=plan.model,
         store=plan.resume.store,
+        progress=plan.progress,
         on_abort=fit.on_abort,
     ) as server:
         logger.info(
@@ -358,7 +359,6 @@ def run(plan: FitPlan) -> FitResult:
         submitted = time.time()
         results = fit.collect(server, plan.task_config(server.address, fit.secret))
         outcome = server.finish()
-    plan.location.report(plan.progress, spec, outcome)
     plan.model.set_weights(outcome.weights)
     workers = [r.asDict() for r in sorted(results, key=lambda r: r["partition"])]
     phases = fit_phases(started, submitted, time.time(), workers)

@@ -5,9 +5,10 @@ listen), so the server side of a fit (:class:`~spark_keras_ml.fit_server.FitServ
 parameter server, the callbacks, the checkpoints) runs in a process of its own on an executor
 host (:mod:`spark_keras_ml.server_process`). The client reaches it only through Spark: a
 one-task job starts it and returns its address; every later question (why the job failed,
-prepare a rerun, the final weights and history) is a one-task job that sends one CONTROL
-request from inside the cluster. The user's callbacks run beside the server; the progress
-(``verbose``) is shown on the client from the epochs the server logged.
+prepare a rerun, the epochs so far, the final weights and history) is a one-task job that sends
+one CONTROL request from inside the cluster. The user's callbacks run beside the server; the
+progress (``verbose``) is shown on the client from the epochs the server logged
+(:mod:`spark_keras_ml.epoch_feed`).
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ from pyspark import cloudpickle
 from pyspark.sql import SparkSession
 
 from spark_keras_ml import cluster
-from spark_keras_ml.callbacks import Training
 from spark_keras_ml.checkpoint import Checkpoint, CheckpointStore, Resume, resume_with
+from spark_keras_ml.epoch_feed import EpochFeed
 from spark_keras_ml.executor.server_host import (
     REPLY_SCHEMA,
     START_SCHEMA,
@@ -40,7 +41,6 @@ from spark_keras_ml.executor.server_host import (
 from spark_keras_ml.filesystems import ArrowFiles
 from spark_keras_ml.fit_server import FitOutcome, ServerSpec
 from spark_keras_ml.ps.messages import Hello
-from spark_keras_ml.summary import format_epoch
 
 if TYPE_CHECKING:
     import keras
@@ -86,21 +86,12 @@ class InCluster:
             found = Checkpoint(int(meta["epoch"]), weights, meta["history"])
         return resume_with(directory, found, model)
 
-    def report(self, progress: list[Any], spec: ServerSpec, outcome: FitOutcome) -> None:
-        """Log each epoch and show the progress on the client, from the epochs the server
-        logged."""
-        for epoch, logs in outcome.epochs_logged:
-            logger.info(format_epoch(epoch, spec.epochs, logs))
-        if not progress:
-            return
-        training = Training(_NoServer(), spec.epochs, spec.first_epoch)
-        for callback in progress:
-            callback.on_train_begin(training)
-        for epoch, logs in outcome.epochs_logged:
-            for callback in progress:
-                callback.on_epoch_end(epoch, {k: v for k, v in logs.items() if k != "rows"})
-        for callback in progress:
-            callback.on_train_end(outcome.history)
+    def _slot_to_spare(self, workers: int) -> bool:
+        """Whether the training stage leaves a task slot for the epoch polls to run in."""
+        try:
+            return cluster.task_slots(self.spark) > workers
+        except ValueError:  # no conf says: the epochs show when the job ends
+            return False
 
     @contextlib.contextmanager
     def serve(
@@ -110,10 +101,12 @@ class InCluster:
         *,
         model: keras.Model,
         store: CheckpointStore | None,
+        progress: list[Any],
         on_abort: Callable[[str], None],
     ) -> Iterator[ServerInCluster]:
         """Start the server side of a fit inside the cluster for the block; on leaving, a
-        server the block did not finish is stopped."""
+        server the block did not finish is stopped. The epochs show on the client through
+        :class:`~spark_keras_ml.epoch_feed.EpochFeed`."""
         weights_bytes = sum(w.nbytes for w in model.get_weights())
         if spec.first_epoch > 0:  # the checkpoint's weights, not those the model was saved with
             spec = dataclasses.replace(spec, weights=model.get_weights())
@@ -132,6 +125,7 @@ class InCluster:
             secret,
             max_reply=2 * weights_bytes + (64 << 20),
             callbacks=spec.callbacks,
+            feed=EpochFeed(progress, spec.epochs, spec.first_epoch),
         )
         logger.info(
             "Parameter server started inside the cluster at %s:%d (process %d)",
@@ -139,6 +133,8 @@ class InCluster:
             row["port"],
             row["pid"],
         )
+        if self._slot_to_spare(spec.num_workers):
+            server.feed.poll(server.events)
         try:
             yield server
         finally:
@@ -158,9 +154,11 @@ class ServerInCluster:
         secret: bytes,
         max_reply: int,
         callbacks: list[Any],
+        feed: EpochFeed,
     ) -> None:
         self.spark = spark
         self._callbacks = callbacks
+        self.feed = feed
         self.address = address
         self._control = control_address
         self._secret = secret
@@ -185,18 +183,27 @@ class ServerInCluster:
         meta = self._ask({"request": "prepare_rerun"})[0]
         return int(meta["run"]), int(meta["version"])
 
+    def events(self, since: int) -> list[tuple[int, dict[str, float]]]:
+        """The epochs the server logged after its first ``since``."""
+        epochs = json.loads(self._ask({"request": "events", "since": since})[0]["epochs"])
+        return [(int(epoch), dict(logs)) for epoch, logs in epochs]
+
     def finish(self) -> FitOutcome:
+        self.feed.stop()
         reply, arrays = self._ask({"request": "finish"})
         self.finished = True
         meta = json.loads(reply["outcome"])
         meta["epochs_logged"] = [(int(e), dict(logs)) for e, logs in meta["epochs_logged"]]
         *weights, states = arrays
         self._restore(states)
-        return FitOutcome(weights=weights, **meta)
+        outcome = FitOutcome(weights=weights, **meta)
+        self.feed.end(outcome.epochs_logged, outcome.history)
+        return outcome
 
     def stop(self, reason: str) -> None:
         """Stop the server without its results (the fit failed); it also stops on its own
         once nothing talks to it, should this job not run."""
+        self.feed.stop()
         try:
             self._restore(*self._ask({"request": "stop", "reason": reason})[1])
         except Exception as exc:  # the fit's own error says more
@@ -238,8 +245,3 @@ def one_task(
             )
         arrays.append(np.frombuffer(data, dtype=dtype).reshape(shape).copy())
     return meta, arrays
-
-
-class _NoServer:
-    def request_stop(self, epoch: int) -> None:
-        raise RuntimeError("the progress shown on the client cannot stop the fit")

@@ -38,8 +38,6 @@ class Location(Protocol):
         its checkpoints; a checkpoint found is loaded into ``model``."""
         ...
 
-    def report(self, progress: list[Any], spec: ServerSpec, outcome: FitOutcome) -> None: ...
-
     def serve(
         self,
         spec: ServerSpec,
@@ -47,6 +45,7 @@ class Location(Protocol):
         *,
         model: keras.Model,
         store: CheckpointStore | None,
+        progress: list[Any],
         on_abort: Callable[[str], None],
     ) -> contextlib.AbstractContextManager[RunningServer]: ...
 
@@ -89,9 +88,6 @@ class OnDriver:
         callbacks added to the logs)."""
         return [*callbacks, *progress]
 
-    def report(self, progress: list[Any], spec: ServerSpec, outcome: FitOutcome) -> None:
-        """Nothing to show: the epochs were logged and shown as they ended."""
-
     @contextlib.contextmanager
     def serve(
         self,
@@ -100,10 +96,11 @@ class OnDriver:
         *,
         model: keras.Model,
         store: CheckpointStore | None,
+        progress: list[Any],
         on_abort: Callable[[str], None],
     ) -> Iterator[ServerInProcess]:
         """Run the server side of a fit for the block (no thread, socket or port outlives
-        it)."""
+        it); ``progress`` runs beside the server, among ``spec.callbacks``."""
         with FitServer(spec, secret, model=model, store=store, on_abort=on_abort) as fit:
             yield ServerInProcess(fit, self.task_host)
 

@@ -119,7 +119,8 @@ class Host:
             return {"failure": server.failure, "version": server.version, "hellos": hellos}, []
         if request == "events":
             since = int(meta.get("since", 0))
-            return {"epochs": self.fit.epochs_logged[since:]}, []
+            # As a string, as the outcome below: an epoch's logs may hold NaN.
+            return {"epochs": json.dumps(self.fit.epochs_logged[since:])}, []
         if request == "prepare_rerun":
             run, version = self.fit.prepare_rerun()
             return {"run": run, "version": version}, []

@@ -18,6 +18,7 @@ import pytest
 from pyspark.ml.evaluation import MulticlassClassificationEvaluator
 
 from spark_keras_ml import KerasEstimator
+from spark_keras_ml.callbacks import Callback
 from tests.conftest import digits_model
 from tests.integration.test_estimator import (  # noqa: F401 - collected here against Connect
     caplog_module,
@@ -103,3 +104,26 @@ def test_the_client_never_listens_and_the_server_process_ends_with_the_fit(
     while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not Path(f"/proc/{pid}").exists(), "the server process outlived its fit"
+
+
+class SlowEpochs(Callback):
+    """Makes each epoch end at least ``seconds`` after the one before (it runs beside the
+    server, inside the cluster)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, float]) -> None:
+        time.sleep(self.seconds)
+
+
+def test_epochs_show_on_the_client_as_they_end_when_a_slot_is_free(digits, caplog) -> None:  # type: ignore[no-untyped-def]
+    train, _ = digits
+    caplog.set_level(logging.INFO, logger="spark_keras_ml")
+    # One worker on the server's two slots leaves one for the polls.
+    est = KerasEstimator(model=digits_model(), epochs=3, numWorkers=1, callbacks=[SlowEpochs(2)])
+    est.fit(train)
+    shown = [r.created for r in caplog.records if r.getMessage().startswith("Epoch ")]
+    assert len(shown) == 3
+    # Shown as they ended, not all at once when the job ended.
+    assert shown[-1] - shown[0] >= 2.5, shown
