@@ -55,12 +55,25 @@ def is_connect(spark: SparkSession) -> bool:
     return type(spark).__module__.startswith("pyspark.sql.connect")
 
 
+#: Where a classic Spark fit's server lives: "driver" (the default) or "cluster" (as under Spark
+#: Connect: for a driver the executors cannot reach).
+LOCATION_CONF = "spark.keras.ps.location"
+
+
 def location_of(spark: SparkSession) -> Location:
-    """In the driver process under classic Spark; inside the cluster under Spark Connect."""
-    if is_connect(spark):
+    """Inside the cluster under Spark Connect; under classic Spark in the driver process unless
+    ``spark.keras.ps.location=cluster``."""
+    chosen = "cluster" if is_connect(spark) else spark.conf.get(LOCATION_CONF, None) or "driver"
+    if chosen.strip().lower() == "cluster":
         from spark_keras_ml.in_cluster import InCluster
 
         return InCluster.of(spark)
+    if chosen.strip().lower() != "driver":
+        raise ValueError(
+            f"Expected the Spark conf {LOCATION_CONF} to be 'driver' (the parameter server in "
+            "the driver process) or 'cluster' (in a process on an executor). Set one of them "
+            f"or unset it. Received: {LOCATION_CONF}={chosen!r}"
+        )
     return OnDriver.of(spark)
 
 
