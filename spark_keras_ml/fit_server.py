@@ -10,6 +10,7 @@ the failure text, the summary) needs of it is :class:`RunningServer`; the locati
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -101,7 +102,9 @@ class FitServer:
     manager (no thread, socket or port outlives it).
 
     ``model``: the model as built on the driver (saves building it again); ``store``: where
-    checkpoints go; ``on_abort``: called from a server thread when training aborts.
+    checkpoints go; ``on_abort``: called from a server thread when training aborts;
+    ``listener``: the socket workers connect to, when it was bound (and its address given out)
+    before the server was built.
     """
 
     def __init__(
@@ -112,8 +115,10 @@ class FitServer:
         model: keras.Model | None = None,
         store: CheckpointStore | None = None,
         on_abort: Callable[[str], None] | None = None,
+        listener: socket.socket | None = None,
     ) -> None:
         self.spec = spec
+        self._listener = listener
         if model is None:
             from spark_keras_ml.serialization import model_from_bytes
 
@@ -166,7 +171,7 @@ class FitServer:
     # --- lifecycle ----------------------------------------------------------------------------
 
     def __enter__(self) -> FitServer:
-        self.server.start()
+        self.server.start(self._listener)
         try:
             self.callbacks.train_begin(self.server, self.training, self.spec.first_epoch)
         except BaseException:

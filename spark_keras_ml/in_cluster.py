@@ -48,7 +48,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-#: Seconds the start job waits for the server process to import Keras and build the model.
+#: Seconds the start job waits for the server process to say where it listens (it builds the
+#: model after that, while the training tasks start).
 START_SECONDS = 300.0
 
 
@@ -205,7 +206,8 @@ class ServerInCluster:
         once nothing talks to it, should this job not run."""
         self.feed.stop()
         try:
-            self._restore(*self._ask({"request": "stop", "reason": reason})[1])
+            for states in self._ask({"request": "stop", "reason": reason})[1][:1]:
+                self._restore(states)
         except Exception as exc:  # the fit's own error says more
             logger.warning("Could not stop the parameter server inside the cluster: %s", exc)
         self.finished = True

@@ -28,6 +28,8 @@ import numpy as np
 
 #: How often the watchdog looks at the executor and the clock.
 WATCH_SECONDS = 2.0
+#: Seconds a control request waits for the server to be built (Keras imported, model built).
+START_SECONDS = 300.0
 
 
 def main() -> None:
@@ -60,35 +62,60 @@ class Host:
         self.idle_seconds = idle_seconds
         self.done = threading.Event()
         self.outcome: Any = None
+        #: Set once the server side is built (or failed to be: then ``failure`` says why).
+        self.ready = threading.Event()
+        self.fit: Any = None
+        self.failure: str | None = None
 
     def run(self) -> None:
-        from spark_keras_ml.checkpoint import CheckpointStore
-        from spark_keras_ml.fit_server import FitServer
+        from spark_keras_ml.ps.connections import listen
         from spark_keras_ml.ps.control import ControlServer
 
         log = logging.getLogger("spark_keras_ml.server_process")
-        try:
-            directory = self.spec.checkpoint_dir
-            store = None if directory is None else CheckpointStore.in_cluster(directory)
-            fit = FitServer(self.spec, self.secret, store=store)
-        except BaseException as exc:
-            self._say({"error": f"{type(exc).__name__}: {exc}"})
-            raise
-        self.fit = fit
-        with fit, ControlServer(self.spec.bind_host, self.secret, self.handle, 60.0) as control:
+        listener = listen(self.spec.bind_host)
+        with ControlServer(self.spec.bind_host, self.secret, self.handle, 60.0) as control:
             self.control = control
+            # Said before the model is built: the training tasks import Keras and build theirs
+            # meanwhile, and a worker that connects first waits in the listener's backlog.
             self._say(
                 {
                     "host": self.advertise,
-                    "port": fit.server.port,
+                    "port": listener.getsockname()[1],
                     "control_port": control.address[1],
                     "pid": os.getpid(),
                 }
             )
-            reason = self._watch()
-            if reason:
-                log.warning("Stopping the parameter server: %s", reason)
-                fit.server.abort(reason)
+            try:
+                fit = self._build(listener)
+            except BaseException as exc:
+                listener.close()  # waiting workers fail at once, and the job asks why
+                self.failure = (
+                    f"the parameter server could not start on {self.advertise}: "
+                    f"{type(exc).__name__}: {str(exc)[:2000]}"
+                )
+                log.exception("The parameter server could not start")
+                self.ready.set()
+                self._watch()  # until the job side has asked why, and stops it
+                return
+            try:
+                self.fit = fit
+                self.ready.set()
+                reason = self._watch()
+                if reason:
+                    log.warning("Stopping the parameter server: %s", reason)
+                    fit.server.abort(reason)
+            finally:
+                fit.__exit__()
+
+    def _build(self, listener: Any) -> Any:
+        """The fit's server side, started on ``listener``."""
+        from spark_keras_ml.checkpoint import CheckpointStore
+        from spark_keras_ml.fit_server import FitServer
+
+        directory = self.spec.checkpoint_dir
+        store = None if directory is None else CheckpointStore.in_cluster(directory)
+        fit = FitServer(self.spec, self.secret, store=store, listener=listener)
+        return fit.__enter__()
 
     def _say(self, message: dict[str, Any]) -> None:
         sys.stdout.write(json.dumps(message) + "\n")
@@ -102,7 +129,7 @@ class Host:
             if not _alive(self.watch_pid):
                 return "the executor that started it is gone"
             now = time.monotonic()
-            if self.fit.server.connected():
+            if self.fit is not None and self.fit.server.connected():
                 busy = now
             quiet = now - max(busy, self.control.last_request)
             if quiet > self.idle_seconds:
@@ -113,6 +140,10 @@ class Host:
 
     def handle(self, meta: dict[str, Any]) -> tuple[dict[str, Any], list[np.ndarray]]:
         request = meta.get("request")
+        if not self.ready.wait(START_SECONDS):
+            raise RuntimeError(f"the parameter server did not start within {START_SECONDS:g} s")
+        if self.fit is None:
+            return self._handle_failed(request)
         server = self.fit.server
         if request == "status":
             hellos = {str(k): dataclasses.asdict(v) for k, v in server.hellos.items()}
@@ -137,6 +168,17 @@ class Host:
             self.done.set()
             return {}, [self._callback_states()]
         raise ValueError(f"unknown control request {request!r}")
+
+    def _handle_failed(self, request: Any) -> tuple[dict[str, Any], list[np.ndarray]]:
+        """What a server that could not start answers: why, to every question."""
+        if request == "status":
+            return {"failure": self.failure, "version": 0, "hellos": {}}, []
+        if request == "events":
+            return {"epochs": "[]"}, []
+        if request == "stop":
+            self.done.set()
+            return {}, []
+        raise RuntimeError(str(self.failure))
 
     def _callback_states(self) -> np.ndarray:
         """What the user's callbacks hold now (their attributes), for the client to put back

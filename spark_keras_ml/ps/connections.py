@@ -44,6 +44,18 @@ HANDSHAKE_SECONDS = 5.0
 MAX_HANDSHAKES = 16
 
 
+def listen(host: str) -> socket.socket:
+    """A TCP socket bound to ``host`` on a port the kernel picks, listening."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        listener.bind((host, 0))
+        listener.listen(64)
+    except OSError:
+        listener.close()
+        raise
+    return listener
+
+
 class Connections:
     """Thread-safe registry of the handler threads, their sockets, and the idle clock."""
 

@@ -24,7 +24,7 @@ import numpy as np
 
 from spark_keras_ml.ps import protocol
 from spark_keras_ml.ps.bookkeeping import PER_EPOCH, Schedule, Superseded, TrainingAborted
-from spark_keras_ml.ps.connections import HANDSHAKE_SECONDS, Connections
+from spark_keras_ml.ps.connections import HANDSHAKE_SECONDS, Connections, listen
 from spark_keras_ml.ps.messages import Hello, MetricState, Push, Reply
 from spark_keras_ml.ps.metrics import EpochAggregator
 from spark_keras_ml.ps.protocol import Message, Op, ProtocolError, RemoteError
@@ -170,15 +170,10 @@ class ParameterServer:
 
     # --- lifecycle ----------------------------------------------------------------------------
 
-    def start(self) -> ParameterServer:
-        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            listener.bind((self._host, 0))
-            listener.listen(64)
-        except OSError:
-            listener.close()
-            raise
-        self._listener = listener
+    def start(self, listener: socket.socket | None = None) -> ParameterServer:
+        """Accept workers, on ``listener`` if given: one already listening, whose address was
+        handed out before this server was built (workers wait in its backlog until now)."""
+        self._listener = listener if listener is not None else listen(self._host)
         self._accept_thread = threading.Thread(
             target=self._accept_loop, name=f"skml-ps-accept-{self.port}", daemon=True
         )

@@ -127,3 +127,19 @@ def test_epochs_show_on_the_client_as_they_end_when_a_slot_is_free(digits, caplo
     assert len(shown) == 3
     # Shown as they ended, not all at once when the job ended.
     assert shown[-1] - shown[0] >= 2.5, shown
+
+
+class FailsToBegin(Callback):
+    def on_train_begin(self, training) -> None:  # type: ignore[no-untyped-def]
+        raise RuntimeError("no training today")
+
+
+def test_a_server_that_cannot_start_fails_the_fit_saying_why(digits) -> None:  # type: ignore[no-untyped-def]
+    train, _ = digits
+    # The server says where it listens before it builds: the training job runs, its workers
+    # find no server, and the fit's error is why the server could not start.
+    est = KerasEstimator(model=digits_model(), epochs=2, numWorkers=2, callbacks=[FailsToBegin()])
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"could not start on .*no training today"):
+        est.fit(train)
+    assert time.monotonic() - started < 120
