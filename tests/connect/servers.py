@@ -83,7 +83,8 @@ def connect_server(folder: Path, master: str = "local[2]", **conf: str) -> Itera
     for key, value in settings.items():
         args += ["--conf", f"{key}={value}"]
     env = _env(folder)
-    subprocess.run(args, env=env, check=True, capture_output=True)
+    # Started in its folder: a relative path a client saves to lands there, not in the checkout.
+    subprocess.run(args, env=env, check=True, capture_output=True, cwd=folder)
     try:
         _wait_for_port(port, folder, "the Spark Connect server")
         yield f"sc://{HOST}:{port}"

@@ -58,20 +58,29 @@ def test_the_readme_finds_its_blocks_and_few_are_skipped() -> None:
     assert "SparkSession" in str(blocks[0]["code"])  # the Quickstart starts its own session
 
 
+def run_blocks(
+    blocks: list[dict[str, object]], cwd: Path, env: dict[str, str], timeout: float = 300
+) -> str:
+    """Run ``blocks`` in one fresh interpreter in ``cwd``; its output (failing unless every
+    block ran)."""
+    result = subprocess.run(
+        [sys.executable, "-c", RUNNER],
+        input=json.dumps(blocks),
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=timeout,
+    )
+    output = f"{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    assert result.returncode == 0, output
+    assert result.stdout.rstrip().endswith("--- all blocks ran"), output
+    return result.stdout + result.stderr
+
+
 def test_every_python_block_of_the_readme_runs_as_written(tmp_path: Path) -> None:
     blocks, _ = python_blocks()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYSPARK_")}
     # All of them, then the Quickstart again, which meets the model the first run saved.
-    for run, which in ((1, blocks), (2, blocks[:1])):
-        result = subprocess.run(
-            [sys.executable, "-c", RUNNER],
-            input=json.dumps(which),
-            capture_output=True,
-            text=True,
-            cwd=tmp_path,
-            env=env,
-            timeout=300,
-        )
-        output = f"run {run}:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
-        assert result.returncode == 0, output
-        assert result.stdout.rstrip().endswith("--- all blocks ran"), output
+    run_blocks(blocks, tmp_path, env)
+    run_blocks(blocks[:1], tmp_path, env)
