@@ -362,6 +362,9 @@ _LOST_TASK = re.compile(
     r"Lost task (\d+)\.\d+ in stage [\d.]+ \(TID \d+\) \(([^)]*)\)"
     r"|barrier task ResultTask\(\d+, (\d+)\)()"
 )
+#: How Spark says a job was cancelled: "Job 3 cancelled ..." on classic Spark, "[OPERATION_CANCELED]
+#: Operation has been canceled." when a Spark Connect client interrupts it.
+_CANCELLED = re.compile(r"cancel+ed", re.IGNORECASE)
 _MISSING_MODULE = re.compile(r"(?:ModuleNotFoundError|ImportError): .*?No module named '([\w.]+)'")
 
 
@@ -395,8 +398,8 @@ def _job_failure(exc: BaseException) -> JobFailure:
             lines[0] if lines else "",
         ),
     )
-    if _PYTHON_ERROR.match(cause) is None and "cancelled" in text.lower():
-        return JobFailure(next(line for line in lines if "cancelled" in line.lower()), "cancelled")
+    if _PYTHON_ERROR.match(cause) is None and _CANCELLED.search(text):
+        return JobFailure(next(line for line in lines if _CANCELLED.search(line)), "cancelled")
     name = cause.split(":", 1)[0].rsplit(".", 1)[-1]
     killed = _KILLED.search(text)
     if name == "MemoryError":

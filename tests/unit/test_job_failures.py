@@ -3,6 +3,8 @@ writes it, captured from real failures) and what the workers said of themselves.
 
 from __future__ import annotations
 
+import pytest
+
 from spark_keras_ml.cluster import job_failure, job_failure_message
 from spark_keras_ml.ps.messages import Hello
 
@@ -67,3 +69,23 @@ def test_a_workers_own_memory_error_is_its_message() -> None:
     message = job_failure_message(failure, "sync", 0, {})
     assert "ran out of memory (MemoryError: partition 0 ran out of memory reading" in message
     assert "was lost" not in message and "dataCache='disk'" in message
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        # Classic Spark, after SparkContext.cancelJobsWithTag or cancelAllJobs.
+        "An error occurred while calling o95.collectToPython.\n: org.apache.spark.SparkException: "
+        "Job 12 cancelled part of cancelled job tags spark_keras_ml-fit-0f3a",
+        # A Spark Connect client, after SparkSession.interruptAll or interruptTag.
+        "(org.apache.spark.SparkSQLException) [OPERATION_CANCELED] Operation has been canceled. "
+        "SQLSTATE: HY008",
+    ],
+)
+def test_a_cancelled_job_is_named_so_and_not_rerun_in_either_spelling(text: str) -> None:
+    failure = job_failure(RuntimeError(text))
+    assert failure.kind == "cancelled" and not failure.rerun_helps
+    assert failure.cause == text.splitlines()[-1]
+    message = job_failure_message(failure, "sync", 2, {})
+    assert message.startswith(f"Distributed training was cancelled ({failure.cause}).")
+    assert "A cancelled fit is not rerun, whatever syncRetries says" in message
