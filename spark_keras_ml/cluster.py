@@ -438,7 +438,8 @@ def job_failure_message(
             "PYSPARK_PYTHON (spark.pyspark.python) at an interpreter that has spark_keras_ml "
             "and its dependencies (pyarrow, pandas, keras and its backend), install them in "
             "the cluster's environment, or ship pure-Python modules with --py-files "
-            "(SparkContext.addPyFile). Rerunning would fail the same way, so it was not rerun."
+            "(SparkContext.addPyFile; through Spark Connect, SparkSession.addArtifacts(path, "
+            "pyfile=True)). Rerunning would fail the same way, so it was not rerun."
         )
     if mode == "sync":
         rerun = (

@@ -40,7 +40,8 @@ def import_custom_objects(modules: Sequence[str]) -> None:
             raise ImportError(
                 f"Expected module `{name}` (from customObjects) to be importable here "
                 f"({socket.gethostname()}, pid {os.getpid()}). Install it on every executor or "
-                f"ship it with SparkContext.addPyFile. Received: {exc}"
+                "ship it with SparkContext.addPyFile (through Spark Connect: "
+                f"SparkSession.addArtifacts(path, pyfile=True)). Received: {exc}"
             ) from exc
 
 
@@ -71,7 +72,8 @@ def model_from_bytes(
                 f"Expected the model's custom objects ({listed}) to be registered here "
                 f"({socket.gethostname()}): list the modules that register them "
                 "(keras.saving.register_keras_serializable) in customObjects, and install them "
-                "on every executor or ship them with SparkContext.addPyFile. "
+                "on every executor or ship them with SparkContext.addPyFile (through Spark "
+                "Connect: SparkSession.addArtifacts(path, pyfile=True)). "
                 f"Received: {str(exc).splitlines()[0][:300]}"
             ) from exc
     config = compile_config_of(data)
