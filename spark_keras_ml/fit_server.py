@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from spark_keras_ml.callbacks import CallbackError, FitCallbacks, Training
+from spark_keras_ml.callbacks import Callback, CallbackError, FitCallbacks, Training
 from spark_keras_ml.checkpoint import Checkpoint, CheckpointWriter, joined_history
 from spark_keras_ml.metric_results import results_from_states
 from spark_keras_ml.ps.bookkeeping import Schedule
@@ -61,11 +61,24 @@ class ServerSpec:
     resume_history: dict[str, list[float]]
     callbacks: list[Any]
     bind_host: str
-    #: The weights to start from (a checkpoint's); None: the model's own.
+    #: The weights to start from (a checkpoint's, or given so that the server need not build
+    #: the model) and each one's ``trainable``; None: the model's own.
     weights: list[np.ndarray] | None = None
+    trainable: list[bool] | None = None
     #: checkpointDir, for a server that opens it itself (inside the cluster); the driver's
     #: server is handed the store it read the checkpoint through.
     checkpoint_dir: str | None = None
+
+    @property
+    def needs_model(self) -> bool:
+        """Whether the server side uses the Keras model itself: an optimizer it steps (sync
+        rounds of gradients, an outer optimizer) or a Keras callback's model. Without one it
+        imports no Keras to start (Keras computes metrics from their states later)."""
+        return (
+            self.gradients
+            or self.outer_optimizer is not None
+            or any(not isinstance(c, Callback) for c in self.callbacks)
+        )
 
 
 @dataclass
@@ -119,19 +132,32 @@ class FitServer:
     ) -> None:
         self.spec = spec
         self._listener = listener
-        if model is None:
+        light = spec.weights is not None and spec.trainable is not None and not spec.needs_model
+        if model is None and not light:
             from spark_keras_ml.serialization import model_from_bytes
 
             model = model_from_bytes(
                 spec.model_bytes, compile=True, custom_objects=spec.custom_objects
             )
-        if spec.weights is not None:
+        if model is not None and spec.weights is not None:
             model.set_weights(spec.weights)
+        weights = model.get_weights() if model is not None else list(spec.weights or [])
+        trainable = (
+            [v.trainable for v in model.weights]
+            if model is not None
+            else list(spec.trainable or [])
+        )
         self._on_abort = on_abort
         self._lock = threading.Lock()
         self.epochs_logged: list[tuple[int, dict[str, float]]] = []
+        optimizer = outer = None
+        if model is not None:  # always, where the spec needs one
+            if spec.gradients:
+                optimizer = server_optimizer(model, spec.compile_config, batched=True)
+            if spec.outer_optimizer is not None:
+                outer = server_optimizer(model, {"optimizer": spec.outer_optimizer})
         self.server = ParameterServer(
-            model.get_weights(),
+            weights,
             num_workers=spec.num_workers,
             secret=secret,
             mode=spec.mode,
@@ -145,15 +171,11 @@ class FitServer:
             on_epoch_applied=self._on_epoch_applied,
             finish_states=results_from_states,
             on_abort=self._abort,
-            optimizer=server_optimizer(model, spec.compile_config, batched=True)
-            if spec.gradients
-            else None,
-            outer=None
-            if spec.outer_optimizer is None
-            else server_optimizer(model, {"optimizer": spec.outer_optimizer}),
+            optimizer=optimizer,
+            outer=outer,
             delta_scale=delta_scale(spec.mode, spec.schedule.frequency, spec.num_workers),
             boost_caps=spec.boost_caps,
-            trainable=[v.trainable for v in model.weights],
+            trainable=trainable,
         )
         self.training = Training(self.server, spec.epochs, spec.first_epoch)
         self.callbacks = FitCallbacks.plan(spec.callbacks, self._driver_model)

@@ -109,8 +109,14 @@ class InCluster:
         server the block did not finish is stopped. The epochs show on the client through
         :class:`~spark_keras_ml.epoch_feed.EpochFeed`."""
         weights_bytes = sum(w.nbytes for w in model.get_weights())
-        if spec.first_epoch > 0:  # the checkpoint's weights, not those the model was saved with
-            spec = dataclasses.replace(spec, weights=model.get_weights())
+        # The weights as they are (a checkpoint's, if resumed): a server that needs no model
+        # then starts without importing Keras, and is sent no model bytes.
+        spec = dataclasses.replace(
+            spec,
+            weights=model.get_weights(),
+            trainable=[v.trainable for v in model.weights],
+            model_bytes=spec.model_bytes if spec.needs_model else b"",
+        )
         payload = {
             "spec": spec,
             "secret": secret,
