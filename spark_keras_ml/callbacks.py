@@ -222,13 +222,17 @@ class ProgressBar(Callback):
             self._bar = _live_bar(stream, training)
 
     def on_epoch_end(self, epoch: int, logs: dict[str, float]) -> None:
+        now = time.perf_counter()
+        seconds, self._last = now - self._last, now
+        self.show_epoch(epoch, logs, seconds)
+
+    def show_epoch(self, epoch: int, logs: dict[str, float], seconds: float) -> None:
+        """One epoch, which took ``seconds`` (measured where it ran: beside the server)."""
         metrics = {k: v for k, v in logs.items() if k != "rows"}
         if self._bar is not None:
             self._bar.set_postfix({k: f"{v:.4f}" for k, v in metrics.items()}, refresh=False)
             self._bar.update(1)
             return
-        now = time.perf_counter()
-        seconds, self._last = now - self._last, now
         took = f"{seconds:.1f}s" if seconds >= 1 else f"{seconds * 1000:.0f}ms"
         values = "".join(f" - {k}: {v:.4f}" for k, v in metrics.items())
         print(

@@ -15,7 +15,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from spark_keras_ml.callbacks import Training
+from spark_keras_ml.callbacks import ProgressBar, Training
+from spark_keras_ml.fit_server import EpochLog
 from spark_keras_ml.summary import format_epoch
 
 logger = logging.getLogger(__name__)
@@ -23,7 +24,7 @@ logger = logging.getLogger(__name__)
 #: Seconds between two polls of the server's epochs.
 POLL_SECONDS = 1.0
 
-Epochs = list[tuple[int, dict[str, float]]]
+Epochs = list[EpochLog]
 
 
 class EpochFeed:
@@ -67,10 +68,14 @@ class EpochFeed:
     def show(self, epochs: Epochs, since: int = 0) -> None:
         """Show those of ``epochs`` (the server's, from its ``since``-th) not shown yet."""
         with self._lock:
-            for epoch, logs in epochs[self._shown - since :]:
+            for epoch, logs, seconds in epochs[self._shown - since :]:
                 logger.info(format_epoch(epoch, self._epochs, logs))
                 for callback in self._progress:
-                    callback.on_epoch_end(epoch, {k: v for k, v in logs.items() if k != "rows"})
+                    # The time the epoch took beside the server, not since the last poll.
+                    if isinstance(callback, ProgressBar):
+                        callback.show_epoch(epoch, logs, seconds)
+                    else:
+                        callback.on_epoch_end(epoch, {k: v for k, v in logs.items() if k != "rows"})
                 self._shown += 1
 
     def end(self, epochs: Epochs, history: dict[str, list[float]]) -> None:

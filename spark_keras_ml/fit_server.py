@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -81,6 +82,10 @@ class ServerSpec:
         )
 
 
+#: One epoch as the server logged it: its number, its logs and the seconds it took.
+EpochLog = tuple[int, dict[str, float], float]
+
+
 @dataclass
 class FitOutcome:
     """What the server side leaves once the job is over."""
@@ -92,7 +97,7 @@ class FitOutcome:
     stopped_early: bool
     checkpoint_error: str | None = None
     #: Under Spark Connect: the lines the server logged per epoch, for the client to show.
-    epochs_logged: list[tuple[int, dict[str, float]]] = field(default_factory=list)
+    epochs_logged: list[EpochLog] = field(default_factory=list)
 
 
 class RunningServer(Protocol):
@@ -149,7 +154,8 @@ class FitServer:
         )
         self._on_abort = on_abort
         self._lock = threading.Lock()
-        self.epochs_logged: list[tuple[int, dict[str, float]]] = []
+        self.epochs_logged: list[EpochLog] = []
+        self._epoch_started = time.monotonic()
         optimizer = outer = None
         if model is not None:  # always, where the spec needs one
             if spec.gradients:
@@ -199,6 +205,7 @@ class FitServer:
         except BaseException:
             self.__exit__()
             raise
+        self._epoch_started = time.monotonic()
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -220,7 +227,9 @@ class FitServer:
     def _on_epoch(self, epoch: int, logs: dict[str, float]) -> None:
         logger.info(format_epoch(epoch, self.spec.epochs, logs))
         with self._lock:
-            self.epochs_logged.append((epoch, dict(logs)))
+            now = time.monotonic()
+            self.epochs_logged.append((epoch, dict(logs), now - self._epoch_started))
+            self._epoch_started = now
         try:
             self.callbacks.epoch_end(epoch, {k: v for k, v in logs.items() if k != "rows"})
         except CallbackError as exc:

@@ -39,7 +39,7 @@ from spark_keras_ml.executor.server_host import (
     start_server,
 )
 from spark_keras_ml.filesystems import ArrowFiles
-from spark_keras_ml.fit_server import FitOutcome, ServerSpec
+from spark_keras_ml.fit_server import EpochLog, FitOutcome, ServerSpec
 from spark_keras_ml.ps.messages import Hello
 
 if TYPE_CHECKING:
@@ -190,17 +190,18 @@ class ServerInCluster:
         meta = self._ask({"request": "prepare_rerun"})[0]
         return int(meta["run"]), int(meta["version"])
 
-    def events(self, since: int) -> list[tuple[int, dict[str, float]]]:
+    def events(self, since: int) -> list[EpochLog]:
         """The epochs the server logged after its first ``since``."""
-        epochs = json.loads(self._ask({"request": "events", "since": since})[0]["epochs"])
-        return [(int(epoch), dict(logs)) for epoch, logs in epochs]
+        return _epoch_logs(
+            json.loads(self._ask({"request": "events", "since": since})[0]["epochs"])
+        )
 
     def finish(self) -> FitOutcome:
         self.feed.stop()
         reply, arrays = self._ask({"request": "finish"})
         self.finished = True
         meta = json.loads(reply["outcome"])
-        meta["epochs_logged"] = [(int(e), dict(logs)) for e, logs in meta["epochs_logged"]]
+        meta["epochs_logged"] = _epoch_logs(meta["epochs_logged"])
         *weights, states = arrays
         self._restore(states)
         outcome = FitOutcome(weights=weights, **meta)
@@ -224,6 +225,11 @@ class ServerInCluster:
         for callback, state in zip(self._callbacks, cloudpickle.loads(states.tobytes())):
             if state is not None:
                 vars(callback).update(state)
+
+
+def _epoch_logs(epochs: list[list[Any]]) -> list[EpochLog]:
+    """Epochs as JSON gave them back (lists) as the server logged them."""
+    return [(int(epoch), dict(logs), float(seconds)) for epoch, logs, seconds in epochs]
 
 
 def one_task(

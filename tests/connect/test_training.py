@@ -143,3 +143,16 @@ def test_a_server_that_cannot_start_fails_the_fit_saying_why(digits) -> None:  #
     with pytest.raises(RuntimeError, match=r"could not start on .*no training today"):
         est.fit(train)
     assert time.monotonic() - started < 120
+
+
+def test_the_progress_shows_how_long_each_epoch_took_beside_the_server(digits, capsys) -> None:  # type: ignore[no-untyped-def]
+    train, _ = digits
+    # Two workers on two slots: no poll can run, every epoch shows when the job ends.
+    est = KerasEstimator(
+        model=digits_model(), epochs=2, numWorkers=2, verbose=2, callbacks=[SlowEpochs(1.5)]
+    )
+    est.fit(train)
+    lines = re.findall(r"^Epoch (\d)/2 - ([\d.]+)(s|ms)", capsys.readouterr().out, re.M)
+    assert [n for n, _, _ in lines] == ["1", "2"], lines
+    # Epoch 2 ended 1.5 s or more after epoch 1 (the callback's sleep), not as shown (0 ms).
+    assert lines[1][2] == "s" and float(lines[1][1]) >= 1.4, lines
