@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from pyspark.sql import DataFrame, Row, SparkSession
 
-from spark_keras_ml import cluster
+from spark_keras_ml import cluster, job_failures
 from spark_keras_ml.callbacks import Callback, progress_callbacks
 from spark_keras_ml.checkpoint import Resume
 from spark_keras_ml.config import TRAIN_RESULT_SCHEMA, Layout, TrainConfig
@@ -396,9 +396,9 @@ class FitRun:
                     if not isinstance(exc, Exception):  # an interrupt of the driver: stop it all
                         cluster.cancel_jobs(plan.spark, self._tag)
                         raise
-                    failure = cluster.job_failure(exc, server.failure())
+                    failure = job_failures.job_failure(exc, server.failure())
                     if attempt >= plan.reruns or not failure.rerun_helps:
-                        message = cluster.job_failure_message(
+                        message = job_failures.job_failure_message(
                             failure, plan.mode, attempt, server.hellos()
                         )
                         raise RuntimeError(message) from exc

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from spark_keras_ml.cluster import job_failure, job_failure_message
+from spark_keras_ml.job_failures import job_failure, job_failure_message
 from spark_keras_ml.ps.messages import Hello
 
 CRASHED = (
