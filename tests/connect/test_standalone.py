@@ -1,5 +1,6 @@
 """Training through a Spark Connect server whose master is a standalone cluster: a master and two
-workers of one core each, every executor a process of its own, as on a real cluster."""
+workers of one core each, every executor a process of its own, as on a real cluster; and the
+task-slot check a client makes of such a cluster."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 from pyspark.ml.linalg import Vectors
 
-from spark_keras_ml import KerasEstimator
+from spark_keras_ml import KerasEstimator, cluster
 from tests.connect.servers import connect_server, standalone_cluster
 from tests.connect.test_job_failures import server_ends
 
@@ -33,7 +34,7 @@ def two_class_model():  # type: ignore[no-untyped-def]
 
 
 @pytest.mark.timeout(300)
-def test_sync_and_async_fits_on_a_standalone_cluster(tmp_path, caplog) -> None:  # type: ignore[no-untyped-def]
+def test_sync_and_async_fits_on_a_standalone_cluster(tmp_path, caplog, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     from pyspark.sql import SparkSession
 
     caplog.set_level(logging.INFO, logger="spark_keras_ml")
@@ -63,5 +64,14 @@ def test_sync_and_async_fits_on_a_standalone_cluster(tmp_path, caplog) -> None: 
                 assert len(rows) == 400 and accuracy >= 0.9, (mode, accuracy)
                 assert f"(process {os.getpid()})" not in caplog.text
                 server_ends(caplog.text)
+            # A client cannot see the executors: the planned slots are proven by a barrier stage,
+            # and one wider than the cluster is refused with the classic message.
+            monkeypatch.setattr(cluster, "_SLOT_WAIT_SECONDS", 6.0)
+            with pytest.raises(
+                ValueError,
+                match=r"cluster's 2 task slots \(a barrier stage of 3 tasks did not start after "
+                r"waiting 6 s .*numWorkers=3$",
+            ):
+                cluster.check_workers(session, "sync", 3)
         finally:
             session.stop()

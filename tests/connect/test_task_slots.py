@@ -86,27 +86,3 @@ def test_tagged_jobs_are_cancelled_from_another_thread(spark) -> None:  # type: 
     assert not thread.is_alive() and time.monotonic() - started < 60
     assert failed and "cancel" in str(failed[0]).lower()
     assert spark.getTags() == set()  # this thread's tags: the other thread's were its own
-
-
-def test_a_cluster_master_proves_its_planned_slots_with_a_barrier_stage(  # type: ignore[no-untyped-def]
-    tmp_path, monkeypatch
-) -> None:
-    from pyspark.sql.connect.session import SparkSession
-
-    from tests.connect.servers import connect_server
-
-    monkeypatch.setattr(cluster, "_SLOT_WAIT_SECONDS", 6.0)
-    with connect_server(tmp_path, master="local-cluster[2,1,1024]") as url:
-        # Not the builder: it would make this session the process's default and active one.
-        session = SparkSession(connection=url)
-        try:
-            assert cluster.check_workers(session, "sync", None) == 2
-            assert cluster.check_workers(session, "sync", 2) == 2
-            with pytest.raises(
-                ValueError,
-                match=r"cluster's 2 task slots \(a barrier stage of 3 tasks did not start after "
-                r"waiting 6 s .*numWorkers=3$",
-            ):
-                cluster.check_workers(session, "sync", 3)
-        finally:
-            session.stop()
