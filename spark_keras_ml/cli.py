@@ -174,6 +174,16 @@ def _first(exc: BaseException) -> str:
     return lines[0][:300] if lines else type(exc).__name__
 
 
+def run(args: argparse.Namespace, spark: Any) -> int:
+    """Score as ``args`` say through ``spark``; the exit code, with the error on stderr when it
+    is not 0. The session is the caller's: it stays open."""
+    try:
+        return score(args, spark)
+    except ScoringError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.code
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(
@@ -193,10 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         builder = builder.master("local[*]")  # neither spark-submit nor Connect: run embedded
     spark = builder.getOrCreate()
     try:
-        return score(args, spark)
-    except ScoringError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.code
+        return run(args, spark)
     finally:
         spark.stop()
 

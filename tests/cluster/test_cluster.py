@@ -12,7 +12,7 @@ import threading
 import pytest
 from pyspark.ml.evaluation import MulticlassClassificationEvaluator
 
-from spark_keras_ml import KerasEstimator
+from spark_keras_ml import KerasEstimator, cluster
 from tests.conftest import digits_model
 
 pytestmark = pytest.mark.cluster
@@ -42,12 +42,13 @@ def test_sync_fit_on_separate_executors(spark, digits) -> None:  # type: ignore[
     assert not [t.name for t in threading.enumerate() if t.name.startswith("skml-ps")]
 
 
-def test_more_workers_than_slots_is_refused_before_launch(spark, digits, caplog) -> None:  # type: ignore[no-untyped-def]
+def test_more_workers_than_slots_is_refused_before_launch(
+    spark, digits, caplog, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
     train, _ = digits
     caplog.set_level("WARNING", logger="spark_keras_ml.cluster")
-    with pytest.raises(
-        ValueError, match=r"at most the cluster's 2 task slots \(after waiting 30 s"
-    ):
+    monkeypatch.setattr(cluster, "_SLOT_WAIT_SECONDS", 6.0)  # 30 s by default
+    with pytest.raises(ValueError, match=r"at most the cluster's 2 task slots \(after waiting 6 s"):
         KerasEstimator(model=digits_model(), numWorkers=3).fit(train)
     # The wait for executors to register says so, with how long it lasts.
-    assert "Waiting up to 30 s for executors to register: 2 of the 3 task slots" in caplog.text
+    assert "Waiting up to 6 s for executors to register: 2 of the 3 task slots" in caplog.text

@@ -1,5 +1,8 @@
 """checkpointDir under Spark Connect: read by a one-task job and written by the server process
-inside the cluster, through Arrow's file systems; the classic suite's fit tests run here again."""
+inside the cluster, through Arrow's file systems; the classic suite's fit tests run here again.
+
+Resuming runs in sync mode only: where the server writes and reads is the same in every mode,
+and the store's handling of partial folders is tested on both file systems in the unit tests."""
 
 from __future__ import annotations
 
@@ -8,13 +11,16 @@ import pytest
 from spark_keras_ml import KerasEstimator
 from tests.conftest import digits_model
 from tests.integration.test_checkpoint import (  # noqa: F401 - collected here against Connect
+    interrupted_fit_resumes,
     test_a_checkpoint_of_another_model_is_refused,
-    test_a_fit_resumes_past_a_partial_folder,
-    test_an_interrupted_fit_resumes_after_its_last_completed_epoch,
     test_an_unwritable_checkpoint_dir_fails_before_training,
 )
 
 pytestmark = pytest.mark.connect
+
+
+def test_an_interrupted_sync_fit_resumes_after_its_last_completed_epoch(digits, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    interrupted_fit_resumes(digits, tmp_path, "sync")
 
 
 def test_an_unwritable_checkpoint_dir_is_named_as_the_executors_see_it(digits, tmp_path) -> None:  # type: ignore[no-untyped-def]

@@ -1,4 +1,5 @@
-"""``python -m spark_keras_ml score --remote sc://...``: a scoring job through a Connect server."""
+"""``python -m spark_keras_ml score --remote sc://...``: a scoring job through a Connect server,
+as a process once, then through ``cli.run`` with this suite's Connect session."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 
 from spark_keras_ml import KerasTransformer
 from tests.conftest import digits_model
+from tests.integration.test_cli import score_here
 
 pytestmark = pytest.mark.connect
 
@@ -37,7 +39,9 @@ def saved(spark, digits, tmp_path_factory):  # type: ignore[no-untyped-def]
     return root, test.count()
 
 
-def test_scores_through_the_server_and_refuses_to_overwrite(spark, connect_url, saved) -> None:  # type: ignore[no-untyped-def]
+def test_scores_through_the_server_and_refuses_to_overwrite(
+    spark, connect_url, saved, capsys
+) -> None:  # type: ignore[no-untyped-def]
     root, rows = saved
     args = ["--model", str(root / "model"), "--input", str(root / "input.parquet")]
     done = run_score(connect_url, *args, "--output", str(root / "out.json"))
@@ -45,23 +49,23 @@ def test_scores_through_the_server_and_refuses_to_overwrite(spark, connect_url, 
     out = spark.read.json(str(root / "out.json"))
     assert out.count() == rows
     assert {"prediction", "probability", "rawPrediction"} <= set(out.columns)
-    again = run_score(connect_url, *args, "--output", str(root / "out.json"))
-    assert again.returncode == 5, again.stderr[-3000:]
-    assert "--mode overwrite" in again.stderr
+    code, err = score_here(spark, capsys, *args, "--output", str(root / "out.json"))
+    assert code == 5, err[-3000:]
+    assert "--mode overwrite" in err
 
 
-def test_missing_model_and_missing_columns_fail_clearly(connect_url, saved) -> None:  # type: ignore[no-untyped-def]
+def test_missing_model_and_missing_columns_fail_clearly(spark, saved, capsys) -> None:  # type: ignore[no-untyped-def]
     root, _ = saved
     into = ["--output", str(root / "never")]
-    missing = run_score(
-        connect_url, "--model", str(root / "nope"), "--input", str(root / "input.parquet"), *into
+    code, err = score_here(
+        spark, capsys, "--model", str(root / "nope"), "--input", str(root / "input.parquet"), *into
     )
-    assert missing.returncode == 3, missing.stderr[-3000:]
-    assert "Expected a saved PipelineModel or KerasTransformer" in missing.stderr
-    assert "JVM_ATTRIBUTE_NOT_SUPPORTED" not in missing.stderr
-    columns = run_score(
-        connect_url, "--model", str(root / "model"), "--input", str(root / "other.parquet"), *into
+    assert code == 3, err[-3000:]
+    assert "Expected a saved PipelineModel or KerasTransformer" in err
+    assert "JVM_ATTRIBUTE_NOT_SUPPORTED" not in err
+    code, err = score_here(
+        spark, capsys, "--model", str(root / "model"), "--input", str(root / "other.parquet"), *into
     )
-    assert columns.returncode == 4, columns.stderr[-3000:]
-    assert "`featuresCol`" in columns.stderr and "features" in columns.stderr
+    assert code == 4, err[-3000:]
+    assert "`featuresCol`" in err and "features" in err
     assert not Path(root / "never").exists()

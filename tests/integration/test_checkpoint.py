@@ -58,6 +58,12 @@ class InterruptAt(Callback):
 
 @pytest.mark.parametrize("mode", ["sync", "async"])
 def test_an_interrupted_fit_resumes_after_its_last_completed_epoch(digits, tmp_path, mode) -> None:  # type: ignore[no-untyped-def]
+    interrupted_fit_resumes(digits, tmp_path, mode)
+
+
+def interrupted_fit_resumes(digits, tmp_path, mode: str) -> None:  # type: ignore[no-untyped-def]
+    """A fit interrupted in its third epoch resumes at it, and a fit after the last epoch
+    trains nothing."""
     train, _ = digits
     directory = tmp_path / "ckpt"
     interrupt = InterruptAt(epoch=2)

@@ -1,4 +1,6 @@
-"""``python -m spark_keras_ml score`` in a subprocess: a production scoring job."""
+"""``python -m spark_keras_ml score``: a production scoring job, run as a process where the
+process is the point (its session, its exit code, what it imports), and otherwise through
+``cli.run`` with this suite's session, which is what the command runs once it has one."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from spark_keras_ml import KerasTransformer
+from spark_keras_ml import KerasTransformer, cli
 from tests.conftest import digits_model
 from tests.integration.saved import edit_metadata
 
@@ -28,6 +30,13 @@ def run_score(*args: str, path: str = "") -> subprocess.CompletedProcess[str]:
     )
 
 
+def score_here(spark, capsys, *args: str) -> tuple[int, str]:  # type: ignore[no-untyped-def]
+    """The command's exit code and stderr, scored through ``spark`` in this process."""
+    capsys.readouterr()
+    code = cli.run(cli.parse_args(["score", *args]), spark)
+    return code, capsys.readouterr().err
+
+
 @pytest.fixture(scope="module")
 def saved(digits, tmp_path_factory):  # type: ignore[no-untyped-def]
     root = tmp_path_factory.mktemp("score")
@@ -38,7 +47,7 @@ def saved(digits, tmp_path_factory):  # type: ignore[no-untyped-def]
     return root, test.count()
 
 
-def test_scores_a_table_and_refuses_to_overwrite(spark, saved) -> None:  # type: ignore[no-untyped-def]
+def test_scores_a_table_and_refuses_to_overwrite(spark, saved, capsys) -> None:  # type: ignore[no-untyped-def]
     root, rows = saved
     args = ["--model", str(root / "model"), "--input", str(root / "input.parquet")]
     done = run_score(*args, "--output", str(root / "out.json"))
@@ -46,25 +55,23 @@ def test_scores_a_table_and_refuses_to_overwrite(spark, saved) -> None:  # type:
     out = spark.read.json(str(root / "out.json"))
     assert out.count() == rows
     assert {"prediction", "probability", "rawPrediction"} <= set(out.columns)
-    again = run_score(*args, "--output", str(root / "out.json"))
-    assert again.returncode == 5
-    assert "--mode overwrite" in again.stderr
+    code, err = score_here(spark, capsys, *args, "--output", str(root / "out.json"))
+    assert code == 5
+    assert "--mode overwrite" in err
 
 
-def test_missing_model_and_missing_columns_fail_clearly(saved) -> None:  # type: ignore[no-untyped-def]
+def test_missing_model_and_missing_columns_fail_clearly(spark, saved, capsys) -> None:  # type: ignore[no-untyped-def]
     root, _ = saved
-    missing = run_score(
-        "--model",
-        str(root / "nope"),
-        "--input",
-        str(root / "input.parquet"),
-        "--output",
-        str(root / "x"),
+    input_ = ["--input", str(root / "input.parquet")]
+    code, err = score_here(
+        spark, capsys, "--model", str(root / "nope"), *input_, "--output", str(root / "x")
     )
-    assert missing.returncode == 3
-    assert "Expected a saved PipelineModel or KerasTransformer" in missing.stderr
-    assert "\tat org.apache" not in missing.stderr  # no Java stack trace before the message
-    columns = run_score(
+    assert code == 3
+    assert "Expected a saved PipelineModel or KerasTransformer" in err
+    assert "\tat org.apache" not in err  # no Java stack trace before the message
+    code, err = score_here(
+        spark,
+        capsys,
         "--model",
         str(root / "model"),
         "--input",
@@ -72,21 +79,19 @@ def test_missing_model_and_missing_columns_fail_clearly(saved) -> None:  # type:
         "--output",
         str(root / "y"),
     )
-    assert columns.returncode == 4
-    assert "`featuresCol`" in columns.stderr and "features" in columns.stderr
+    assert code == 4
+    assert "`featuresCol`" in err and "features" in err
     assert not Path(root / "y").exists()
 
 
 def test_runs_under_spark_submit_with_its_exit_codes(spark, saved) -> None:  # type: ignore[no-untyped-def]
-    import spark_keras_ml.cli
-
     root, rows = saved
     submit = Path(sys.executable).with_name("spark-submit")
     env = dict(os.environ, PYSPARK_PYTHON=sys.executable, PYSPARK_DRIVER_PYTHON=sys.executable)
 
     def spark_submit(*args: str) -> subprocess.CompletedProcess[str]:
         command = [str(submit), "--master", "local[2]", "--conf", "spark.ui.enabled=false"]
-        command += [spark_keras_ml.cli.__file__, "score", *args]
+        command += [cli.__file__, "score", *args]
         return subprocess.run(
             command, capture_output=True, text=True, timeout=240, env=env, check=False
         )
@@ -113,7 +118,9 @@ def test_runs_under_spark_submit_with_its_exit_codes(spark, saved) -> None:  # t
     assert "Expected a saved PipelineModel or KerasTransformer" in missing.stdout
 
 
-def test_custom_objects_are_imported_only_when_named_on_the_command_line(saved, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_custom_objects_are_imported_only_when_named_on_the_command_line(  # type: ignore[no-untyped-def]
+    spark, saved, tmp_path, capsys, monkeypatch
+) -> None:
     root, _ = saved
     name, marker = "skml_cli_marker", tmp_path / "imported"
     (tmp_path / f"{name}.py").write_text(f"open({str(marker)!r}, 'w').write('imported')\n")
@@ -122,9 +129,11 @@ def test_custom_objects_are_imported_only_when_named_on_the_command_line(saved, 
     edit_metadata(model, lambda m: m["paramMap"].update(customObjects=[name]))
     args = ["--model", str(model), "--input", str(root / "input.parquet")]
 
-    refused = run_score(*args, "--output", str(tmp_path / "refused"), path=str(tmp_path))
-    assert refused.returncode == 3, refused.stderr[-3000:]
-    assert f"--custom-objects). Received: customObjects=['{name}']" in refused.stderr
+    # Importable here, and still not imported: the command line did not name it.
+    monkeypatch.syspath_prepend(str(tmp_path))
+    code, err = score_here(spark, capsys, *args, "--output", str(tmp_path / "refused"))
+    assert code == 3, err[-3000:]
+    assert f"--custom-objects). Received: customObjects=['{name}']" in err
     assert not marker.exists() and not (tmp_path / "refused").exists()
 
     out = str(tmp_path / "scored.json")

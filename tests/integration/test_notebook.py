@@ -1,4 +1,4 @@
-"""Every notebook in notebooks/ runs top to bottom in a fresh kernel on this interpreter."""
+"""The notebooks in notebooks/ run top to bottom in a fresh kernel on this interpreter."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import nbformat
-import pytest
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import KernelManager
 from nbclient import NotebookClient
@@ -77,6 +76,7 @@ def check_outputs(nb: nbformat.NotebookNode, name: str) -> None:
         assert int(stopped.group(1)) < 40
 
 
-@pytest.mark.parametrize("name", ["quickstart", "training_controls"])
-def test_notebook_runs(tmp_path: Path, name: str) -> None:
-    check_outputs(run_notebook(name, tmp_path), name)
+def test_the_training_controls_notebook_runs(tmp_path: Path) -> None:
+    # The quickstart notebook is the README's Quickstart, which test_readme runs here: under
+    # classic Spark this suite runs the notebook that does more; the Connect suite runs both.
+    check_outputs(run_notebook("training_controls", tmp_path), "training_controls")
