@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST := $(PY) -m pytest -p no:cacheprovider
 
-.PHONY: venv demo test test-unit test-integration test-cluster test-connect lint format typecheck clean bench bench-quick
+.PHONY: venv demo test test-unit test-integration test-cluster test-connect test-beside-integration lint format typecheck clean bench bench-quick
 
 $(STAMP): pyproject.toml setup.cfg
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,7 +21,17 @@ demo: $(STAMP)
 	$(PY) -m spark_keras_ml.demo
 
 ## Everything: lint, types, unit, integration (local[2]), cluster (local-cluster) and Connect tests.
-test: lint typecheck test-unit test-integration test-cluster test-connect
+## The integration suite runs beside the unit, cluster and Connect suites (those one after the
+## other): each spends much of its time waiting on JVMs, fresh interpreters and sockets, so two
+## streams on two cores finish well before one. Each stream's output is printed whole when it ends.
+test: lint typecheck
+	$(MAKE) --no-print-directory -j2 --output-sync=target test-integration test-beside-integration
+
+# The second stream of `make test`: one suite after the other.
+test-beside-integration: $(STAMP)
+	$(MAKE) --no-print-directory test-unit
+	$(MAKE) --no-print-directory test-cluster
+	$(MAKE) --no-print-directory test-connect
 
 test-unit: $(STAMP)
 	$(PYTEST) tests/unit

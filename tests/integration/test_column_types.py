@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from spark_keras_ml import KerasEstimator, KerasTransformer
-from tests.integration.test_cli import run_score
+from tests.integration.test_cli import score_here
 
 pytestmark = pytest.mark.usefixtures("spark")
 
@@ -89,6 +89,7 @@ def test_structured_data_of_raw_strings_and_ids_trains_and_scores_alike_in_the_s
     spark,  # type: ignore[no-untyped-def]
     structured,  # type: ignore[no-untyped-def]
     tmp_path,  # type: ignore[no-untyped-def]
+    capsys,  # type: ignore[no-untyped-def]
 ) -> None:
     estimator = KerasEstimator(
         model=structured_model(),
@@ -119,15 +120,17 @@ def test_structured_data_of_raw_strings_and_ids_trains_and_scores_alike_in_the_s
     probabilities = [r["probability"][1] for r in here.select("probability").collect()]
     np.testing.assert_allclose(probabilities, keras_p, rtol=1e-5, atol=1e-6)
 
-    # The production scoring job, in a fresh process, on the table as stored: the same scores.
+    # The production scoring job, from the saved files, on the table as stored: the same scores.
+    # (test_saved_pipelines loads in a fresh process; the score command's process is test_cli's.)
     fitted.save(str(tmp_path / "model"))
     structured.write.parquet(str(tmp_path / "input.parquet"))
     output = tmp_path / "scored.parquet"
-    done = run_score(
+    code, err = score_here(
+        spark, capsys,
         "--model", str(tmp_path / "model"), "--input", str(tmp_path / "input.parquet"),
         "--output", str(output),
     )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert code == 0, err[-3000:]
     scored = spark.read.parquet(str(output)).orderBy("user", "city", "age")
     assert scored.schema["user"].dataType.simpleString() == "bigint"
     there = [r["probability"][1] for r in scored.select("probability").collect()]
