@@ -29,7 +29,6 @@ from tests.integration.test_estimator import (  # noqa: F401 - collected here ag
     test_no_server_thread_or_port_survives_the_fit,
     test_one_info_line_per_epoch,
     test_sync_batch_reaches_holdout_accuracy,
-    test_sync_epoch_reaches_holdout_accuracy,
 )
 from tests.integration.test_keras_callbacks import (  # noqa: F401
     table,
