@@ -4,7 +4,8 @@ The parameter server sums each metric's state over the workers
 (:func:`spark_keras_ml.ps.metrics.summed_states`) but does not import Keras; this module is its
 ``finish_states``: it rebuilds each metric from its config, loads the summed state into it and
 asks it for its result, so AUC, TruePositives or Precision come out as Keras would compute them
-over every worker's rows at once.
+over every worker's rows at once. A ``Mean`` (the loss, accuracy and every other
+MeanMetricWrapper) is its total over its count, computed here without Keras.
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ def results_from_states(
 
 
 def _result(state: MetricState, custom_objects: dict[str, Any] | None) -> float | None:
+    if state.mean:
+        return _mean(state)
     import keras
 
     metric = _metric_like(state, custom_objects)
@@ -57,6 +60,20 @@ def _result(state: MetricState, custom_objects: dict[str, Any] | None) -> float 
         return None
     array = np.asarray(keras.ops.convert_to_numpy(result))
     return float(array) if array.ndim == 0 else None
+
+
+def _mean(state: MetricState) -> float | None:
+    """A ``Mean``'s result from its summed (total, count), as Keras computes it
+    (``divide_no_nan`` in the variables' dtype), without importing Keras: the server inside the
+    cluster then needs no Keras for the loss and the MeanMetricWrapper metrics."""
+    (total_dtype, total_shape, total), (_, count_shape, count) = state.values
+    if total_shape or count_shape:
+        return None
+    dtype = np.dtype(total_dtype)
+    divisor = np.asarray(count[0], np.float64).astype(dtype)
+    if divisor == 0:
+        return 0.0
+    return float(np.asarray(total[0], np.float64).astype(dtype) / divisor)
 
 
 def _metric_like(

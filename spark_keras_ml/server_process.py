@@ -85,10 +85,6 @@ class Host:
                     "pid": os.getpid(),
                 }
             )
-            if not self.spec.needs_model:
-                # Keras computes the epoch's metrics from their summed states: imported while
-                # the workers start, not at the end of the first epoch, which would wait for it.
-                threading.Thread(target=_import_keras, name="skml-import", daemon=True).start()
             try:
                 fit = self._build(listener)
             except BaseException as exc:
@@ -196,10 +192,6 @@ class Host:
         self.fit.callbacks.__exit__()  # Keras callbacks: the driver model
         states = [getattr(c, "__dict__", None) for c in self.spec.callbacks]
         return np.frombuffer(cloudpickle.dumps(states), dtype=np.uint8)
-
-
-def _import_keras() -> None:
-    import keras  # noqa: F401
 
 
 def _alive(pid: int) -> bool:

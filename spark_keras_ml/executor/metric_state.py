@@ -105,4 +105,11 @@ def _state(name: str, metric: keras.metrics.Metric) -> MetricState | None:
         array = np.asarray(keras.ops.convert_to_numpy(variable))
         flat = array.astype(np.float64).ravel().tolist()
         values.append((str(variable.dtype), tuple(int(d) for d in array.shape), flat))
-    return MetricState(name, config, tuple(values))
+    # Its result is total / count, which the server computes without importing Keras, unless
+    # a subclass computes it another way.
+    mean = (
+        isinstance(metric, keras.metrics.Mean)
+        and type(metric).result is keras.metrics.Mean.result
+        and len(values) == 2
+    )
+    return MetricState(name, config, tuple(values), mean)

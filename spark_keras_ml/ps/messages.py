@@ -97,13 +97,18 @@ class MetricState:
     #: (dtype, shape, flat values) per variable, in ``metric.variables`` order; NaN stands for
     #: any non-finite value (JSON has none).
     values: tuple[tuple[str, tuple[int, ...], list[float]], ...]
+    #: Whether its result is its total over its count (Keras' ``Mean``, whose subclasses
+    #: include the loss and every ``MeanMetricWrapper`` such as accuracy): then the server
+    #: computes it without Keras.
+    mean: bool = False
 
     def encode(self) -> dict[str, Any]:
         values = [
             [dtype, list(shape), [v if math.isfinite(v) else None for v in flat]]
             for dtype, shape, flat in self.values
         ]
-        return {"name": self.name, "config": self.config, "values": values}
+        encoded = {"name": self.name, "config": self.config, "values": values}
+        return {**encoded, "mean": True} if self.mean else encoded
 
     @classmethod
     def decode(cls, meta: Any, what: str) -> Self:
@@ -124,7 +129,12 @@ class MetricState:
                 f"{what} field 'values' must be a list of [dtype, shape, values], "
                 f"received {_short(values)}"
             )
-        return cls(name, config, tuple(_variable(v, what) for v in values))
+        mean = meta.get("mean", False)
+        if not isinstance(mean, bool):
+            raise ProtocolError(
+                f"{what} field 'mean' must be true or false, received {_short(mean)}"
+            )
+        return cls(name, config, tuple(_variable(v, what) for v in values), mean)
 
 
 @dataclass(frozen=True)

@@ -125,7 +125,9 @@ def summed_states(reports: Sequence[EpochEnd]) -> list[MetricState]:
         first = states[0]
         layout = [(dtype, shape) for dtype, shape, _ in first.values]
         if any(
-            s.config != first.config or [(d, sh) for d, sh, _ in s.values] != layout
+            s.config != first.config
+            or s.mean != first.mean
+            or [(d, sh) for d, sh, _ in s.values] != layout
             for s in states[1:]
         ):
             continue
@@ -137,7 +139,7 @@ def summed_states(reports: Sequence[EpochEnd]) -> list[MetricState]:
         except TypeError:  # a dtype numpy does not know
             logger.debug("cannot sum the states of %r: dtypes %s", name, layout, exc_info=True)
             continue
-        merged.append(MetricState(name, first.config, values))
+        merged.append(MetricState(name, first.config, values, first.mean))
     return merged
 
 

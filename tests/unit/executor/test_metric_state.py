@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from typing import Any
 
 import keras
@@ -11,7 +13,7 @@ import pytest
 
 from spark_keras_ml.executor.metric_state import _state, logged_metrics, metric_states
 from spark_keras_ml.metric_results import results_from_states
-from spark_keras_ml.ps.messages import EpochEnd, MetricState
+from spark_keras_ml.ps.messages import EpochEnd, MetricState, ProtocolError
 from spark_keras_ml.ps.metrics import EpochAggregator
 
 pytestmark = pytest.mark.timeout(240)
@@ -199,6 +201,63 @@ def test_lazily_built_metrics_are_rebuilt_from_their_states() -> None:
     assert set(results) == {"auc", "f1", "r2"}
     for metric in metrics[:3]:
         assert results[metric.name] == pytest.approx(float(metric.result()), rel=1e-6)
+
+
+#: Computes results_from_states of the states given as JSON on stdin; prints the results and
+#: whether that imported Keras.
+RESULTS_SCRIPT = """
+import json, sys
+from spark_keras_ml.metric_results import results_from_states
+from spark_keras_ml.ps.messages import MetricState
+states = [MetricState.decode(s, "test") for s in json.load(sys.stdin)]
+results = results_from_states(states)
+print(json.dumps({"results": results, "keras": "keras" in sys.modules}))
+"""
+
+
+def test_means_are_computed_as_keras_does_without_importing_it() -> None:
+    class Halved(keras.metrics.Mean):  # a Mean whose result is not total / count
+        def result(self):  # type: ignore[no-untyped-def]
+            return super().result() / 2
+
+    rng = np.random.default_rng(5)
+    labels = rng.integers(0, 3, size=(61,))
+    p = rng.random((61, 3)).astype("float32")
+    loss = keras.metrics.Mean(name="loss")
+    loss.update_state(rng.random(61).astype("float32") * 3)
+    accuracy = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
+    accuracy.update_state(labels, p)
+    mae = keras.metrics.MeanAbsoluteError(name="mae")
+    mae.update_state(p[:, :1], p[:, 1:2])
+    empty = keras.metrics.Mean(name="empty")  # no rows: 0, as Keras' divide_no_nan says
+    states = [_states_of(m)[0] for m in (loss, accuracy, mae, empty)]
+    assert all(s is not None and s.mean for s in states)
+    assert _states_of(Halved(name="halved"))[0].mean is False  # type: ignore[union-attr]
+    assert not _states_of(keras.metrics.AUC(name="auc"))[0].mean  # type: ignore[union-attr]
+
+    done = subprocess.run(
+        [sys.executable, "-c", RESULTS_SCRIPT],
+        input=json.dumps([s.encode() for s in states if s is not None]),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    there = json.loads(done.stdout.strip().splitlines()[-1])
+    assert there["keras"] is False
+    for metric in (loss, accuracy, mae, empty):
+        assert there["results"][metric.name] == float(metric.result()), metric.name
+
+
+def test_a_mean_flag_travels_and_must_be_a_boolean() -> None:
+    state = MetricState(
+        "loss", {"class_name": "Mean"}, (("float32", (), [3.0]), ("float32", (), [2.0])), True
+    )
+    assert MetricState.decode(json.loads(json.dumps(state.encode())), "test") == state
+    assert "mean" not in MetricState("x", {}, ()).encode()
+    with pytest.raises(ProtocolError, match=r"field 'mean' must be true or false, received"):
+        MetricState.decode({**state.encode(), "mean": "yes"}, "test")
 
 
 def _states_of(metric: keras.metrics.Metric) -> list[MetricState | None]:
