@@ -4,6 +4,11 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# The tests run every Keras backend, torch's on its CPU build: pip takes torch 2.13.0+cpu from its
+# find-links folder on the CI machines, or from PyTorch's CPU index where
+# PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu is set; elsewhere it falls back to
+# PyPI's build of 2.13.0, which carries CUDA libraries of several GB.
+TORCH ?= torch==2.13.0
 PYTEST := $(PY) -m pytest -p no:cacheprovider
 
 .PHONY: venv demo test test-unit test-integration test-cluster test-connect test-beside-integration lint format typecheck clean bench bench-quick
@@ -11,7 +16,7 @@ PYTEST := $(PY) -m pytest -p no:cacheprovider
 $(STAMP): pyproject.toml setup.cfg
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[test,demo]"
+	$(PY) -m pip install --quiet -e ".[test,demo]" "$(TORCH)"
 	touch $(STAMP)
 
 venv: $(STAMP)

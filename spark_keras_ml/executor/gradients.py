@@ -135,7 +135,12 @@ class Replica:
         for variable, value in zip(self.fixed, fixed, strict=True):
             variable.assign(value)
         if mean is not None:
-            trainable = [m for m, t in zip(mean, self.trainable, strict=True) if t]
+            # Tensors of the backend: torch's optimizers take no numpy arrays.
+            trainable = [
+                keras.ops.convert_to_tensor(m)
+                for m, t in zip(mean, self.trainable, strict=True)
+                if t
+            ]
             # The class's apply: exchange_in_graph replaces the instance's with one that
             # exchanges first, and this update has been exchanged already.
             type(self.optimizer).apply(self.optimizer, trainable, self.model.trainable_variables)

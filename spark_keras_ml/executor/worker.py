@@ -239,19 +239,32 @@ class PartitionWorker:
         if self._in_graph:  # exchanged inside the steps
             return
         if self._replica is not None:  # sync/batch elsewhere: exchange now
+            self._sync_state()
             self._replica.apply(self._gradient_step(self._replica.captured_update()))
             return
         self._rows_since += rows
         self._batches_since += 1
         last = batch == self._batches_per_epoch - 1
         if self._batches_since >= self._local_steps and not last:  # the epoch's end pushes last
+            self._sync_state()
             self._exchange_now(self._current_epoch)
+
+    def _sync_state(self) -> None:
+        """Put the state a running ``fit`` holds back into the model's variables, before they
+        are read or set between steps: JAX's trainer keeps it apart during ``fit`` (the
+        variables hold nothing meanwhile) and reads the variables again at its next step once
+        synced. Keras' own callbacks do this when they touch ``self.model``; the other
+        backends train the variables themselves."""
+        sync = getattr(self._model, "jax_state_sync", None)
+        if sync is not None:
+            sync()
 
     def end_epoch(self, epoch: int, logs: dict[str, float]) -> bool:
         """Called at the end of ``epoch`` with its training logs: the epoch's last exchanges
         and its report; True when training must stop."""
         from spark_keras_ml.executor.metric_state import metric_states
 
+        self._sync_state()
         states = metric_states(self._model)  # before an evaluate resets them
         if self._replica is not None:  # sync/batch: every batch exchanged; then the report
             while self._exchange < self._exchanges:  # a short partition pads the sync rounds

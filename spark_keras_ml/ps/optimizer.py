@@ -208,9 +208,10 @@ def _compiled(optimizer: Any, variables: list[Any]) -> Callable[[list[np.ndarray
     if keras.backend.backend() != "tensorflow":
 
         def each(stacked: list[Any], rounds: int) -> list[Any]:
-            for k in range(rounds):
-                optimizer.apply([g[k] for g in stacked], variables)
-            return [keras.ops.convert_to_tensor(v) for v in variables]
+            for k in range(rounds):  # tensors of the backend: torch's take no numpy arrays
+                optimizer.apply([keras.ops.convert_to_tensor(g[k]) for g in stacked], variables)
+            # Copies: a torch variable's numpy() shares its memory, which the next step changes.
+            return [np.array(v.numpy()) for v in variables]
 
         return each
     import tensorflow as tf
