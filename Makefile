@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 TORCH ?= torch==2.13.0
 PYTEST := $(PY) -m pytest -p no:cacheprovider
 
-.PHONY: venv demo test test-unit test-integration test-cluster test-connect test-beside-integration lint format typecheck clean bench bench-quick
+.PHONY: venv demo test test-unit test-integration test-cluster test-connect test-backends test-beside-integration lint format typecheck clean bench bench-quick
 
 $(STAMP): pyproject.toml setup.cfg
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,7 @@ test: lint typecheck
 # The second stream of `make test`: one suite after the other.
 test-beside-integration: $(STAMP)
 	$(MAKE) --no-print-directory test-unit
+	$(MAKE) --no-print-directory test-backends
 	$(MAKE) --no-print-directory test-cluster
 	$(MAKE) --no-print-directory test-connect
 
@@ -51,6 +52,12 @@ test-cluster: $(STAMP)
 # A Spark Connect client process: the suite starts (and stops) its own Connect servers.
 test-connect: $(STAMP)
 	$(PYTEST) -m connect tests/connect
+
+# The main paths again on the other Keras backends, one process each (Keras picks its backend
+# once, at import); every other suite runs TensorFlow.
+test-backends: $(STAMP)
+	KERAS_BACKEND=jax $(PYTEST) -m backends tests/backends
+	KERAS_BACKEND=torch $(PYTEST) -m backends tests/backends
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check spark_keras_ml tests benchmarks

@@ -41,5 +41,8 @@ _PUBLIC = {
 
 def __getattr__(name: str) -> Any:
     if name in _PUBLIC:
+        from spark_keras_ml.backends import check_environment
+
+        check_environment()  # before Keras' own import refuses an unknown backend less clearly
         return getattr(importlib.import_module(_PUBLIC[name]), name)
     raise AttributeError(f"module 'spark_keras_ml' has no attribute {name!r}")

@@ -94,6 +94,15 @@ def check_width(shape: Sequence[int], width: int, what: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Keras backends: the driver picks one (spark_keras_ml.backends), every task imports Keras under it.
+
+#: The backends a fit and a transform run on, and the module each one imports.
+BACKENDS = {"tensorflow": "tensorflow", "jax": "jax", "torch": "torch"}
+#: The package's extra that installs each backend (TensorFlow's CPU build is a dependency).
+EXTRAS = {"tensorflow": "", "jax": "[jax]", "torch": "[torch]"}
+
+
+# ---------------------------------------------------------------------------------------------
 # What tasks return.
 
 #: Schema of the one summary row each training task returns.
@@ -167,6 +176,10 @@ class TrainConfig:
     #: Record the moments of the gradients between exchanges, from which the server lengthens a
     #: mean of deltas (a normalizing optimizer, more than one worker; see ps/scaling.py).
     gradient_moments: bool = False
+    #: The driver's Keras backend, which the worker imports Keras under.
+    backend: str = "tensorflow"
+    #: ``spark.task.resource.gpu.amount`` (None: tasks get no GPUs).
+    gpu_amount: float | None = None
 
 
 @dataclass(frozen=True)
@@ -181,3 +194,7 @@ class PredictConfig:
     #: Per-row shapes of the feature columns the UDF receives, one per model input.
     layout: Layout
     custom_objects: tuple[str, ...] = ()
+    #: The driver's Keras backend, which the worker imports Keras under.
+    backend: str = "tensorflow"
+    #: ``spark.task.resource.gpu.amount`` (None: tasks get no GPUs).
+    gpu_amount: float | None = None

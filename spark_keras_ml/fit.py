@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from pyspark.sql import DataFrame, Row, SparkSession
 
-from spark_keras_ml import cluster, job_failures
+from spark_keras_ml import backends, cluster, gpu_plan, job_failures
 from spark_keras_ml.callbacks import Callback, progress_callbacks
 from spark_keras_ml.checkpoint import Resume
 from spark_keras_ml.config import TRAIN_RESULT_SCHEMA, Layout, TrainConfig
@@ -84,6 +84,10 @@ class FitPlan:
     validation_split: float
     data_cache: str
     task_cpus: int
+    #: The driver's Keras backend, which every worker and the server import Keras under.
+    backend: str
+    #: ``spark.task.resource.gpu.amount`` (None: tasks get no GPUs).
+    gpu_amount: float | None
     #: The user's, in their order: this package's and Keras' own.
     callbacks: list[Any]
     #: What ``verbose`` shows (a bar or a line per epoch).
@@ -104,6 +108,7 @@ class FitPlan:
         """The plan of ``estimator.fit(dataset)``; every check that can fail before a job runs
         here. With ``shared``, the converted data comes from (and stays in) its cache."""
         spark = dataset.sparkSession
+        backend = backends.driver_backend()
         cluster.check_transport_security(spark.conf.get)
         cluster.check_python_memory(spark.conf.get)
         mode = normalize_mode(estimator.getMode())
@@ -130,6 +135,11 @@ class FitPlan:
             validation_split=validation_split,
         )
         num_workers = cluster.check_workers(spark, mode, estimator.getNumWorkers())
+        # A sync fit's barrier stage needs a GPU share for every worker at once.
+        gpu_amount = gpu_plan.check_gpu_amount(
+            spark.conf.get, workers=num_workers if mode == "sync" else None
+        )
+        backends.check_executors(spark, backend)
         if not check_first_row(dataset, columns.slots):
             raise ValueError(
                 "Expected a DataFrame with at least one row to fit on. Received: an empty DataFrame"
@@ -173,6 +183,8 @@ class FitPlan:
             validation_split=validation_split,
             data_cache=estimator.getDataCache(),
             task_cpus=cluster.task_cpus(spark),
+            backend=backend,
+            gpu_amount=gpu_amount,
             callbacks=estimator.getCallbacks(),
             progress=progress_callbacks(estimator.getVerbose()),
             resume=Resume() if directory is None else location.resume(directory, model),
@@ -276,6 +288,7 @@ class FitPlan:
             checkpoint_dir=self.resume.directory,
             callbacks=self.location.server_callbacks(self.callbacks, self.progress),
             bind_host=self.location.bind_host,
+            backend=self.backend,
         )
 
     def task_config(self, address: tuple[str, int], secret: bytes) -> TrainConfig:
@@ -297,6 +310,8 @@ class FitPlan:
             timeout=self.timeout,
             seed=self.seed,
             task_cpus=self.task_cpus,
+            backend=self.backend,
+            gpu_amount=self.gpu_amount,
             layout=self.layout,
             validation_split=self.validation_split,
             data_cache=self.data_cache,

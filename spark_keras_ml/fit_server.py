@@ -69,6 +69,8 @@ class ServerSpec:
     #: checkpointDir, for a server that opens it itself (inside the cluster); the driver's
     #: server is handed the store it read the checkpoint through.
     checkpoint_dir: str | None = None
+    #: The driver's Keras backend: a server process inside the cluster imports Keras under it.
+    backend: str = "tensorflow"
 
     @property
     def needs_model(self) -> bool:

@@ -19,7 +19,7 @@ from pyspark.ml.functions import array_to_vector
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 
-from spark_keras_ml import cluster
+from spark_keras_ml import backends, cluster, gpu_plan
 from spark_keras_ml.config import OUTPUT_SCHEMAS, Layout, PredictConfig
 from spark_keras_ml.executor.predict import predict_batches
 from spark_keras_ml.inputs import (
@@ -181,6 +181,8 @@ class KerasTransformer(Model, HasInferenceParams, HasTrainingParams, KerasReadab
             kind=kind,
             batch_size=self.getInferenceBatchSize(),
             task_cpus=cluster.task_cpus(dataset.sparkSession),
+            backend=backends.driver_backend(),
+            gpu_amount=gpu_plan.check_gpu_amount(dataset.sparkSession.conf.get),
             custom_objects=tuple(self.getCustomObjects()),
             layout=Layout(
                 inputs=tuple(s.shape for s in slots),

@@ -18,7 +18,7 @@ os.environ["PYSPARK_DRIVER_PYTHON"] = sys.executable
 os.environ.setdefault("TF_NUM_INTEROP_THREADS", "8")
 
 
-def build_spark(master: str):  # type: ignore[no-untyped-def]
+def build_spark(master: str, confs: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
     from pyspark.sql import SparkSession
 
     builder = (
@@ -40,6 +40,8 @@ def build_spark(master: str):  # type: ignore[no-untyped-def]
             # One retry per task, as on a real cluster (local[N] never retries).
             .config("spark.task.maxFailures", "2")
         )
+    for key, value in (confs or {}).items():
+        builder = builder.config(key, value)
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("ERROR")
     return spark

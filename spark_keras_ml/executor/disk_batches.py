@@ -5,7 +5,7 @@ chunk after chunk, never the whole partition.
 On TensorFlow a ``tf.data`` pipeline takes each chunk from a Python generator and cuts it into
 batches inside the graph (one Python call per few MiB of rows, not per batch), reading ahead while
 the model trains; other backends take a plain generator of batches. Keras is imported by the
-functions, after :func:`~spark_keras_ml.executor.resources.configure_threads`.
+functions, after :func:`~spark_keras_ml.executor.backend.prepare_backend`.
 """
 
 from __future__ import annotations

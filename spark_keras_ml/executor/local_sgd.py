@@ -5,7 +5,7 @@ One ``fit`` call, not one per epoch: Keras then builds its data pipeline, its ca
 train function once, which on small partitions costs more than the epoch itself. The batches
 come from a plain generator (:func:`epoch_batches`), which every Keras backend takes. This module
 imports Keras at the top, so the training task imports it only after
-:func:`~spark_keras_ml.executor.resources.configure_threads`.
+:func:`~spark_keras_ml.executor.backend.prepare_backend`.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 ``KerasTransformer.transform`` ships :func:`predict_batches` in an Arrow iterator UDF over the
 feature columns only. Keras is imported by the cache's first build, after
-:func:`~spark_keras_ml.executor.resources.configure_threads`.
+:func:`~spark_keras_ml.executor.backend.prepare_backend`.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import numpy as np
 import pyarrow as pa
 
 from spark_keras_ml.config import PredictConfig
+from spark_keras_ml.executor.backend import prepare_backend
 from spark_keras_ml.executor.outputs import OUTPUTS, flat_outputs, to_arrow
-from spark_keras_ml.executor.resources import configure_threads
 from spark_keras_ml.executor.rows import arrow_to_numpy, structure
 from spark_keras_ml.executor.values import as_tensors
 from spark_keras_ml.serialization import model_from_bytes
@@ -61,7 +61,7 @@ def predict_batches(
 
     One feature column arrives as an array, several (a multi-input model) as a tuple of them.
     """
-    configure_threads(config.task_cpus)
+    prepare_backend(config.backend, config.task_cpus, config.gpu_amount)
     model = MODELS.get(config.model_id, config.model_bytes, config.custom_objects)
     to_columns = OUTPUTS[config.kind]
     layout = config.layout

@@ -1,8 +1,7 @@
-"""What a Python worker's task uses of its machine: threads, memory, time.
+"""What a Python worker's task uses of its machine: malloc arenas, memory, time.
 
-No Keras at import: :func:`configure_threads` must run before TensorFlow is first imported: it
-sizes TensorFlow's thread pools and sets its logging environment
-(:func:`~spark_keras_ml.quiet.import_tensorflow`), which both apply only from its import on.
+Threads and devices are the backend's (:mod:`~spark_keras_ml.executor.backend`). No Keras at
+import.
 """
 
 from __future__ import annotations
@@ -14,30 +13,6 @@ import sys
 import time
 
 import pyarrow as pa
-
-from spark_keras_ml.quiet import import_tensorflow, quiet_environment
-
-
-def configure_threads(cpus: int) -> None:
-    """Give TensorFlow ``cpus`` threads per pool, before it is first imported in this process.
-
-    TensorFlow sizes its thread pools once, at import: with 2 cores and 2 tasks, each task must
-    keep to its share. The import is quiet: without it every Python worker printed
-    TensorFlow's banners (:mod:`spark_keras_ml.quiet`).
-    """
-    quiet_environment()
-    limit_malloc_arenas()
-    if "tensorflow" in sys.modules or os.environ.get("KERAS_BACKEND", "tensorflow") != "tensorflow":
-        return
-    import_tensorflow()
-    import tensorflow as tf
-
-    try:
-        tf.config.threading.set_intra_op_parallelism_threads(cpus)
-        tf.config.threading.set_inter_op_parallelism_threads(cpus)
-    except RuntimeError:  # already initialised by an earlier task in this reused worker
-        pass
-
 
 #: glibc's mallopt parameter for the most malloc arenas, and the most a worker uses.
 _M_ARENA_MAX = -8

@@ -65,7 +65,8 @@ def start_server(
     # This task's own import path: a Spark Connect session's artifacts (addArtifacts with
     # pyfile=True, where a user ships the modules of custom objects) are on it, not in the env.
     path = [entry for entry in sys.path if entry]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(path))
+    # And the driver's Keras backend, for the Keras it imports (an optimizer it steps, metrics).
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(path), KERAS_BACKEND=spec.backend)
     process = subprocess.Popen(
         [sys.executable, "-m", "spark_keras_ml.server_process"],
         stdin=subprocess.PIPE,

@@ -2,8 +2,8 @@
 the worker's schedule against the parameter server is :mod:`~spark_keras_ml.executor.worker`.
 
 Keras is imported inside the functions, after
-:func:`~spark_keras_ml.executor.resources.configure_threads`, because TensorFlow sizes its thread
-pools once, at import.
+:func:`~spark_keras_ml.executor.backend.prepare_backend`, which picks the backend and sizes its
+thread pools before their first import.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from spark_keras_ml.config import TrainConfig, format_bytes
+from spark_keras_ml.executor.backend import prepare_backend
 from spark_keras_ml.executor.data_cache import cache_partition
 from spark_keras_ml.executor.resources import (
     Stopwatch,
-    configure_threads,
     current_rss,
     peak_rss,
     release_memory,
@@ -52,7 +52,8 @@ def train_partition(config: TrainConfig, batches: Iterable[pd.DataFrame]) -> Ite
     if context is None:
         raise RuntimeError("train_partition must run inside a Spark task")
     partition = context.partitionId()
-    configure_threads(config.task_cpus)  # imports TensorFlow in a fresh Python worker
+    # Picks the backend and sizes its threads before this Python worker first imports it.
+    prepare_backend(config.backend, config.task_cpus, config.gpu_amount)
     phases = {"import_seconds": clock.lap()}
     # The model first: what the worker holds before its rows (its baseline) is then Python,
     # TensorFlow, Keras and the model, whichever task of a reused worker this is.

@@ -2,8 +2,8 @@
 ``model.fit`` over every epoch, stopped at each exchange.
 
 Keras is imported inside the functions, after
-:func:`~spark_keras_ml.executor.resources.configure_threads`, because TensorFlow sizes its thread
-pools once, at import.
+:func:`~spark_keras_ml.executor.backend.prepare_backend`, which picks the backend and sizes its
+thread pools before their first import.
 """
 
 from __future__ import annotations
