@@ -96,6 +96,24 @@ def report(
     return task
 
 
+def fit_and_score(spark: SparkSession) -> int:
+    """A sync fit whose barrier stage takes a GPU share per worker, then a transform: the rows
+    scored. The driver's checks pass these confs, and each task selects as above."""
+    import keras
+    import numpy as np
+    from pyspark.ml.linalg import Vectors
+
+    from spark_keras_ml import KerasEstimator
+
+    rng = np.random.default_rng(0)
+    rows = [(Vectors.dense(rng.random(4)), float(i % 2)) for i in range(64)]
+    df = spark.createDataFrame(rows, ["features", "label"])
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, activation="softmax")])
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    fitted = KerasEstimator(model=model, mode="sync", epochs=1, numWorkers=2, verbose=0).fit(df)
+    return int(fitted.transform(df).where("prediction >= 0").count())
+
+
 def discovery_script(folder: Path) -> str:
     """A GPU discovery script that reports two GPUs, as Spark's getGpusResources.sh would."""
     script = folder / "gpus.sh"
@@ -139,6 +157,8 @@ def run_case(case: str, backend: str, discovery: str) -> dict[str, Any]:
     try:
         rows = spark.range(0, 4, 1, 4).mapInPandas(report(backend, amount, False), SCHEMA).collect()
         result: dict[str, Any] = {"rows": [row.asDict() for row in rows]}
+        if not settings["conflict"]:
+            result["scored"] = fit_and_score(spark)
         if settings["conflict"]:
             # Both Python workers start the backend, each on the GPU its task had...
             spark.range(0, 2, 1, 2).mapInPandas(report(backend, amount, True), SCHEMA).collect()

@@ -93,6 +93,8 @@ def test_half_a_gpu_is_shared_with_memory_capped(cases: dict[str, Any]) -> None:
     assert all(a["visible"] == b["visible"] for a, b in pairs)
     # Not reused (spark.python.worker.reuse=false): every task had a fresh worker.
     assert len({row["pid"] for row in rows}) == 4
+    # A sync fit (two workers sharing the GPU) and a transform ran under the same confs.
+    assert cases["fractional"]["scored"] == 64
 
 
 @pytest.mark.timeout(240)
