@@ -20,7 +20,15 @@ from typing import Any
 
 from benchmarks.common import RESULTS, Report, Result, log, machine, setup_logging
 
-SECTIONS = ["parameter_server", "inference", "training", "server_location", "quality", "scaling"]
+SECTIONS = [
+    "parameter_server",
+    "inference",
+    "training",
+    "backends",
+    "server_location",
+    "quality",
+    "scaling",
+]
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 
 
