@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from spark_keras_ml.callbacks import Callback, EarlyStopping
     from spark_keras_ml.estimator import KerasEstimator
+    from spark_keras_ml.mlflow_logger import MlflowLogger
     from spark_keras_ml.persistence import allow_custom_objects
     from spark_keras_ml.plotting import plot_history
     from spark_keras_ml.transformer import KerasTransformer
@@ -24,6 +25,7 @@ __all__ = [
     "EarlyStopping",
     "KerasEstimator",
     "KerasTransformer",
+    "MlflowLogger",
     "allow_custom_objects",
     "plot_history",
 ]
@@ -34,6 +36,7 @@ _PUBLIC = {
     "KerasTransformer": "spark_keras_ml.transformer",
     "Callback": "spark_keras_ml.callbacks",
     "EarlyStopping": "spark_keras_ml.callbacks",
+    "MlflowLogger": "spark_keras_ml.mlflow_logger",
     "plot_history": "spark_keras_ml.plotting",
     "allow_custom_objects": "spark_keras_ml.persistence",
 }

@@ -79,6 +79,11 @@ class Callback:
 
     training: Training
 
+    def before_fit(self, estimator: Any) -> None:
+        """Called on the driver before the fit's first Spark job, with the ``KerasEstimator``
+        (its Params are final): where a callback checks what it needs and can still refuse
+        the fit before anything runs."""
+
     def on_train_begin(self, training: Training) -> None:
         self.training = training
 

@@ -109,6 +109,9 @@ class FitPlan:
         here. With ``shared``, the converted data comes from (and stays in) its cache."""
         spark = dataset.sparkSession
         backend = backends.driver_backend()
+        for callback in estimator.getCallbacks():  # before any job: one may refuse the fit
+            if isinstance(callback, Callback):
+                callback.before_fit(estimator)
         cluster.check_transport_security(spark.conf.get)
         cluster.check_python_memory(spark.conf.get)
         mode = normalize_mode(estimator.getMode())

@@ -121,6 +121,10 @@ class Host:
         sys.stdout.write(json.dumps(message) + "\n")
         sys.stdout.flush()
         sys.stdout.close()
+        # Nothing more goes to the launcher; a stdout left closed broke code that only asks
+        # about it (JAX's import, which Keras makes on every backend where it is installed,
+        # calls sys.stdout.isatty()).
+        sys.stdout = open(os.devnull, "w")
 
     def _watch(self) -> str | None:
         """Wait for the end of the fit; say why when it ends without the job side."""

@@ -96,10 +96,20 @@ def test_default_fit_transform_save_load_and_score(  # type: ignore[no-untyped-d
 
 
 @pytest.mark.parametrize(
-    ("mode", "frequency"),
-    [("sync", "batch"), ("sync", "epoch"), ("async", "batch"), ("hogwild", "epoch")],
+    ("mode", "frequency", "server"),
+    [
+        ("sync", "batch", "driver"),
+        # The server's own process steps the optimizer there: it imports Keras on the backend.
+        ("sync", "batch", "cluster"),
+        ("sync", "epoch", "driver"),
+        ("async", "batch", "driver"),
+        ("hogwild", "epoch", "driver"),
+    ],
 )
-def test_every_mode_learns(digits, mode, frequency) -> None:  # type: ignore[no-untyped-def]
+def test_every_mode_learns(spark, digits, mode, frequency, server) -> None:  # type: ignore[no-untyped-def]
+    from spark_keras_ml.server_location import LOCATION_CONF
+
+    spark.conf.set(LOCATION_CONF, server)
     train, test = digits
     estimator = KerasEstimator(
         model=digits_model(),
@@ -110,7 +120,10 @@ def test_every_mode_learns(digits, mode, frequency) -> None:  # type: ignore[no-
         numWorkers=2,
         verbose=0,
     )
-    fitted = estimator.fit(train)
+    try:
+        fitted = estimator.fit(train)
+    finally:
+        spark.conf.unset(LOCATION_CONF)
     assert accuracy(fitted, test) > 0.7
     assert len(fitted.history["loss"]) == 3
     assert fitted.history["loss"][-1] < fitted.history["loss"][0]

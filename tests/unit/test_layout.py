@@ -37,6 +37,18 @@ SHIPPED = {
 }
 
 
+#: Code that scores where no Spark runs (MLflow's pyfunc flavor), with the executors' own
+#: featurization and output code, so that it scores exactly as ``transform`` does.
+SCORES_LIKE_AN_EXECUTOR = {
+    "spark_keras_ml.mlflow_pyfunc": {
+        "spark_keras_ml.executor.outputs": {"OUTPUTS", "flat_outputs"},
+        "spark_keras_ml.executor.predict": {"trace_for_any_batch"},
+        "spark_keras_ml.executor.rows": {"column_to_numpy", "structure", "to_shape"},
+        "spark_keras_ml.executor.values": {"as_tensors"},
+    }
+}
+
+
 def module_name(path: Path) -> str:
     parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
@@ -99,7 +111,8 @@ def test_the_parameter_server_imports_nothing_above_it(name: str) -> None:
 @pytest.mark.parametrize("name", [n for n in MODULES if side(n) == "driver"])
 def test_driver_code_names_executor_code_only_as_the_function_spark_ships(name: str) -> None:
     used = {m: names for m, names in imports(MODULES[name]).items() if side(m) == "executor"}
-    assert used == SHIPPED.get(name, {}), f"{name} imports executor code: {used}"
+    allowed = SHIPPED.get(name, SCORES_LIKE_AN_EXECUTOR.get(name, {}))
+    assert used == allowed, f"{name} imports executor code: {used}"
 
 
 def test_no_import_cycles() -> None:
