@@ -119,9 +119,11 @@ class MlflowLogger(Callback):
     run this callback started is ended FINISHED at the end of the fit, and left RUNNING by a
     fit that fails (callbacks hear of no failure).
 
-    The Params are read by :meth:`before_fit` (the estimator is not passed to callbacks). Under
-    Spark Connect callbacks run inside the cluster: pass ``tracking_uri`` (and ``run_id``),
-    which travel with the callback.
+    The fit calls :meth:`before_fit` before its first Spark job: it checks the store and takes
+    the Params, the active run and the current experiment where ``fit`` was called. They travel
+    with the callback, so under Spark Connect (whose callbacks run inside the cluster) the fit
+    logs to the same store and run as under classic Spark; the store must be reachable from
+    the executors too (a server, or a shared folder).
     """
 
     def __init__(
@@ -145,6 +147,10 @@ class MlflowLogger(Callback):
         self.run_id: str | None = None
         self._checked: str | None = None  # the store check() found, for the next fit only
         self._params: dict[str, str] | None = None  # the next fit's Params, from before_fit
+        #: The run active and the experiment current where ``fit`` was called (before_fit): they
+        #: travel with the callback to where it runs (inside the cluster under Spark Connect).
+        self._caller_run: str | None = None
+        self._caller_experiment: str | None = None
         self._uri: str | None = None  # the store of the fit under way
         self._started = False  # whether this callback created self.run_id
 
@@ -161,8 +167,13 @@ class MlflowLogger(Callback):
         """The fit of ``estimator`` is about to start: check the store and read the Params to
         log. Call it before ``fit`` (no Spark job runs here); ``on_train_begin`` checks the
         store itself when it was not called."""
+        from mlflow.tracking.fluent import _get_experiment_id
+
         self.check()
         self._params = loggable_params(estimator)
+        active = mlflow.active_run()
+        self._caller_run = None if active is None else active.info.run_id
+        self._caller_experiment = _get_experiment_id()
 
     # --- the callback ------------------------------------------------------------------------
 
@@ -176,12 +187,14 @@ class MlflowLogger(Callback):
         self._uri, self.run_id = uri, None
         client = mlflow.MlflowClient(uri)
         active = mlflow.active_run()
-        parent = self.given_run_id or (None if active is None else active.info.run_id)
+        parent = self.given_run_id or self._caller_run
+        parent = parent or (None if active is None else active.info.run_id)
+        experiment, self._caller_run, self._caller_experiment = self._caller_experiment, None, None
         try:
             if parent is not None and not self.nested:
                 self.run_id, self._started = parent, False
             else:
-                self.run_id, self._started = self._create_run(client, parent), True
+                self.run_id, self._started = self._create_run(client, parent, experiment), True
             if params:
                 client.log_batch(self.run_id, params=[Param(k, v) for k, v in params.items()])
             logger.info(
@@ -198,12 +211,16 @@ class MlflowLogger(Callback):
                 f"{_reason(exc)}"
             ) from exc
 
-    def _create_run(self, client: mlflow.MlflowClient, parent: str | None) -> str:
+    def _create_run(
+        self, client: mlflow.MlflowClient, parent: str | None, experiment: str | None
+    ) -> str:
         from mlflow.tracking.context.registry import resolve_tags
         from mlflow.tracking.fluent import _get_experiment_id
 
         tags = resolve_tags({"mlflow.parentRunId": parent} if parent else None)
-        experiment = client.get_run(parent).info.experiment_id if parent else _get_experiment_id()
+        if parent:
+            experiment = client.get_run(parent).info.experiment_id
+        experiment = experiment or _get_experiment_id()
         return str(client.create_run(experiment or "0", tags=tags).info.run_id)
 
     def on_epoch_end(self, epoch: int, logs: dict[str, float]) -> None:
