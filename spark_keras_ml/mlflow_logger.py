@@ -13,6 +13,7 @@ run is per thread and epoch callbacks run on the parameter server's.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Any
 
@@ -25,6 +26,10 @@ logger = logging.getLogger(__name__)
 
 #: Seconds the reachability check of a tracking store waits (one request, no retries).
 CHECK_TIMEOUT = 10.0
+#: MLflow's environment settings that decide whether a store can be used, taken where ``fit``
+#: is called: under Spark Connect the callback runs in a process of the cluster, which has its
+#: own environment (MLflow 3.7+ refuses a ``file:`` store there without the first).
+CALLER_ENVIRONMENT = ("MLFLOW_ALLOW_FILE_STORE",)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,6 +156,7 @@ class MlflowLogger(Callback):
         #: travel with the callback to where it runs (inside the cluster under Spark Connect).
         self._caller_run: str | None = None
         self._caller_experiment: str | None = None
+        self._caller_env: dict[str, str] = {}
         self._uri: str | None = None  # the store of the fit under way
         self._started = False  # whether this callback created self.run_id
 
@@ -174,6 +180,7 @@ class MlflowLogger(Callback):
         active = mlflow.active_run()
         self._caller_run = None if active is None else active.info.run_id
         self._caller_experiment = _get_experiment_id()
+        self._caller_env = {k: os.environ[k] for k in CALLER_ENVIRONMENT if k in os.environ}
 
     # --- the callback ------------------------------------------------------------------------
 
@@ -182,6 +189,8 @@ class MlflowLogger(Callback):
         # Checked again here, still before the training job (one request): before_fit may have
         # run long before, or not at all. Its URI stands: it was read where the user set it
         # (under Spark Connect this runs inside the cluster, where MLflow's default differs).
+        for name, value in self._caller_env.items():  # the store as the caller's MLflow saw it
+            os.environ.setdefault(name, value)
         uri = check_tracking(self._checked or self.tracking_uri, self.timeout)
         params, self._checked, self._params = self._params, None, None
         self._uri, self.run_id = uri, None
