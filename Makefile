@@ -4,20 +4,33 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-# The tests run every Keras backend, torch's on its CPU build: pip takes torch 2.13.0+cpu from its
-# find-links folder on the CI machines, or from PyTorch's CPU index where
-# PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu is set; elsewhere it falls back to
-# PyPI's build of 2.13.0, which carries CUDA libraries of several GB.
+# The backends suite's environment: .venv's packages (a .pth file adds its site-packages) plus
+# JAX and torch. Kept apart because TensorFlow imports JAX wherever JAX is installed (about 1.7 s
+# more per Python process that imports it), which every other suite would pay.
+BACKENDS_VENV := .venv-backends
+BACKENDS_PY := $(BACKENDS_VENV)/bin/python
+BACKENDS_STAMP := $(BACKENDS_VENV)/.installed
+SITE_PACKAGES = $(shell $(PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+# torch's CPU build: pip takes torch 2.13.0+cpu from its find-links folder on the CI machines, or
+# from PyTorch's CPU index where PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu is set;
+# elsewhere it falls back to PyPI's build of 2.13.0, which carries CUDA libraries of several GB.
 TORCH ?= torch==2.13.0
 PYTEST := $(PY) -m pytest -p no:cacheprovider
 
-.PHONY: venv demo test test-unit test-integration test-cluster test-connect test-backends test-beside-integration lint format typecheck clean bench bench-quick
+.PHONY: venv demo test test-unit test-integration test-cluster test-connect test-backends test-integration-then-backends test-beside-integration lint format typecheck clean bench bench-quick
 
 $(STAMP): pyproject.toml setup.cfg
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[test,demo]" "$(TORCH)"
+	$(PY) -m pip install --quiet -e ".[test,demo]"
 	touch $(STAMP)
+
+$(BACKENDS_STAMP): $(STAMP)
+	test -x $(BACKENDS_PY) || $(PYTHON) -m venv $(BACKENDS_VENV)
+	$(BACKENDS_PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" \
+		| xargs -I{} sh -c 'echo "import site; site.addsitedir(\"$(SITE_PACKAGES)\")" > {}/skml-base.pth'
+	$(BACKENDS_PY) -m pip install --quiet "jax>=0.4.30" "$(TORCH)"
+	touch $(BACKENDS_STAMP)
 
 venv: $(STAMP)
 
@@ -30,12 +43,17 @@ demo: $(STAMP)
 ## other): each spends much of its time waiting on JVMs, fresh interpreters and sockets, so two
 ## streams on two cores finish well before one. Each stream's output is printed whole when it ends.
 test: lint typecheck
-	$(MAKE) --no-print-directory -j2 --output-sync=target test-integration test-beside-integration
+	$(MAKE) --no-print-directory -j2 --output-sync=target test-integration-then-backends \
+		test-beside-integration
+
+# The first stream of `make test`: the integration suite, then the other backends.
+test-integration-then-backends: $(STAMP)
+	$(MAKE) --no-print-directory test-integration
+	$(MAKE) --no-print-directory test-backends
 
 # The second stream of `make test`: one suite after the other.
 test-beside-integration: $(STAMP)
 	$(MAKE) --no-print-directory test-unit
-	$(MAKE) --no-print-directory test-backends
 	$(MAKE) --no-print-directory test-cluster
 	$(MAKE) --no-print-directory test-connect
 
@@ -55,9 +73,9 @@ test-connect: $(STAMP)
 
 # The main paths again on the other Keras backends, one process each (Keras picks its backend
 # once, at import); every other suite runs TensorFlow.
-test-backends: $(STAMP)
-	KERAS_BACKEND=jax $(PYTEST) -m backends tests/backends
-	KERAS_BACKEND=torch $(PYTEST) -m backends tests/backends
+test-backends: $(BACKENDS_STAMP)
+	KERAS_BACKEND=jax $(BACKENDS_PY) -m pytest -p no:cacheprovider -m backends tests/backends
+	KERAS_BACKEND=torch $(BACKENDS_PY) -m pytest -p no:cacheprovider -m backends tests/backends
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check spark_keras_ml tests benchmarks
@@ -68,14 +86,15 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix spark_keras_ml tests benchmarks
 
 ## Benchmarks: ratios against references measured in the same run (docs/benchmarks.md).
-bench: $(STAMP)
-	$(PY) -m benchmarks.run
+# The backends section runs each backend in .venv-backends' Python.
+bench: $(STAMP) $(BACKENDS_STAMP)
+	SKML_BACKENDS_PYTHON=$(BACKENDS_PY) $(PY) -m benchmarks.run
 
-bench-quick: $(STAMP)
-	$(PY) -m benchmarks.run --quick
+bench-quick: $(STAMP) $(BACKENDS_STAMP)
+	SKML_BACKENDS_PYTHON=$(BACKENDS_PY) $(PY) -m benchmarks.run --quick
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
 clean:
-	rm -rf $(VENV) build *.egg-info spark-warehouse metastore_db derby.log
+	rm -rf $(VENV) $(BACKENDS_VENV) build *.egg-info spark-warehouse metastore_db derby.log

@@ -66,7 +66,9 @@ def measure(quick: bool) -> dict[str, Any]:
 def run(report: Report, quick: bool) -> None:
     for backend in BACKENDS:
         log(f"--- backend {backend}")
-        command = [sys.executable, "-m", "benchmarks.backends", "--backend", backend]
+        # A Python with every backend installed (make bench names .venv-backends' own).
+        python = os.environ.get("SKML_BACKENDS_PYTHON", sys.executable)
+        command = [python, "-m", "benchmarks.backends", "--backend", backend]
         done = subprocess.run(
             command + (["--quick"] if quick else []),
             env=dict(os.environ, KERAS_BACKEND=backend),

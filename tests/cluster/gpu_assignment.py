@@ -43,7 +43,9 @@ CASES: dict[str, dict[str, Any]] = {
         "amount": "0.5",
         "executor": "1",
         "visible": "GPU-aaaa,GPU-bbbb",
-        "reuse": "false",
+        # Tasks all share the one GPU: a reused worker keeps its device (and the fit below
+        # imports Keras once per worker, not once per task).
+        "reuse": "true",
         "conflict": False,
     },
 }

@@ -90,9 +90,8 @@ def test_half_a_gpu_is_shared_with_memory_capped(cases: dict[str, Any]) -> None:
         assert row["jax_fraction"] == "0.45"  # a little under half of the GPU each
     pairs = overlapping(rows)
     assert pairs, "no two tasks ran at once: the test proves nothing"
-    assert all(a["visible"] == b["visible"] for a, b in pairs)
-    # Not reused (spark.python.worker.reuse=false): every task had a fresh worker.
-    assert len({row["pid"] for row in rows}) == 4
+    # Two processes at once on one GPU, each within its share of the memory.
+    assert all(a["visible"] == b["visible"] and a["pid"] != b["pid"] for a, b in pairs)
     # A sync fit (two workers sharing the GPU) and a transform ran under the same confs.
     assert cases["fractional"]["scored"] == 64
 

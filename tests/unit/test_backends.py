@@ -52,19 +52,6 @@ def test_an_unknown_keras_backend_fails_before_keras_imports_it() -> None:
     assert "Received: 'tensorfow' from KERAS_BACKEND" in done.stderr
 
 
-def test_a_backend_keras_knows_but_spark_keras_ml_does_not_is_refused_at_fit() -> None:
-    # Keras' numpy backend predicts only; the driver's check runs before any job.
-    done = run_python(
-        """
-        from spark_keras_ml.backends import driver_backend
-        driver_backend()
-        """,
-        KERAS_BACKEND="numpy",
-    )
-    assert done.returncode != 0
-    assert "Received: 'numpy' from keras.backend.backend() on the driver" in done.stderr
-
-
 def test_a_worker_that_imported_another_backend_says_so() -> None:
     done = run_python(
         """
@@ -91,29 +78,3 @@ def test_a_backend_that_is_not_installed_is_named(monkeypatch) -> None:  # type:
     assert message.startswith("Expected the Keras backend 'jax' (the driver's) to be installed")
     assert "pip install 'spark_keras_ml[jax]'" in message
     assert "Received: no module 'no_such_backend_module'" in message
-
-
-@pytest.mark.parametrize("backend", ["jax", "torch"])
-def test_each_backend_keeps_to_the_tasks_cpus(backend: str) -> None:
-    done = run_python(
-        f"""
-        import os
-        from spark_keras_ml.executor.backend import prepare_backend
-        prepare_backend({backend!r}, 1)
-        import keras
-        print(keras.backend.backend())
-        import tensorflow as tf
-        print(tf.config.threading.get_intra_op_parallelism_threads())
-        if {backend!r} == "torch":
-            import torch
-            print(torch.get_num_threads())
-        else:
-            print(os.environ["XLA_FLAGS"])
-        """,
-        KERAS_BACKEND="tensorflow",
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    name, tensorflow_threads, own = done.stdout.split("\n")[:3]
-    assert name == backend
-    assert tensorflow_threads == "1"
-    assert own == ("1" if backend == "torch" else executor_backend.JAX_ONE_THREAD)
