@@ -42,7 +42,7 @@ demo: $(STAMP)
 ## The integration suite runs beside the unit, cluster and Connect suites (those one after the
 ## other): each spends much of its time waiting on JVMs, fresh interpreters and sockets, so two
 ## streams on two cores finish well before one. Each stream's output is printed whole when it ends.
-test: lint typecheck
+test: lint typecheck $(BACKENDS_STAMP)
 	$(MAKE) --no-print-directory -j2 --output-sync=target test-integration-then-backends \
 		test-beside-integration
 
@@ -64,8 +64,10 @@ test-integration: $(STAMP)
 	$(PYTEST) tests/integration
 
 # Separate executor JVMs need their own SparkSession, hence their own pytest process.
-test-cluster: $(STAMP)
-	SKML_TEST_MASTER="local-cluster[2,1,1024]" $(PYTEST) -m cluster tests/cluster
+# The GPU assignment script runs on JAX, in .venv-backends' Python.
+test-cluster: $(STAMP) $(BACKENDS_STAMP)
+	SKML_TEST_MASTER="local-cluster[2,1,1024]" SKML_BACKENDS_PYTHON=$(BACKENDS_PY) \
+		$(PYTEST) -m cluster tests/cluster
 
 # A Spark Connect client process: the suite starts (and stops) its own Connect servers.
 test-connect: $(STAMP)

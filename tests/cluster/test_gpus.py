@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from itertools import combinations
 from pathlib import Path
 from typing import Any
@@ -35,8 +34,11 @@ GPU_VARIABLES = (
 def cases() -> dict[str, Any]:
     environment = {k: v for k, v in os.environ.items() if k not in GPU_VARIABLES}
     environment["KERAS_BACKEND"] = "jax"
+    # JAX lives in the backends suite's environment (make test-cluster names its Python).
+    python = os.environ.get("SKML_BACKENDS_PYTHON")
+    assert python, "run through make test-cluster: SKML_BACKENDS_PYTHON names a Python with JAX"
     done = subprocess.run(
-        [sys.executable, str(SCRIPT), "whole", "fractional"],
+        [python, str(SCRIPT), "whole", "fractional"],
         capture_output=True,
         text=True,
         env=environment,
