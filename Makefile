@@ -74,10 +74,12 @@ test-connect: $(STAMP)
 	$(PYTEST) -m connect tests/connect
 
 # The main paths again on the other Keras backends, one process each (Keras picks its backend
-# once, at import); every other suite runs TensorFlow.
+# once, at import); every other suite runs TensorFlow. The folder's other modules check both
+# backends from fresh interpreters: the torch run leaves them out.
 test-backends: $(BACKENDS_STAMP)
 	KERAS_BACKEND=jax $(BACKENDS_PY) -m pytest -p no:cacheprovider -m backends tests/backends
-	KERAS_BACKEND=torch $(BACKENDS_PY) -m pytest -p no:cacheprovider -m backends tests/backends
+	KERAS_BACKEND=torch $(BACKENDS_PY) -m pytest -p no:cacheprovider -m backends \
+		tests/backends/test_backends.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check spark_keras_ml tests benchmarks

@@ -97,9 +97,9 @@ def run(report: Report, quick: bool) -> None:
             report.add(
                 "backends",
                 f"{name}, holdout accuracy",
-                ours=row["accuracy"],
-                unit="accuracy",
-                reference=row["reference_accuracy"],
+                ours=100 * row["accuracy"],
+                unit="%",
+                reference=100 * row["reference_accuracy"],
                 reference_name=f"single-process model.fit on {backend}",
             )
 

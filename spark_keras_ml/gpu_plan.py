@@ -32,13 +32,9 @@ _ONE_OVER_N_TOLERANCE = 0.01
 
 def task_gpu_amount(conf_get: ConfGet) -> float | None:
     """``spark.task.resource.gpu.amount`` as a number; None where unset (tasks get no GPUs)."""
-    value = (conf_get(TASK_GPU_CONF, None) or "").strip()
-    if not value:
+    value, amount = _conf_number(conf_get, TASK_GPU_CONF)
+    if amount is None:
         return None
-    try:
-        amount = float(value)
-    except ValueError:
-        amount = math.nan
     if not math.isfinite(amount) or amount <= 0:
         raise ValueError(
             f"Expected {TASK_GPU_CONF} to be a positive number: the GPUs (or share of one) each "
@@ -132,13 +128,9 @@ def _check_reuse(conf_get: ConfGet, amount: float, per_executor: float) -> None:
 
 
 def _executor_gpus(conf_get: ConfGet) -> float | None:
-    value = (conf_get(EXECUTOR_GPU_CONF, None) or "").strip()
-    if not value:
+    value, amount = _conf_number(conf_get, EXECUTOR_GPU_CONF)
+    if amount is None:
         return None
-    try:
-        amount = float(value)
-    except ValueError:
-        amount = math.nan
     if not math.isfinite(amount) or amount < 1 or amount != math.floor(amount):
         raise ValueError(
             f"Expected {EXECUTOR_GPU_CONF} to be a whole number of GPUs, at least 1: what "
@@ -146,6 +138,17 @@ def _executor_gpus(conf_get: ConfGet) -> float | None:
             f"GPUs of one executor. Received: {EXECUTOR_GPU_CONF}={value!r}"
         )
     return amount
+
+
+def _conf_number(conf_get: ConfGet, key: str) -> tuple[str, float | None]:
+    """A conf's text and its number (NaN where it is not one); None where it is unset."""
+    value = (conf_get(key, None) or "").strip()
+    if not value:
+        return value, None
+    try:
+        return value, float(value)
+    except ValueError:
+        return value, math.nan
 
 
 def _executor_count(conf_get: ConfGet) -> int | None:
