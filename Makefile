@@ -17,7 +17,7 @@ SITE_PACKAGES = $(shell $(PY) -c "import sysconfig; print(sysconfig.get_paths()[
 TORCH ?= torch==2.13.0
 PYTEST := $(PY) -m pytest -p no:cacheprovider
 
-.PHONY: venv demo test test-unit test-integration test-cluster test-connect test-backends test-integration-then-backends test-beside-integration lint format typecheck clean bench bench-quick
+.PHONY: venv demo test test-unit test-integration test-cluster test-connect test-backends test-backends-jax test-backends-torch test-integration-then-backends test-beside-integration lint format typecheck clean bench bench-quick
 
 $(STAMP): pyproject.toml setup.cfg
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -46,16 +46,18 @@ test: lint typecheck $(BACKENDS_STAMP)
 	$(MAKE) --no-print-directory -j2 --output-sync=target test-integration-then-backends \
 		test-beside-integration
 
-# The first stream of `make test`: the integration suite, then the other backends.
+# The first stream of `make test`: the integration suite, then JAX's backends run.
 test-integration-then-backends: $(STAMP)
 	$(MAKE) --no-print-directory test-integration
-	$(MAKE) --no-print-directory test-backends
+	$(MAKE) --no-print-directory test-backends-jax
 
-# The second stream of `make test`: one suite after the other.
+# The second stream of `make test`: one suite after the other (torch's backends run last, which
+# evens the two streams out).
 test-beside-integration: $(STAMP)
 	$(MAKE) --no-print-directory test-unit
 	$(MAKE) --no-print-directory test-cluster
 	$(MAKE) --no-print-directory test-connect
+	$(MAKE) --no-print-directory test-backends-torch
 
 test-unit: $(STAMP)
 	$(PYTEST) tests/unit
@@ -76,8 +78,12 @@ test-connect: $(STAMP)
 # The main paths again on the other Keras backends, one process each (Keras picks its backend
 # once, at import); every other suite runs TensorFlow. The folder's other modules check both
 # backends from fresh interpreters: the torch run leaves them out.
-test-backends: $(BACKENDS_STAMP)
+test-backends: test-backends-jax test-backends-torch
+
+test-backends-jax: $(BACKENDS_STAMP)
 	KERAS_BACKEND=jax $(BACKENDS_PY) -m pytest -p no:cacheprovider -m backends tests/backends
+
+test-backends-torch: $(BACKENDS_STAMP)
 	KERAS_BACKEND=torch $(BACKENDS_PY) -m pytest -p no:cacheprovider -m backends \
 		tests/backends/test_backends.py
 
