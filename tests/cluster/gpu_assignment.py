@@ -136,6 +136,9 @@ def session(case: str, settings: dict[str, Any], discovery: str) -> SparkSession
         .config("spark.ui.showConsoleProgress", "false")
         .config("spark.home", os.path.dirname(pyspark.__file__))
         .config("spark.executor.memory", "768m")
+        # The suite's JVM options (tests/conftest.py), which this process inherits as
+        # SPARK_SUBMIT_OPTS, for its executor too.
+        .config("spark.executor.extraJavaOptions", os.environ.get("SPARK_SUBMIT_OPTS", ""))
         .config("spark.task.maxFailures", "1")  # the conflict fails at once, not 4 times
         .config("spark.worker.resource.gpu.amount", "2")
         .config("spark.worker.resource.gpu.discoveryScript", discovery)

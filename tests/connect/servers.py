@@ -76,6 +76,8 @@ def connect_server(folder: Path, master: str = "local[2]", **conf: str) -> Itera
         "spark.ui.enabled": "false",
         "spark.sql.shuffle.partitions": "4",
         "spark.default.parallelism": "2",
+        # The suite's JVM options (tests/conftest.py) for a cluster master's executors too.
+        "spark.executor.extraJavaOptions": os.environ.get("SPARK_SUBMIT_OPTS", ""),
         **conf,
     }
     args = [str(SPARK_HOME / "sbin" / "start-connect-server.sh"), "--master", master]
