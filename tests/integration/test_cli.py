@@ -1,6 +1,7 @@
 """``python -m spark_keras_ml score``: a production scoring job, run as a process where the
-process is the point (its session, its exit code, what it imports), and otherwise through
-``cli.run`` with this suite's session, which is what the command runs once it has one."""
+process is the point (under spark-submit: its own session, its exit codes), and otherwise through
+``cli.run`` with this suite's session, which is what the command runs once it has one. The
+Connect suite runs it as a process through a Connect server."""
 
 from __future__ import annotations
 
@@ -14,20 +15,6 @@ import pytest
 from spark_keras_ml import KerasTransformer, cli
 from tests.conftest import digits_model
 from tests.integration.saved import edit_metadata
-
-
-def run_score(*args: str, path: str = "") -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, PYSPARK_PYTHON=sys.executable, PYSPARK_DRIVER_PYTHON=sys.executable)
-    if path:  # a folder of modules the driver and its workers can import
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (path, env.get("PYTHONPATH")) if p)
-    return subprocess.run(
-        [sys.executable, "-m", "spark_keras_ml", "score", "--master", "local[2]", *args],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env=env,
-        check=False,
-    )
 
 
 def score_here(spark, capsys, *args: str) -> tuple[int, str]:  # type: ignore[no-untyped-def]
@@ -50,8 +37,8 @@ def saved(digits, tmp_path_factory):  # type: ignore[no-untyped-def]
 def test_scores_a_table_and_refuses_to_overwrite(spark, saved, capsys) -> None:  # type: ignore[no-untyped-def]
     root, rows = saved
     args = ["--model", str(root / "model"), "--input", str(root / "input.parquet")]
-    done = run_score(*args, "--output", str(root / "out.json"))
-    assert done.returncode == 0, done.stderr[-3000:]
+    code, err = score_here(spark, capsys, *args, "--output", str(root / "out.json"))
+    assert code == 0, err[-3000:]
     out = spark.read.json(str(root / "out.json"))
     assert out.count() == rows
     assert {"prediction", "probability", "rawPrediction"} <= set(out.columns)
