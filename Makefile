@@ -39,10 +39,11 @@ demo: $(STAMP)
 	$(PY) -m spark_keras_ml.demo
 
 ## Everything: lint, types, unit, integration (local[2]), cluster (local-cluster) and Connect tests.
-## The integration suite runs beside the unit, cluster and Connect suites (those one after the
-## other): each spends much of its time waiting on JVMs, fresh interpreters and sockets, so two
-## streams on two cores finish well before one. Each stream's output is printed whole when it ends.
-test: lint typecheck $(BACKENDS_STAMP)
+## The integration suite runs beside lint, types and the unit, cluster and Connect suites (those
+## one after the other): each spends much of its time waiting on JVMs, fresh interpreters and
+## sockets, so two streams on two cores finish well before one, and the second stream is the
+## shorter one. Each stream's output is printed whole when it ends.
+test: $(BACKENDS_STAMP)
 	$(MAKE) --no-print-directory -j2 --output-sync=target test-integration-then-backends \
 		test-beside-integration
 
@@ -51,9 +52,10 @@ test-integration-then-backends: $(STAMP)
 	$(MAKE) --no-print-directory test-integration
 	$(MAKE) --no-print-directory test-backends-jax
 
-# The second stream of `make test`: one suite after the other (torch's backends run last, which
-# evens the two streams out).
+# The second stream of `make test`: lint and types, then one suite after the other (torch's
+# backends run last, which evens the two streams out).
 test-beside-integration: $(STAMP)
+	$(MAKE) --no-print-directory lint typecheck
 	$(MAKE) --no-print-directory test-unit
 	$(MAKE) --no-print-directory test-cluster
 	$(MAKE) --no-print-directory test-connect
