@@ -7,13 +7,18 @@ share (``spark.task.cpus``), which most of them size once, at import. Spark reus
 worker for later tasks, so a worker that already imported Keras under another backend (a task
 of another application sharing the executor's workers, or of a driver that changed backends)
 cannot switch: that is a clear error, not a fit on the wrong backend. No Keras at import.
+
+It then imports Keras itself, leaving out the packages Keras' own import reaches only for what a
+task never does (:data:`NOT_FOR_TASKS`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import sys
+from collections.abc import Iterator
 
 from spark_keras_ml.config import BACKENDS, EXTRAS
 from spark_keras_ml.executor import gpus
@@ -24,6 +29,13 @@ from spark_keras_ml.quiet import import_tensorflow, quiet_environment
 #: client otherwise starts one thread per core in every task.
 JAX_ONE_THREAD = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 
+#: What Keras' import tries to import for its scikit-learn wrappers (``keras.wrappers``) and its
+#: image-gallery plots (``keras.visualization``), and uses for nothing else. Where they are
+#: installed, as on most clusters' images, they cost every Python worker's Keras import about
+#: 1.5 CPU-seconds of its 6.5 (scikit-learn brings SciPy): Keras finds them missing instead, and
+#: they import as usual once Keras is in.
+NOT_FOR_TASKS = ("sklearn", "matplotlib")
+
 
 def prepare_backend(backend: str, cpus: int, gpu_amount: float | None = None) -> None:
     """Make this Python worker import Keras under ``backend``, on the task's GPUs (if Spark gave
@@ -33,15 +45,34 @@ def prepare_backend(backend: str, cpus: int, gpu_amount: float | None = None) ->
     check_imported(backend)
     os.environ["KERAS_BACKEND"] = backend
     gpus.select_gpus(backend, gpu_amount)  # CUDA_VISIBLE_DEVICES: read at the backend's import
-    # Keras imports TensorFlow whenever it is installed, on any backend (its serialization
-    # asks whether an object is a TensorFlow type), so its threads are sized on every one.
-    if backend == "tensorflow" or importlib.util.find_spec("tensorflow") is not None:
-        _tensorflow_threads(cpus)
-    if backend == "jax":
-        _jax_threads(cpus)
-    elif backend == "torch":
-        _torch_threads(cpus)
-    gpus.after_import(backend, gpu_amount)
+    with leaving_out(NOT_FOR_TASKS):
+        # Keras imports TensorFlow whenever it is installed, on any backend (its serialization
+        # asks whether an object is a TensorFlow type), so its threads are sized on every one;
+        # TensorFlow's import imports Keras.
+        if backend == "tensorflow" or importlib.util.find_spec("tensorflow") is not None:
+            _tensorflow_threads(cpus)
+        if backend == "jax":
+            _jax_threads(cpus)
+        elif backend == "torch":
+            _torch_threads(cpus)
+        gpus.after_import(backend, gpu_amount)
+        import keras  # noqa: F401
+
+
+@contextlib.contextmanager
+def leaving_out(names: tuple[str, ...]) -> Iterator[None]:
+    """Make imports of ``names`` fail inside the block (where this process has not imported
+    them yet), as if they were not installed; after it, they import as usual."""
+    # A None entry in sys.modules makes an import of that name raise ImportError.
+    hidden = [name for name in names if name not in sys.modules]
+    for name in hidden:
+        sys.modules[name] = None  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        for name in hidden:
+            if name in sys.modules and sys.modules[name] is None:
+                del sys.modules[name]
 
 
 def check_imported(backend: str) -> None:

@@ -78,3 +78,27 @@ def test_a_backend_that_is_not_installed_is_named(monkeypatch) -> None:  # type:
     assert message.startswith("Expected the Keras backend 'jax' (the driver's) to be installed")
     assert "pip install 'spark_keras_ml[jax]'" in message
     assert "Received: no module 'no_such_backend_module'" in message
+
+
+def test_a_task_imports_keras_without_its_scikit_learn_wrappers_and_plots() -> None:
+    """scikit-learn and matplotlib are installed here (the suites use them): a task's Keras
+    import leaves them out, and code that asks for them afterwards still gets them."""
+    done = run_python(
+        """
+        import sys
+        import numpy as np
+        from spark_keras_ml.executor.backend import prepare_backend
+        prepare_backend("tensorflow", 1)
+        import keras
+        skipped = ("sklearn", "matplotlib", "scipy.stats")
+        loaded = sorted(n for n in sys.modules if n.startswith(skipped))
+        assert not loaded, loaded
+        model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+        assert model.predict(np.ones((1, 2)), verbose=0).shape == (1, 1)
+        import matplotlib.pyplot, sklearn.linear_model  # noqa: E401
+        print("imported", sklearn.__name__, matplotlib.__name__)
+        """,
+        KERAS_BACKEND="tensorflow",
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "imported sklearn matplotlib" in done.stdout
