@@ -28,6 +28,14 @@ os.environ.setdefault("SPARK_SUBMIT_OPTS", JVM_OPTIONS)
 os.environ.setdefault("SPARK_DAEMON_JAVA_OPTS", JVM_OPTIONS)
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked ``own_spark`` run last, in their order. Spark ends a Python worker that has
+    been idle for a minute (PythonWorkerFactory's fixed timeout), and the next fit's new worker
+    imports Keras again (5-7 CPU-seconds here): the session's workers sit idle while such a test
+    runs, and should do so once, not once per test."""
+    items.sort(key=lambda item: item.get_closest_marker("own_spark") is not None)
+
+
 def build_spark(master: str, confs: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
     from pyspark.sql import SparkSession
 

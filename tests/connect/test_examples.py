@@ -94,6 +94,7 @@ spark.stop()
 """
 
 
+@pytest.mark.own_spark
 def test_a_session_built_with_api_mode_connect_fits_and_transforms_without_warnings(
     tmp_path: Path,
 ) -> None:

@@ -33,6 +33,7 @@ def two_class_model():  # type: ignore[no-untyped-def]
     return model
 
 
+@pytest.mark.own_spark
 @pytest.mark.timeout(300)
 def test_sync_and_async_fits_on_a_standalone_cluster(tmp_path, caplog, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     from pyspark.sql import SparkSession

@@ -96,6 +96,7 @@ def test_a_fit_that_fails_while_spilling_leaves_no_spill_files(spark) -> None:  
     assert spill_folders(spark) == []
 
 
+@pytest.mark.own_spark
 @pytest.mark.timeout(400)
 def test_a_worker_held_below_its_partition_streams_it_from_disk_or_fails_clearly() -> None:
     """Python workers held to 2048 MB of address space (Spark's own pyspark.memory limit, the

@@ -8,6 +8,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 #: What the package and the demo print: a line per epoch (verbose="auto" off a terminal) and
 #: the demo's two results.
 OURS = re.compile(
@@ -20,6 +22,7 @@ OURS = re.compile(
 MOST_FOREIGN_LINES = 5
 
 
+@pytest.mark.own_spark
 def test_the_demo_prints_its_progress_and_results_and_little_else(tmp_path) -> None:  # type: ignore[no-untyped-def]
     # The defaults are under test: none of the variables a user could quiet TensorFlow with.
     env = {k: v for k, v in os.environ.items() if not k.startswith("TF_CPP_")}

@@ -54,6 +54,7 @@ def test_a_cancel_ends_a_sync_fit_whatever_sync_retries_says(spark, digits) -> N
     assert time.monotonic() - started < 60  # not 30 epochs trained on after the cancel
 
 
+@pytest.mark.own_spark
 @pytest.mark.timeout(300)
 def test_workers_without_the_package_name_the_cause_and_are_not_rerun(tmp_path) -> None:  # type: ignore[no-untyped-def]
     # A Python environment with nothing installed, as an executor image without the package.

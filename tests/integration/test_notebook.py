@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import nbformat
+import pytest
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import KernelManager
 from nbclient import NotebookClient
@@ -76,6 +77,7 @@ def check_outputs(nb: nbformat.NotebookNode, name: str) -> None:
         assert int(stopped.group(1)) < 40
 
 
+@pytest.mark.own_spark
 def test_the_training_controls_notebook_runs(tmp_path: Path) -> None:
     # The quickstart notebook is the README's Quickstart, which test_readme runs here: under
     # classic Spark this suite runs the notebook that does more; the Connect suite runs both.

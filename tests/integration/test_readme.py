@@ -17,6 +17,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 README = Path(__file__).resolve().parents[2] / "README.md"
 FENCE = re.compile(
     r"^(?P<indent>[ \t]*)```python[ \t]*\n(?P<code>.*?)^(?P=indent)```[ \t]*$", re.M | re.S
@@ -79,6 +81,7 @@ def run_blocks(
     return result.stdout + result.stderr
 
 
+@pytest.mark.own_spark
 def test_every_python_block_of_the_readme_runs_as_written(tmp_path: Path) -> None:
     blocks, _ = python_blocks()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYSPARK_")}
