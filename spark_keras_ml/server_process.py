@@ -110,10 +110,6 @@ class Host:
     def _build(self, listener: Any) -> Any:
         """The fit's server side, started on ``listener``."""
         from spark_keras_ml.checkpoint import CheckpointStore
-        from spark_keras_ml.executor.backend import NOT_FOR_TASKS, leaving_out
-
-        with leaving_out(NOT_FOR_TASKS):  # as a task does: see NOT_FOR_TASKS
-            import keras  # noqa: F401
         from spark_keras_ml.fit_server import FitServer
 
         directory = self.spec.checkpoint_dir
