@@ -29,12 +29,13 @@ from spark_keras_ml.quiet import import_tensorflow, quiet_environment
 #: client otherwise starts one thread per core in every task.
 JAX_ONE_THREAD = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 
-#: What Keras' import tries to import for its scikit-learn wrappers (``keras.wrappers``) and its
-#: image-gallery plots (``keras.visualization``), and uses for nothing else. Where they are
-#: installed, as on most clusters' images, they cost every Python worker's Keras import about
-#: 1.5 CPU-seconds of its 6.5 (scikit-learn brings SciPy): Keras finds them missing instead, and
-#: they import as usual once Keras is in.
-NOT_FOR_TASKS = ("sklearn", "matplotlib")
+#: What Keras' import tries to import for its scikit-learn wrappers (``keras.wrappers``), its
+#: image-gallery plots (``keras.visualization``) and its notebook view of a saved archive
+#: (``keras.saving.KerasFileEditor``), and uses for nothing else. Where they are installed, as on
+#: most clusters' images, they cost every Python worker's Keras import about 2 CPU-seconds of
+#: its 7.3 here (scikit-learn brings SciPy): Keras finds them missing instead, and they import as
+#: usual once Keras is in.
+NOT_FOR_TASKS = ("sklearn", "matplotlib", "IPython")
 
 
 def prepare_backend(backend: str, cpus: int, gpu_amount: float | None = None) -> None:

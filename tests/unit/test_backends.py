@@ -81,8 +81,8 @@ def test_a_backend_that_is_not_installed_is_named(monkeypatch) -> None:  # type:
 
 
 def test_a_task_imports_keras_without_its_scikit_learn_wrappers_and_plots() -> None:
-    """scikit-learn and matplotlib are installed here (the suites use them): a task's Keras
-    import leaves them out, and code that asks for them afterwards still gets them."""
+    """scikit-learn, matplotlib and IPython are installed here (the suites use them): a task's
+    Keras import leaves them out, and code that asks for them afterwards still gets them."""
     done = run_python(
         """
         import sys
@@ -90,15 +90,15 @@ def test_a_task_imports_keras_without_its_scikit_learn_wrappers_and_plots() -> N
         from spark_keras_ml.executor.backend import prepare_backend
         prepare_backend("tensorflow", 1)
         import keras
-        skipped = ("sklearn", "matplotlib", "scipy.stats")
+        skipped = ("sklearn", "matplotlib", "scipy.stats", "IPython")
         loaded = sorted(n for n in sys.modules if n.startswith(skipped))
         assert not loaded, loaded
         model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
         assert model.predict(np.ones((1, 2)), verbose=0).shape == (1, 1)
-        import matplotlib.pyplot, sklearn.linear_model  # noqa: E401
-        print("imported", sklearn.__name__, matplotlib.__name__)
+        import IPython, matplotlib.pyplot, sklearn.linear_model  # noqa: E401
+        print("imported", sklearn.__name__, matplotlib.__name__, IPython.__name__)
         """,
         KERAS_BACKEND="tensorflow",
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "imported sklearn matplotlib" in done.stdout
+    assert "imported sklearn matplotlib IPython" in done.stdout
