@@ -118,7 +118,12 @@ class InCluster:
             model_bytes=spec.model_bytes if spec.needs_model else b"",
         )
         payload = {
-            "spec": spec,
+            # The callbacks travel as bytes that only the server process loads, once it has said
+            # where it listens: loading them imports their module (Keras with it, often), which
+            # the start task's Python worker must not do before a task has prepared its Keras,
+            # and the fit's training job need not wait for.
+            "spec": dataclasses.replace(spec, callbacks=[]),
+            "callbacks": cloudpickle.dumps(spec.callbacks),
             "secret": secret,
             "driver_host": self.driver_host,
             "idle_seconds": max(spec.timeout, 60.0),

@@ -53,9 +53,17 @@ class Host:
     """One fit's server side, its control channel and its watchdog."""
 
     def __init__(
-        self, spec: Any, secret: bytes, advertise: str, watch_pid: int, idle_seconds: float
+        self,
+        spec: Any,
+        callbacks: bytes,
+        secret: bytes,
+        advertise: str,
+        watch_pid: int,
+        idle_seconds: float,
     ) -> None:
+        #: Without its callbacks until :meth:`_build` loads them from ``callbacks``.
         self.spec = spec
+        self.callbacks = callbacks
         self.secret = secret
         self.advertise = advertise
         self.watch_pid = watch_pid
@@ -109,9 +117,14 @@ class Host:
 
     def _build(self, listener: Any) -> Any:
         """The fit's server side, started on ``listener``."""
+        from pyspark import cloudpickle
+
         from spark_keras_ml.checkpoint import CheckpointStore
         from spark_keras_ml.fit_server import FitServer
 
+        # After this process said where it listens: the import of the callbacks' module overlaps
+        # the training tasks' own start.
+        self.spec = dataclasses.replace(self.spec, callbacks=cloudpickle.loads(self.callbacks))
         directory = self.spec.checkpoint_dir
         store = None if directory is None else CheckpointStore.in_cluster(directory)
         fit = FitServer(self.spec, self.secret, store=store, listener=listener)
